@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for people and CI: sets up .venv from the project's own files, then runs a job.
+#   ./dev.sh demo   - set up, then run the end-to-end demo on the bundled data and model
+#   ./dev.sh test   - set up, then run the test suite (what CI runs)
+#   ./dev.sh docs   - set up, then build the documentation with warnings as errors
+#   ./dev.sh bench  - set up, then run the benchmarks in benchmarks/
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+VENV=.venv
+# No model hub is reachable: every model the project needs ships in a package or is built by the tests.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+
+setup() {
+  local stamp="$VENV/.sc_llm-installed" want
+  want=$(cat pyproject.toml ci/constraints.txt | sha256sum | cut -c1-16)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  # torch is pinned here (and only here) so pip takes the local CPU wheel instead of a CUDA build.
+  "$VENV/bin/python" -m pip install --quiet -c ci/constraints.txt torch
+  "$VENV/bin/python" -m pip install --quiet -c ci/constraints.txt -e ".[all,test,docs]"
+  echo "$want" > "$stamp"
+}
+
+job=${1:-test}
+shift || true
+setup
+case "$job" in
+  setup) ;;
+  demo) "$VENV/bin/sc-llm" demo "$@" ;;
+  test) "$VENV/bin/python" -m pytest "$@" ;;
+  lint) "$VENV/bin/ruff" check src tests benchmarks ;;
+  docs) "$VENV/bin/sphinx-build" -W --keep-going -b html docs docs/_build/html "$@" ;;
+  bench) for b in benchmarks/bench_*.py; do echo "== $b"; "$VENV/bin/python" "$b" "$@"; done ;;
+  *) echo "unknown job: $job (use demo, test, docs, bench, lint)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,5 @@
+"""Datasets reachable offline."""
+
+from ._pbmc import pbmc68k
+
+__all__ = ["pbmc68k"]

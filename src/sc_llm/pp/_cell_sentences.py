@@ -1,0 +1,188 @@
+"""Cell sentences: gene names in descending expression order (GenePT-s / Cell2Sentence style)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+from anndata import AnnData
+from scipy import sparse
+
+from .._utils import format_examples, gene_names, get_matrix, iter_row_chunks, maybe_copy, warn_overwrite
+
+TIE_RULE = "equal values keep the order of the genes in var (lower var position first)"
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
+_CHUNK = 4096
+
+
+def cell_sentences(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_symbols: str | None = None,
+    n_genes: int | None = None,
+    key_added: str = "cell_sentence",
+    chunk_size: int = _CHUNK,
+    copy: bool = False,
+) -> AnnData | None:
+    """Write one cell sentence per cell: gene names by descending expression, zeros omitted.
+
+    Rows are ranked chunk by chunk from their CSR form, so the whole matrix is never densified
+    and backed (``backed="r"``) AnnData works as well.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix. Values must be non-negative and finite (counts or normalized).
+    layer
+        Layer to rank instead of ``adata.X``.
+    use_raw
+        Rank ``adata.raw.X`` (with ``adata.raw.var_names``).
+    gene_symbols
+        Column of ``var`` holding the names to write, instead of ``var_names``.
+    n_genes
+        Keep at most this many top genes per cell. ``None`` keeps every expressed gene.
+    key_added
+        ``obs`` column for the sentences; parameters go to ``uns[key_added]``.
+    chunk_size
+        Rows ranked at a time (memory is proportional to the non-zeros in one chunk).
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` (str) and
+    ``adata.uns[key_added]`` (parameters, tie rule, number of empty cells).
+
+    Notes
+    -----
+    Ties: {tie_rule}. This is deterministic, unlike Cell2Sentence's random tie shuffling.
+    Cells with no expressed gene get an empty sentence and a warning with their count.
+    """
+    adata = maybe_copy(adata, copy)
+    names = checked_gene_names(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
+    sentences = np.empty(adata.n_obs, dtype=object)
+    for start, stop, cols, indptr in iter_ranked_genes(
+        adata, layer=layer, use_raw=use_raw, n_genes=n_genes, chunk_size=chunk_size
+    ):
+        sentences[start:stop] = join_ranked(names, cols, indptr)
+    n_empty = int(sum(1 for s in sentences if not s))
+    if n_empty:
+        warnings.warn(f"{n_empty} cells have no expressed gene; their sentence is empty.", UserWarning, stacklevel=2)
+    warn_overwrite(adata.obs, key_added, "adata.obs")
+    adata.obs[key_added] = sentences
+    adata.uns[key_added] = {
+        "layer": layer,
+        "use_raw": use_raw,
+        "gene_symbols": gene_symbols,
+        "n_genes": n_genes,
+        "tie_rule": TIE_RULE,
+        "n_empty": n_empty,
+    }
+    return adata if copy else None
+
+
+cell_sentences.__doc__ = cell_sentences.__doc__.replace("{tie_rule}", TIE_RULE)
+
+
+def checked_gene_names(
+    adata: AnnData, *, layer: str | None = None, use_raw: bool = False, gene_symbols: str | None = None
+) -> np.ndarray:
+    """Gene names for sentences, validated: unique, no whitespace, warn on Ensembl-looking IDs."""
+    _, var = get_matrix(adata, layer=layer, use_raw=use_raw)
+    names = gene_names(var, gene_symbols)
+    source = f"var[{gene_symbols!r}]" if gene_symbols else ("raw.var_names" if use_raw else "var_names")
+    uniq, counts = np.unique(names, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(
+            f"Gene names in {source} are not unique: {format_examples(uniq[counts > 1])}. "
+            "Make them unique (e.g. adata.var_names_make_unique()) or pick another `gene_symbols` column."
+        )
+    spaced = [n for n in names if not n or any(c.isspace() for c in n)]
+    if spaced:
+        raise ValueError(f"Gene names in {source} must be non-empty without whitespace: {format_examples(spaced)}.")
+    n_ens = sum(1 for n in names[:2000] if _ENSEMBL.match(n))
+    if n_ens > 0.5 * min(len(names), 2000):
+        warnings.warn(
+            f"Most gene names in {source} look like Ensembl IDs (e.g. {names[0]!r}); text encoders know gene "
+            "symbols. Pass `gene_symbols=` with a var column of symbols.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return names
+
+
+def iter_ranked_genes(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    n_genes: int | None = None,
+    chunk_size: int = _CHUNK,
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Yield ``(start, stop, cols, indptr)`` per chunk: each row's expressed gene positions, ranked."""
+    X, _ = get_matrix(adata, layer=layer, use_raw=use_raw)
+    for start, stop, chunk in iter_row_chunks(X, chunk_size):
+        check_values(chunk, adata.obs_names[start:stop])
+        cols, indptr = rank_csr_rows(chunk, n_genes)
+        yield start, stop, cols, indptr
+
+
+def check_values(chunk: sparse.csr_matrix, obs_names) -> None:
+    """Raise for NaN or negative entries, naming the first offending cell."""
+    data = chunk.data
+    if data.size == 0:
+        return
+    bad = np.isnan(data) | (data < 0)
+    if bad.any():
+        first = int(np.argmax(bad))
+        row = int(np.searchsorted(chunk.indptr, first, side="right") - 1)
+        kind = "NaN" if np.isnan(data[first]) else "negative"
+        raise ValueError(
+            f"Expression contains {kind} values (first in cell {obs_names[row]!r}); cell sentences need "
+            "non-negative, finite values such as counts or log-normalized data, not scaled data."
+        )
+
+
+def rank_csr_rows(chunk: sparse.csr_matrix, n_genes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices of each row's non-zeros by descending value (ties: lower column first).
+
+    Returns ``(cols, indptr)`` in CSR layout, each row cut to ``n_genes`` entries if given.
+    """
+    if n_genes is not None and n_genes < 0:
+        raise ValueError(f"n_genes must be non-negative, got {n_genes}.")
+    if (chunk.data == 0).any():  # explicit zeros are not expressed genes; never mutate the caller's matrix
+        chunk = chunk.copy()
+        chunk.eliminate_zeros()
+    counts = np.diff(chunk.indptr)
+    rows = np.repeat(np.arange(chunk.shape[0], dtype=np.int32), counts)
+    # One lexsort for the whole chunk: by row, then value descending, then column ascending.
+    order = np.lexsort((chunk.indices, -chunk.data, rows))
+    cols = chunk.indices[order]
+    if n_genes is None or cols.size == 0:
+        return cols, chunk.indptr.astype(np.int64)
+    rank_in_row = np.arange(cols.size) - np.repeat(chunk.indptr[:-1], counts)
+    kept = np.minimum(counts, n_genes)
+    indptr = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
+    np.cumsum(kept, out=indptr[1:])
+    return cols[rank_in_row < n_genes], indptr
+
+
+def join_ranked(names: np.ndarray, cols: np.ndarray, indptr: np.ndarray, sep: str = " ") -> np.ndarray:
+    """Join ranked gene names row by row with one string join for the whole chunk."""
+    n_rows = len(indptr) - 1
+    out = np.full(n_rows, "", dtype=object)
+    counts = np.diff(indptr)
+    filled = counts > 0
+    if not filled.any():
+        return out
+    with_sep = np.array([n + sep for n in names], dtype=object)
+    with_end = np.array([n + "\n" for n in names], dtype=object)
+    tokens = with_sep[cols]
+    last = indptr[1:][filled] - 1
+    tokens[last] = with_end[cols[last]]
+    out[filled] = "".join(tokens.tolist()).split("\n")[:-1]
+    return out

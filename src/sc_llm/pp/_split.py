@@ -1,0 +1,71 @@
+"""Stratified train/test split stored as an obs column."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from sklearn.model_selection import train_test_split as _sk_split
+
+from .._utils import format_examples, maybe_copy, warn_overwrite
+
+
+def train_test_split(
+    adata: AnnData,
+    labels_key: str,
+    *,
+    test_size: float = 0.2,
+    random_state: int = 0,
+    key_added: str = "split",
+    copy: bool = False,
+) -> AnnData | None:
+    """Stratified split of the cells into ``"train"`` and ``"test"``.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix.
+    labels_key
+        ``obs`` column to stratify on.
+    test_size
+        Fraction of the labelled cells that go to the test split.
+    random_state
+        Seed; the same seed gives the same split.
+    key_added
+        ``obs`` column written (categorical with ``"train"`` and ``"test"``).
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Notes
+    -----
+    Labels with a single cell cannot be stratified; those cells go to ``"train"`` (with a
+    warning). Cells with a missing label go to ``"test"``: they cannot train a classifier and
+    are left out of every metric.
+    """
+    if labels_key not in adata.obs:
+        raise KeyError(f"Column {labels_key!r} not found in adata.obs.")
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}.")
+    adata = maybe_copy(adata, copy)
+    labels = adata.obs[labels_key]
+    labelled = np.flatnonzero(labels.notna().to_numpy())
+    counts = labels.iloc[labelled].value_counts()
+    singletons = set(counts.index[counts < 2])
+    if singletons:
+        warnings.warn(
+            f"Labels with one cell go to train: {format_examples(sorted(map(str, singletons)))}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    strat = labelled[~labels.iloc[labelled].isin(singletons).to_numpy()]
+    _, test_idx = _sk_split(
+        strat, test_size=test_size, random_state=random_state, stratify=labels.iloc[strat].astype(str).to_numpy()
+    )
+    split = np.full(adata.n_obs, "train", dtype=object)
+    split[test_idx] = "test"
+    split[labels.isna().to_numpy()] = "test"
+    warn_overwrite(adata.obs, key_added, "adata.obs")
+    adata.obs[key_added] = pd.Categorical(split, categories=["train", "test"])
+    return adata if copy else None

@@ -1,0 +1,7 @@
+"""Tools: embeddings, annotation, evaluation."""
+
+from ._embed_text import embed_text
+from ._knn import knn_annotate
+from ._metrics import classification_metrics, cluster_metrics
+
+__all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annotate"]
