@@ -1,1 +1,5 @@
-"""placeholder"""
+"""Plotting: matplotlib figures of annotation, ablation and attribution results."""
+
+from ._embedding import annotation_embedding
+
+__all__ = ["annotation_embedding"]

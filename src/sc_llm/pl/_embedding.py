@@ -1,0 +1,84 @@
+"""Embedding plots of annotation results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+
+def annotation_embedding(
+    adata: AnnData,
+    labels_key: str,
+    *,
+    pred_key: str = "knn",
+    basis: str = "umap",
+    split_key: str | None = "split",
+    train_value: str = "train",
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Two panels on an embedding: cells coloured by true label, and by whether the prediction is right.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with ``obsm[f"X_{basis}"]``.
+    labels_key
+        ``obs`` column with the true labels.
+    pred_key
+        ``obs`` column with the predictions (e.g. written by :func:`sc_llm.tl.knn_annotate`).
+    basis
+        Embedding to draw (``"umap"`` reads ``obsm["X_umap"]``).
+    split_key, train_value
+        Training cells are drawn as ``"train"`` in the correctness panel; ``None`` treats all cells alike.
+    save
+        Path of a figure file to write.
+    show
+        Show the figure (default: only when not saving).
+
+    Returns
+    -------
+    List of the two matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    for key in (labels_key, pred_key):
+        if key not in adata.obs:
+            raise KeyError(f"Column {key!r} not found in adata.obs.")
+    if f"X_{basis}" not in adata.obsm:
+        raise KeyError(f"obsm['X_{basis}'] not found; compute it first (e.g. sc.tl.{basis}).")
+    view = AnnData(obs=pd.DataFrame({labels_key: adata.obs[labels_key].to_numpy()}, index=adata.obs_names))
+    view.obs[labels_key] = view.obs[labels_key].astype("category")
+    view.obsm[f"X_{basis}"] = np.asarray(adata.obsm[f"X_{basis}"])
+    view.obs["prediction"] = _correctness(adata, labels_key, pred_key, split_key, train_value)
+    # Draw training cells first so the held-out cells (the point of the panel) stay on top.
+    view = view[np.argsort(view.obs["prediction"].to_numpy() != "train", kind="stable")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    sc.pl.embedding(view, basis=basis, color=labels_key, ax=axes[0], show=False, title=f"true {labels_key}")
+    sc.pl.embedding(
+        view,
+        basis=basis,
+        color="prediction",
+        ax=axes[1],
+        show=False,
+        palette={"correct": "#2a9d8f", "wrong": "#e63946", "train": "#d9d9d9"},
+        title=f"{pred_key} on held-out cells",
+    )
+    if save is not None:
+        fig.savefig(save, dpi=120, bbox_inches="tight")
+    if show or (show is None and save is None):
+        plt.show()
+    return list(axes)
+
+
+def _correctness(adata, labels_key, pred_key, split_key, train_value) -> pd.Categorical:
+    truth = adata.obs[labels_key].astype(str).to_numpy()
+    pred = adata.obs[pred_key].astype(str).to_numpy()
+    status = np.where(truth == pred, "correct", "wrong").astype(object)
+    if split_key is not None and split_key in adata.obs:
+        status[adata.obs[split_key].astype(str).to_numpy() == str(train_value)] = "train"
+    return pd.Categorical(status, categories=["correct", "wrong", "train"])
