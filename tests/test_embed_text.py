@@ -1,8 +1,115 @@
 import numpy as np
+import pytest
+
+import sc_llm as scl
+from sc_llm.models import TextEncoder, load_text_encoder
+from sc_llm.models._runtime import cpu_has_bf16
+
+PREFIX = "A cell with genes ranked by expression: "
 
 
-def test_pbmc_embedding_shape_and_norm(pbmc_embedded):
+def cosine(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
+def test_pbmc_embedding_shape_norm_and_record(pbmc_embedded):
     emb = pbmc_embedded.obsm["X_text"]
     assert emb.shape == (700, 384)
     assert emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    info = pbmc_embedded.uns["X_text"]
+    assert info["dim"] == 384 and info["max_tokens"] == 256
+    assert info["model"]["name"].startswith("sentence-transformers/all-MiniLM-L6-v2")
+    assert len(info["model"]["weights_sha256"]) == 16
+    genes = info["genes_in_context"]
+    assert 50 < genes["min"] <= genes["mean"] <= genes["max"] < 256
+    assert genes["max"] < min(len(s.split()) for s in pbmc_embedded.obs["cell_sentence"])
+
+
+@pytest.mark.parametrize("prefix", [None, PREFIX])
+def test_fit_counts_tokens_exactly(text_encoder, pbmc_embedded, prefix):
+    sentences = list(pbmc_embedded.obs["cell_sentence"][:120])
+    ids, n_fit = text_encoder.fit(sentences, prefix)
+    tok = text_encoder.tokenizer
+    for s, row, k in zip(sentences, ids, n_fit, strict=True):
+        words = s.split()
+        assert row == tok((prefix or "") + " ".join(words[:k]))["input_ids"]
+        assert len(row) <= 256
+        assert len(tok((prefix or "") + " ".join(words[: k + 1]))["input_ids"]) > 256  # one more gene would not fit
+
+
+def test_short_sentences_are_kept_whole(text_encoder):
+    ids, n_fit = text_encoder.fit(["CD3E LYZ", "", "MS4A1"])
+    assert list(n_fit) == [2, 0, 1]
+    assert ids[1] == text_encoder.tokenizer("")["input_ids"]
+
+
+def test_fp32_matches_sentence_transformers_reference(text_encoder, pbmc_embedded):
+    sub = pbmc_embedded[:12].copy()
+    scl.tl.embed_text(sub, text_encoder, precision="fp32", key_added="X_fp32")
+    _, n_fit = text_encoder.fit(list(sub.obs["cell_sentence"]))
+    truncated = [" ".join(s.split()[:k]) for s, k in zip(sub.obs["cell_sentence"], n_fit, strict=True)]
+    ref = text_encoder.model.encode(truncated, normalize_embeddings=True, convert_to_numpy=True)
+    assert cosine(sub.obsm["X_fp32"], ref).min() > 0.99999
+    if cpu_has_bf16():
+        assert sub.uns["X_fp32"]["precision"] == "fp32"
+        assert cosine(sub.obsm["X_fp32"], pbmc_embedded.obsm["X_text"][:12]).min() > 0.999
+
+
+def test_on_the_fly_equals_stored_sentences_and_stores_on_request(text_encoder, pbmc):
+    sub = pbmc[:10].copy()
+    scl.tl.embed_text(sub, text_encoder, precision="fp32", key_added="X_fly")
+    assert "cell_sentence" not in sub.obs
+    assert sub.uns["X_fly"]["sentences"] == "built from the matrix (not stored)"
+    scl.tl.embed_text(sub, text_encoder, precision="fp32", store_sentences=True, key_added="X_obs")
+    assert sub.obs["cell_sentence"].str.len().min() > 0
+    np.testing.assert_allclose(sub.obsm["X_fly"], sub.obsm["X_obs"], atol=1e-6)
+    assert sub.uns["X_fly"]["genes_in_context"] == sub.uns["X_obs"]["genes_in_context"]
+
+
+def test_prefix_costs_context_and_is_recorded(text_encoder, pbmc_embedded):
+    sub = pbmc_embedded[:6].copy()
+    scl.tl.embed_text(sub, text_encoder, prefix=PREFIX, key_added="X_prefixed", batch_size=4)
+    info = sub.uns["X_prefixed"]
+    assert info["prefix"] == PREFIX
+    assert info["genes_in_context"]["mean"] < pbmc_embedded.uns["X_text"]["genes_in_context"]["max"]
+
+
+def test_batching_and_determinism(text_encoder, pbmc_embedded):
+    sub = pbmc_embedded[:9].copy()
+    scl.tl.embed_text(sub, text_encoder, precision="fp32", batch_size=2, key_added="a")
+    scl.tl.embed_text(sub, text_encoder, precision="fp32", batch_size=9, key_added="b")
+    np.testing.assert_allclose(sub.obsm["a"], sub.obsm["b"], atol=2e-6)
+    scl.tl.embed_text(sub, text_encoder, precision="fp32", batch_size=2, key_added="c")
+    np.testing.assert_array_equal(sub.obsm["a"], sub.obsm["c"])
+
+
+def test_unnormalized_and_instance_and_copy(text_encoder, pbmc_embedded):
+    sub = pbmc_embedded[:3].copy()
+    with pytest.warns(UserWarning, match="obsm\\['X_text'\\] already exists"):
+        out = scl.tl.embed_text(sub, text_encoder.model, normalize=False, precision="fp32", copy=True)
+    assert "X_text" in out.obsm and out is not sub
+    # MiniLM's own pipeline ends in a Normalize module, so vectors are unit length either way.
+    np.testing.assert_allclose(np.linalg.norm(out.obsm["X_text"], axis=1), 1.0, atol=1e-5)
+    assert out.uns["X_text"]["normalize"] is False
+
+
+def test_errors(text_encoder, pbmc_embedded):
+    sub = pbmc_embedded[:4].copy()
+    sub.obs.loc[sub.obs_names[1], "cell_sentence"] = np.nan
+    with pytest.raises(ValueError, match=f"missing for 1 cells: '{sub.obs_names[1]}'"):
+        scl.tl.embed_text(sub, text_encoder)
+    with pytest.raises(ValueError, match="prefix alone uses"):
+        text_encoder.fit(["CD3E"], prefix="word " * 300)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        scl.tl.embed_text(pbmc_embedded[:2].copy(), text_encoder, precision="int8")
+    with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
+        scl.tl.embed_text(pbmc_embedded[:2].copy(), text_encoder, precision="fp16", device="cpu")
+
+
+def test_loader_caches_and_accepts_encoders(text_encoder):
+    assert load_text_encoder() is text_encoder
+    assert load_text_encoder(text_encoder) is text_encoder
+    assert isinstance(text_encoder, TextEncoder)
