@@ -118,3 +118,22 @@ def test_existing_key_warns(rng):
     scl.pp.cell_sentences(a)
     with pytest.warns(UserWarning, match="already exists"):
         scl.pp.cell_sentences(a)
+
+
+def test_float64_values_rank_exactly():
+    # Values that collapse in float32 must still rank by their float64 value.
+    X = sparse.csr_matrix(np.array([[1.0, 1.0 + 1e-12, 0.5]], dtype=np.float64))
+    a = ad.AnnData(X=X, var=pd.DataFrame(index=["A", "B", "C"]))
+    scl.pp.cell_sentences(a)
+    assert a.obs["cell_sentence"].iloc[0] == "B A C"
+
+
+def test_packed_sort_falls_back_without_overflow(rng):
+    from sc_llm.pp._cell_sentences import _sort_within_rows
+
+    rows = np.repeat(np.arange(50, dtype=np.int64), 4)
+    values = rng.integers(1, 4, rows.size).astype(np.float32)
+    cols = np.tile(np.array([7, 1, 5, 3], dtype=np.int64), 50)
+    expected = cols[np.lexsort((cols, -values, rows))]
+    np.testing.assert_array_equal(_sort_within_rows(rows, values, cols, 8), expected)
+    np.testing.assert_array_equal(_sort_within_rows(rows, values, cols, 2**40), expected)  # would overflow int64

@@ -56,7 +56,7 @@ def annotation_embedding(
     view.obsm[f"X_{basis}"] = np.asarray(adata.obsm[f"X_{basis}"])
     view.obs["prediction"] = _correctness(adata, labels_key, pred_key, split_key, train_value)
     # Draw training cells first so the held-out cells (the point of the panel) stay on top.
-    view = view[np.argsort(view.obs["prediction"].to_numpy() != "train", kind="stable")]
+    view = view[np.argsort(view.obs["prediction"].to_numpy() != "train", kind="stable")].copy()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     sc.pl.embedding(view, basis=basis, color=labels_key, ax=axes[0], show=False, title=f"true {labels_key}")
     sc.pl.embedding(

@@ -158,10 +158,8 @@ def rank_csr_rows(chunk: sparse.csr_matrix, n_genes: int | None = None) -> tuple
         chunk = chunk.copy()
         chunk.eliminate_zeros()
     counts = np.diff(chunk.indptr)
-    rows = np.repeat(np.arange(chunk.shape[0], dtype=np.int32), counts)
-    # One lexsort for the whole chunk: by row, then value descending, then column ascending.
-    order = np.lexsort((chunk.indices, -chunk.data, rows))
-    cols = chunk.indices[order]
+    rows = np.repeat(np.arange(chunk.shape[0], dtype=np.int64), counts)
+    cols = _sort_within_rows(rows, chunk.data, chunk.indices.astype(np.int64), chunk.shape[1])
     if n_genes is None or cols.size == 0:
         return cols, chunk.indptr.astype(np.int64)
     rank_in_row = np.arange(cols.size) - np.repeat(chunk.indptr[:-1], counts)
@@ -169,6 +167,31 @@ def rank_csr_rows(chunk: sparse.csr_matrix, n_genes: int | None = None) -> tuple
     indptr = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
     np.cumsum(kept, out=indptr[1:])
     return cols[rank_in_row < n_genes], indptr
+
+
+def _sort_within_rows(rows: np.ndarray, values: np.ndarray, cols: np.ndarray, n_cols: int) -> np.ndarray:
+    """Columns ordered by (row, value descending, column) with one sort of a packed int64 key."""
+    if values.size == 0:
+        return cols
+    descending, n_levels = _descending_value_codes(values)
+    if (int(rows[-1]) + 1) * n_levels * n_cols >= 2**63:  # key would overflow: fall back to a 3-key lexsort
+        return cols[np.lexsort((cols, -values, rows))]
+    key = (rows * n_levels + descending) * n_cols + cols
+    key.sort()
+    return key % n_cols
+
+
+def _descending_value_codes(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Integer codes that sort like the values in descending order, and how many codes exist."""
+    exact_f32 = values.dtype in (np.float16, np.float32) or (
+        np.issubdtype(values.dtype, np.integer) and values.max() < 2**24
+    )
+    if exact_f32:
+        # For non-negative floats the IEEE-754 bit pattern increases with the value.
+        bits = values.astype(np.float32).view(np.uint32).astype(np.int64)
+        return (2**32 - 1) - bits, 2**32
+    uniq, inverse = np.unique(values, return_inverse=True)
+    return (len(uniq) - 1) - inverse.astype(np.int64), len(uniq)
 
 
 def join_ranked(names: np.ndarray, cols: np.ndarray, indptr: np.ndarray, sep: str = " ") -> np.ndarray:
