@@ -84,7 +84,7 @@ class TextEncoder:
         ids: list[list[int]] = []
         n_fit = np.zeros(len(sentences), dtype=np.int64)
         for start in range(0, len(sentences), _TOKENIZE_BATCH):
-            texts = [prefix + s for s in sentences[start : start + _TOKENIZE_BATCH]]
+            texts = [prefix + _first_words(s, self.max_tokens) for s in sentences[start : start + _TOKENIZE_BATCH]]
             enc = self.tokenizer(
                 texts,
                 add_special_tokens=True,
@@ -162,6 +162,13 @@ def _cut_to_whole_words(text: str, content_start: int, ids, offsets, special) ->
     keep = special.copy()
     keep[content] = [offsets[t][0] < cut for t in content]
     return [i for i, k in zip(ids, keep, strict=True) if k], n_words
+
+
+def _first_words(sentence: str, n: int) -> str:
+    """The first ``n`` words: every word costs at least one token, so later words can never fit."""
+    if sentence.count(" ") < n:
+        return sentence
+    return " ".join(sentence.split(maxsplit=n)[:n])
 
 
 def _word_ends(words_text: str, offset: int) -> list[int]:
