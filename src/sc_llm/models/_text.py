@@ -127,7 +127,6 @@ class TextEncoder:
             emb = self.model(features)["sentence_embedding"]
             return torch.nn.functional.normalize(emb.float(), dim=-1) if normalize else emb
 
-        self.last_precision = used
         return run_batched(
             len(input_ids),
             [len(s) for s in input_ids],

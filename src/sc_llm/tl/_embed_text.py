@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from .._progress import progress
 from .._utils import format_examples, maybe_copy, warn_overwrite
-from ..models._runtime import Precision
+from ..models._runtime import Precision, resolve_precision
 from ..models._text import load_text_encoder
 from ..pp._cell_sentences import cell_sentences, checked_gene_names, iter_ranked_genes, join_ranked
 
@@ -81,6 +81,7 @@ def embed_text(
     """
     adata = maybe_copy(adata, copy)
     encoder = load_text_encoder(model, device)
+    used_precision = resolve_precision(precision, encoder.device)
     if sentence_key not in adata.obs and store_sentences:
         cell_sentences(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, key_added=sentence_key)
     from_obs = sentence_key in adata.obs
@@ -95,7 +96,7 @@ def embed_text(
         for start, stop, sentences in chunks:
             ids, n_fit[start:stop] = encoder.fit(sentences, prefix)
             emb[start:stop] = encoder.encode_ids(
-                ids, batch_size=batch_size, precision=precision, normalize=normalize, bar=bar
+                ids, batch_size=batch_size, precision=used_precision, normalize=normalize, bar=bar
             )
     warn_overwrite(adata.obsm, key_added, "adata.obsm")
     adata.obsm[key_added] = emb
@@ -103,7 +104,7 @@ def embed_text(
         "model": encoder.identity(),
         "dim": encoder.dim,
         "max_tokens": encoder.max_tokens,
-        "precision": encoder.last_precision if adata.n_obs else precision,
+        "precision": used_precision,
         "normalize": normalize,
         "prefix": prefix or "",
         "sentences": f"obs[{sentence_key!r}]" if from_obs else "built from the matrix (not stored)",
