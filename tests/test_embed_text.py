@@ -113,3 +113,16 @@ def test_loader_caches_and_accepts_encoders(text_encoder):
     assert load_text_encoder() is text_encoder
     assert load_text_encoder(text_encoder) is text_encoder
     assert isinstance(text_encoder, TextEncoder)
+
+
+def test_local_path_loads_the_same_model(text_encoder, pbmc_embedded):
+    from sc_llm.models import default_model_path
+
+    by_path = load_text_encoder(str(default_model_path()))
+    assert by_path is not text_encoder
+    assert by_path.identity()["weights_sha256"] == text_encoder.identity()["weights_sha256"]
+    assert by_path.identity()["name"] == str(default_model_path())
+    sentences = list(pbmc_embedded.obs["cell_sentence"][:3])
+    np.testing.assert_allclose(
+        by_path.encode(sentences, precision="fp32"), text_encoder.encode(sentences, precision="fp32"), atol=1e-6
+    )
