@@ -1,0 +1,374 @@
+"""llm_annotate / llm_marker_matching against a real HTTP chat server on 127.0.0.1 (tests/_chat_server.py)."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from _chat_server import ChatServer
+
+import sc_llm as scl
+from sc_llm._llm_client import ChatClient, ChatError, ChatRequest
+from sc_llm.tl._llm import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, parse_answer
+
+MODEL = "test-model"
+FIG5 = (
+    "Given the cell described. Output ONLY the most likely cell type from the following list: {labels}\n"
+    "If you are not certain about what cell type this is, conclude that it is the first option in the list\n"
+    '"""{sentence}"""'
+)
+FIG4 = 'Given the cell described. Output ONLY the most likely cell type from the following list: {labels}\n"""{sentence}"""'
+
+
+def answer(label):
+    return json.dumps({"cell_type": label})
+
+
+@pytest.fixture
+def toy():
+    """3 training and 5 held-out cells with hand-written kNN candidates (see test_rerank_bookkeeping)."""
+    names = ["t0", "t1", "t2", "c0", "c1", "c2", "c3", "c4"]
+    truth = ["B", "T", "NK", "T", "B", "NK", "Mono", "T"]
+    top = [
+        ["B", "T", None], ["T", None, None], ["NK", "B", None],
+        ["B", "T", "NK"], ["B", "Mono", "T"], ["T", "NK", "B"], ["Mono", "B", None], ["NK", None, None],
+    ]  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(truth),
+            "split": ["train"] * 3 + ["test"] * 5,
+            "cell_sentence": [f"G{i}A G{i}B G{i}C" for i in range(len(names))],
+        },
+        index=names,
+    )
+    cats = ["B", "Mono", "NK", "T"]
+    for j in range(3):
+        obs[f"knn_top{j + 1}"] = pd.Categorical([t[j] for t in top], categories=cats)
+    adata = ad.AnnData(np.zeros((len(names), 2), dtype=np.float32), obs=obs)
+    adata.uns["knn"] = {"params": {"labels_key": "cell_type"}}
+    return adata
+
+
+def sentence(adata, cell):
+    return adata.obs.loc[cell, "cell_sentence"]
+
+
+@pytest.fixture
+def table(toy):
+    """c0 right, c1 right, c2 out of list, c3 malformed JSON; c4 has one candidate and is never asked."""
+    s = {c: sentence(toy, c) for c in toy.obs_names}
+    return {
+        s["c0"]: answer("T"),
+        s["c1"]: answer("B"),
+        s["c2"]: answer("Mono"),
+        s["c3"]: '{"cell_type": "Mono"',
+    }
+
+
+@pytest.fixture
+def server(table):
+    with ChatServer(table) as srv:
+        yield srv
+
+
+def client(server, tmp_path, **kw):
+    c = ChatClient(MODEL, base_url=server.base_url, cache_dir=tmp_path / "cache", **kw)
+    c.sleeps = []
+    c._sleep = c.sleeps.append  # record backoff waits instead of sleeping
+    return c
+
+
+def test_rerank_prompts_structured_output_and_bookkeeping(toy, server, tmp_path):
+    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, max_concurrency=1)
+    # The paper's Figure 5 prompt, candidates in kNN order, and a json_schema enum of exactly those.
+    first = server.requests[0]
+    assert first["model"] == MODEL
+    assert "temperature" not in first
+    assert first["messages"] == [
+        {"role": "user", "content": FIG5.format(labels="['B', 'T', 'NK']", sentence=sentence(toy, "c0"))}
+    ]
+    schema = first["response_format"]["json_schema"]["schema"]
+    assert first["response_format"]["type"] == "json_schema"
+    assert schema["properties"]["cell_type"]["enum"] == ["B", "T", "NK"]
+    assert RERANK_TEMPLATE == FIG5 and ZERO_SHOT_TEMPLATE == FIG4
+    assert server.n_requests == 4  # c4 has a single candidate: no request
+
+    obs = toy.obs
+    assert obs["llm"].isna()[:3].all()
+    assert obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]  # c2 -> first option T, c3 -> Mono
+    assert obs["llm_fallback"].iloc[3:].tolist() == ["ok", "ok", "out_of_list", "malformed", "ok"]
+    uns = toy.uns["llm"]
+    flagged = uns["fallbacks"]
+    assert flagged["cell"].tolist() == ["c2", "c3"] and flagged["reason"].tolist() == [
+        "out_of_list",
+        "malformed",
+    ]
+    assert flagged["answer"].iloc[0] == answer("Mono")
+
+    # By hand: truth T B NK Mono T vs predictions T B T Mono NK: 3/5 correct; candidates' top-1 B B T Mono NK: 2/5.
+    m = uns["metrics"]
+    assert m["accuracy_mean"] == pytest.approx(0.6) and m["n_cells"] == 5
+    assert m["baseline_accuracy"] == pytest.approx(0.4)
+    # Per class (B, Mono, NK, T): precision 1, 1, 0, 1/2; recall 1, 1, 0, 1/2.
+    assert m["runs"]["1"]["precision"] == pytest.approx(0.625)
+    assert m["runs"]["1"]["recall"] == pytest.approx(0.625)
+    assert np.isnan(m["accuracy_sd"])
+
+    usage = uns["usage"]
+    prompt_tokens = sum(len(p.split()) for p in server.prompts())
+    assert usage["requests"] == 4 and usage["cached"] == 0 and usage["retries"] == 0
+    assert usage["prompt_tokens"] == prompt_tokens and usage["reasoning_tokens"] == 4
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert uns["structured_output"] is True
+    assert uns["params"]["mode"] == "rerank" and uns["params"]["n_cells"] == 5
+
+    toy.write_h5ad(tmp_path / "out.h5ad")  # everything in uns is serializable
+    assert ad.read_h5ad(tmp_path / "out.h5ad").uns["llm"]["metrics"]["accuracy_mean"] == pytest.approx(0.6)
+
+
+def test_zero_shot_uses_training_labels_with_figure4_prompt(toy, tmp_path):
+    s = {c: sentence(toy, c) for c in toy.obs_names}
+    table = {
+        s["c0"]: answer("T"),
+        s["c1"]: answer("NK"),
+        s["c2"]: answer("NK"),
+        s["c3"]: "Mono",
+        s["c4"]: answer("T"),
+    }
+    with ChatServer(table) as srv:
+        scl.tl.llm_annotate(
+            toy, model=MODEL, mode="zero_shot", base_url=srv.base_url, cache_dir=tmp_path, temperature=0
+        )
+        assert srv.n_requests == 5
+        prompts = dict(zip([p.split('"""')[1] for p in srv.prompts()], srv.prompts(), strict=True))
+        # Training cells are B, T, NK: Mono is not in the zero-shot list.
+        assert prompts[s["c0"]] == FIG4.format(labels="['B', 'NK', 'T']", sentence=s["c0"])
+        assert all(body["temperature"] == 0 for body in srv.requests)
+    assert toy.uns["llm"]["labels"] == ["B", "NK", "T"]
+    # c3 answers a bare "Mono", not JSON and not an allowed label: first label of the list, flagged.
+    assert toy.obs["llm"].iloc[3:].tolist() == ["T", "NK", "NK", "B", "T"]
+    assert toy.obs["llm_fallback"].iloc[6] == "malformed"
+    assert toy.uns["llm"]["metrics"]["accuracy_mean"] == pytest.approx(3 / 5)
+    assert "baseline_accuracy" not in toy.uns["llm"]["metrics"]
+
+
+def test_explicit_labels_and_template(toy, tmp_path):
+    with ChatServer(lambda prompt, body: answer("x")) as srv:
+        scl.tl.llm_annotate(
+            toy, model=MODEL, mode="zero_shot", labels=["x", "y"], template="{labels}|{sentence}",
+            base_url=srv.base_url, cache_dir=tmp_path, split_key=None,
+        )  # fmt: skip
+        assert sorted(srv.prompts()) == [f"['x', 'y']|{s}" for s in sorted(toy.obs["cell_sentence"])]
+    assert (toy.obs["llm"] == "x").all()
+    assert toy.uns["llm"]["metrics"]["accuracy_mean"] == 0.0
+
+
+def test_server_rejecting_json_schema_gets_json_in_the_prompt(toy, server, tmp_path):
+    server.reject_json_schema = True
+    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, max_concurrency=1)
+    first, second = server.requests[:2]
+    assert "response_format" in first and "response_format" not in second  # 400, then plain text
+    assert all("response_format" not in b for b in server.requests[1:])
+    assert server.n_requests == 5
+    assert (
+        "JSON schema" in second["messages"][0]["content"]
+        and '"enum": ["B", "T", "NK"]' in second["messages"][0]["content"]
+    )
+    assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
+    assert toy.uns["llm"]["structured_output"] is False
+
+
+def test_429_then_success_honours_retry_after(toy, server, tmp_path):
+    server.fail(429, times=2, retry_after="7")
+    server.fail(503, times=2)
+    c = client(server, tmp_path, backoff=0.5, max_retries=5, max_concurrency=1)
+    scl.tl.llm_annotate(toy, model=c)
+    assert c.sleeps[:2] == [7.0, 7.0]
+    # Without Retry-After: exponential backoff with jitter in [0.5, 1] x 0.5 * 2**attempt.
+    assert 0.5 * 0.5 * 4 <= c.sleeps[2] <= 0.5 * 4 and 0.5 * 0.5 * 8 <= c.sleeps[3] <= 0.5 * 8
+    assert server.n_requests == 4 + 4
+    assert toy.uns["llm"]["usage"]["retries"] == 4 and toy.uns["llm"]["usage"]["requests"] == 8
+    assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
+
+
+def test_persistent_500_names_the_cell_and_a_rerun_resumes_from_cache(toy, server, tmp_path):
+    server.fail(500, match=sentence(toy, "c2"))
+    c = client(server, tmp_path, max_retries=2, max_concurrency=1)
+    with pytest.raises(ChatError, match=r"'c2'.*HTTP 500.*after 3 attempts.*2/4 answers are cached"):
+        scl.tl.llm_annotate(toy, model=c)
+    assert "llm" not in toy.obs and "llm" not in toy.uns
+    # c0, c1 answered (cached); c2 failed three times; c3 never started.
+    assert server.n_requests == 2 + 3
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 2
+
+    server.clear_rules()
+    n = server.n_requests
+    scl.tl.llm_annotate(toy, model=client(server, tmp_path))
+    assert server.n_requests - n == 2  # only c2 and c3
+    assert toy.uns["llm"]["usage"]["cached"] == 2
+    first = toy.obs[["llm", "llm_fallback"]].copy()
+
+    n = server.n_requests
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path / "cache")
+    assert server.n_requests == n  # everything from the cache: zero requests
+    assert toy.uns["llm"]["usage"]["requests"] == 0 and toy.uns["llm"]["usage"]["cached"] == 4
+    pd.testing.assert_frame_equal(toy.obs[["llm", "llm_fallback"]], first)
+
+
+def test_slow_response_hits_the_timeout(toy, server, tmp_path):
+    server.slow(2.0, match=sentence(toy, "c1"))
+    c = client(server, tmp_path, timeout=0.2, max_retries=1, max_concurrency=2)
+    with pytest.raises(ChatError, match=r"'c1'.*Timeout.*after 2 attempts"):
+        scl.tl.llm_annotate(toy, model=c)
+    server.clear_rules()
+    server.slow(0.5, match=sentence(toy, "c1"), times=1)
+    scl.tl.llm_annotate(toy, model=client(server, tmp_path, timeout=0.2, max_retries=1))
+    assert toy.obs.loc["c1", "llm"] == "B"
+
+
+def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
+    s = {c: sentence(toy, c) for c in toy.obs_names}
+    # Answers per run (requests go run by run with one worker): correct cells 3/5, 2/5, 3/5.
+    table = {
+        s["c0"]: [answer("T"), answer("B"), answer("T")],
+        s["c1"]: [answer("B"), answer("B"), answer("B")],
+        s["c2"]: [answer("NK"), answer("T"), answer("T")],
+        s["c3"]: [answer("B"), answer("Mono"), answer("Mono")],
+    }
+    with ChatServer(table) as srv:
+        kw = dict(model=MODEL, base_url=srv.base_url, cache_dir=tmp_path, n_runs=3, max_concurrency=1)
+        scl.tl.llm_annotate(toy, **kw)
+        assert srv.n_requests == 12
+        m = toy.uns["llm"]["metrics"]
+        np.testing.assert_allclose(m["accuracy"], [3 / 5, 2 / 5, 3 / 5])
+        assert m["accuracy_mean"] == pytest.approx(8 / 15)
+        assert m["accuracy_sd"] == pytest.approx(np.sqrt(((1 / 15) ** 2 * 2 + (2 / 15) ** 2) / 2))
+        assert toy.obs["llm_run2"].iloc[3:].tolist() == ["B", "B", "T", "Mono", "NK"]
+        assert toy.obs["llm"].equals(toy.obs["llm_run1"])
+        with pytest.warns(UserWarning, match="already exists"):
+            scl.tl.llm_annotate(toy, **kw)
+        assert srv.n_requests == 12  # all three runs resumed from the cache
+        np.testing.assert_allclose(toy.uns["llm"]["metrics"]["accuracy"], [3 / 5, 2 / 5, 3 / 5])
+
+
+def test_cell_selection_subsample_is_seeded(toy, server, tmp_path):
+    kw = dict(model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    scl.tl.llm_annotate(toy, n_cells=2, random_state=3, **kw)
+    held_out = np.flatnonzero(toy.obs["split"] != "train")
+    expected = np.sort(np.random.default_rng(3).choice(held_out, size=2, replace=False))
+    np.testing.assert_array_equal(np.flatnonzero(toy.obs["llm"].notna()), expected)
+    scl.tl.llm_annotate(toy, cells=["c1", "c0"], key_added="two", **kw)
+    assert toy.obs["two"].notna().tolist() == [False] * 3 + [True, True, False, False, False]
+    with pytest.raises(KeyError, match="nope"):
+        scl.tl.llm_annotate(toy, cells=["nope"], **kw)
+
+
+def test_api_key_from_environment_and_errors(toy, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local-test")
+    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    assert set(server.auth) == {"Bearer sk-local-test"}
+    assert "sk-local-test" not in repr(ChatClient(MODEL, cache_dir=False))
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
+        scl.tl.llm_annotate(toy, model=MODEL, cache_dir=tmp_path)  # hosted default needs a key
+    with pytest.raises(KeyError, match="knn_annotate"):
+        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, candidates_key="other")
+    with pytest.raises(KeyError, match="cell_sentences"):
+        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, sentence_key="missing")
+    with pytest.raises(ValueError, match="mode"):
+        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, mode="vote")
+
+
+def test_non_retryable_error_is_not_retried(tmp_path):
+    with ChatServer({}) as srv:
+        c = ChatClient(MODEL, base_url=srv.base_url, cache_dir=False)
+        with pytest.raises(ChatError, match="HTTP 404.*no answer"):
+            c.complete(ChatRequest([{"role": "user", "content": "hello"}], name="x"))
+        assert srv.n_requests == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"cell_type": "NK"}', ("NK", "ok")),
+        ('```json\n{"cell_type": "nk"}\n```', ("NK", "ok")),
+        ('<think>maybe {"cell_type": "B"}</think>\n{"cell_type": "T"}', ("T", "ok")),
+        ('"T"', ("T", "ok")),
+        ("T.", ("T", "ok")),
+        ('{"cell_type": "Mono"}', (None, "out_of_list")),
+        ('{"label": "T"}', (None, "malformed")),
+        ('{"cell_type": "T"', (None, "malformed")),
+        ("I think it is a T cell", (None, "malformed")),
+        ("", (None, "malformed")),
+    ],
+)
+def test_parse_answer(content, expected):
+    assert parse_answer(content, ["B", "T", "NK"]) == expected
+
+
+def test_marker_matching_counts_correct_matches(tmp_path):
+    markers = {
+        "B": ["MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "EXTRA"],
+        "NK": ["NKG7", "GNLY"],
+        "T": ["CD3E", "CD3D"],
+    }
+    lists = "1. CD79A, CD79B, CD19, BANK1\n2. GNLY\n3. CD3D"
+
+    def prompt(gene):
+        return (
+            f"Which of the following lists of marker genes belongs to the same cell type as the gene {gene}? "
+            f"Output ONLY the number of that list.\n{lists}"
+        )
+
+    table = {prompt("MS4A1"): '{"list": "1"}', prompt("NKG7"): '{"list": "1"}', prompt("CD3E"): "no idea"}
+    with ChatServer(table) as srv:
+        result = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path)
+        assert srv.n_requests == 3 and all(b["temperature"] == 0 for b in srv.requests)
+        assert srv.requests[0]["response_format"]["json_schema"]["schema"]["properties"]["list"]["enum"] == [
+            "1",
+            "2",
+            "3",
+        ]
+    assert (result.n_correct, result.n_total, str(result)) == (1, 3, "1/3")
+    t = result.table
+    assert t["held_out"].tolist() == ["MS4A1", "NKG7", "CD3E"]
+    assert t["correct"].tolist() == [True, False, False]
+    assert t.loc["NK", "answered_type"] == "B" and t.loc["T", "reason"] == "malformed"
+    assert result.usage["requests"] == 3
+    frame = pd.DataFrame({"B": ["MS4A1", "CD79A"], "NK": ["NKG7", "GNLY"]})
+    with pytest.raises(ValueError, match="fewer than 2"):
+        scl.tl.llm_marker_matching(
+            {"B": ["MS4A1"], "T": ["CD3E", "CD3D"]}, model=MODEL, base_url=srv.base_url
+        )
+    with ChatServer(lambda p, b: '{"list": "2"}' if "NKG7" in p else '{"list": "1"}') as srv:
+        result = scl.tl.llm_marker_matching(frame, model=MODEL, base_url=srv.base_url, cache_dir=False)
+    assert str(result) == "2/2"
+
+
+def test_rerank_on_real_pbmc_with_an_oracle_server(pbmc, tmp_path):
+    """End to end on pbmc68k: kNN candidates, 100 random test cells, a server that knows the truth."""
+    scl.pp.cell_sentences(pbmc)
+    scl.pp.train_test_split(pbmc, "cell_type", random_state=0)
+    scl.tl.knn_annotate(pbmc, use_rep="X_pca", labels_key="cell_type")
+    truth = dict(zip(pbmc.obs["cell_sentence"], pbmc.obs["cell_type"].astype(str), strict=True))
+
+    def oracle(prompt, body):
+        allowed = body["response_format"]["json_schema"]["schema"]["properties"]["cell_type"]["enum"]
+        label = truth[prompt.split('"""')[1]]
+        return answer(label if label in allowed else "not a label")
+
+    with ChatServer(oracle) as srv:
+        scl.tl.llm_annotate(pbmc, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path, n_cells=100)
+        n_requests = srv.n_requests
+    chosen = pbmc.obs["llm"].notna().to_numpy()
+    assert chosen.sum() == 100 and (pbmc.obs["split"][chosen] == "test").all()
+    cand = pbmc.obs.loc[chosen, ["knn_top1", "knn_top2", "knn_top3"]].astype(object)
+    y = pbmc.obs.loc[chosen, "cell_type"].astype(str)
+    in_top3 = np.array([t in set(row) for t, row in zip(y, cand.itertuples(index=False), strict=True)])
+    assert n_requests == int(cand.notna().sum(axis=1).ge(2).sum())
+    m = pbmc.uns["llm"]["metrics"]
+    assert m["accuracy_mean"] == pytest.approx(in_top3.mean())  # oracle: right whenever the truth is offered
+    assert m["baseline_accuracy"] == pytest.approx((cand["knn_top1"] == y).mean())
+    assert m["accuracy_mean"] >= m["baseline_accuracy"]
