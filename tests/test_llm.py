@@ -195,7 +195,9 @@ def test_429_then_success_honours_retry_after(toy, server, tmp_path):
 def test_persistent_500_names_the_cell_and_a_rerun_resumes_from_cache(toy, server, tmp_path):
     server.fail(500, match=sentence(toy, "c2"))
     c = client(server, tmp_path, max_retries=2, max_concurrency=1)
-    with pytest.raises(ChatError, match=r"'c2'.*HTTP 500.*after 3 attempts.*2/4 answers are cached"):
+    with pytest.raises(
+        ChatError, match=r"'c2'.*HTTP 500.*after 3 attempts.*2/4 answered, cached in .*rerun to resume"
+    ):
         scl.tl.llm_annotate(toy, model=c)
     assert "llm" not in toy.obs and "llm" not in toy.uns
     # c0, c1 answered (cached); c2 failed three times; c3 never started.

@@ -238,33 +238,46 @@ class ChatClient:
         bar.update(len(requests) - len(todo))
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(todo))) as pool:
             pending = {pool.submit(self._guarded, requests[i], stop): i for i in todo}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    i = pending.pop(fut)
-                    if fut.cancelled():
-                        continue
-                    exc = fut.exception()
-                    if exc is None:
-                        results[i] = fut.result()
-                        bar.update(results[i] is not None)
-                    elif isinstance(exc, ChatError):
-                        failures.append((i, exc))
-                        for other in pending:
-                            other.cancel()
-                    else:
-                        raise exc
-        bar.close()
+            try:
+                self._collect(pending, results, failures, bar)
+            except BaseException:
+                # Ctrl-C or an unexpected error: start nothing new; requests in flight finish and
+                # are cached when the pool shuts down, so a rerun loses nothing.
+                stop.set()
+                for fut in pending:
+                    fut.cancel()
+                raise
+            finally:
+                bar.close()
         if failures:
             i, exc = min(failures, key=lambda f: f[0])
             n_done = sum(r is not None for r in results)
             who = f" for {requests[i].name!r}" if requests[i].name is not None else ""
             raise ChatError(
-                f"Chat request{who} failed: {exc} ({n_done}/{len(requests)} answers are cached"
-                f"{' in ' + str(self._cache) if self._cache else ''}; rerun to resume).",
+                f"Chat request{who} failed: {exc} ({n_done}/{len(requests)} answered"
+                f"{', cached in ' + str(self._cache) + '; rerun to resume' if self._cache else ''}).",
                 status=exc.status,
                 name=requests[i].name,
             ) from exc
+
+    @staticmethod
+    def _collect(pending, results, failures, bar) -> None:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                i = pending.pop(fut)
+                if fut.cancelled():
+                    continue
+                exc = fut.exception()
+                if exc is None:
+                    results[i] = fut.result()
+                    bar.update(results[i] is not None)
+                elif isinstance(exc, ChatError):
+                    failures.append((i, exc))
+                    for other in pending:
+                        other.cancel()
+                else:
+                    raise exc
 
     # --- one request ----------------------------------------------------------------------------
 
