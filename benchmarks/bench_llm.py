@@ -1,0 +1,83 @@
+"""llm_annotate against a local chat server with a fixed per-request latency.
+
+Prints, measured side by side in one run on the same cells:
+- wall-clock speed-up of bounded concurrency (max_concurrency=8) over one request at a time;
+- how much faster a full rerun is when every answer comes from the disk cache (zero requests);
+- the time llm_annotate spends outside waiting for the server (prompt building, cache, parsing,
+  bookkeeping), per cell.
+
+The server is the deterministic test server (tests/_chat_server.py) on 127.0.0.1: nothing leaves
+the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _chat_server import ChatServer
+
+import sc_llm as scl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer cells")
+    parser.add_argument("--latency", type=float, default=0.05, help="server seconds per request")
+    args = parser.parse_args()
+    logging.getLogger("sc_llm").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*already exists and will be overwritten")
+
+    adata = scl.datasets.pbmc68k()
+    scl.pp.cell_sentences(adata)
+    scl.pp.train_test_split(adata, "cell_type", random_state=0)
+    scl.tl.knn_annotate(adata, use_rep="X_pca", labels_key="cell_type")
+    n_cells = 40 if args.quick else 140
+    first = {
+        s: f'{{"cell_type": "{t}"}}'
+        for s, t in zip(adata.obs["cell_sentence"], adata.obs["knn_top1"], strict=True)
+    }
+
+    with ChatServer(first) as server, tempfile.TemporaryDirectory() as tmp:
+        server.slow(args.latency)
+        kw = dict(model="bench", base_url=server.base_url, n_cells=n_cells)
+        timings = {}
+        for conc in (1, 8):
+            t0 = time.perf_counter()
+            scl.tl.llm_annotate(adata, max_concurrency=conc, cache_dir=Path(tmp) / str(conc), **kw)
+            timings[conc] = time.perf_counter() - t0
+        n_req = adata.uns["llm"]["usage"]["requests"]
+        t0 = time.perf_counter()
+        scl.tl.llm_annotate(adata, max_concurrency=8, cache_dir=Path(tmp) / "8", **kw)
+        cached = time.perf_counter() - t0
+        assert adata.uns["llm"]["usage"]["requests"] == 0
+
+        server.clear_rules()
+        t0 = time.perf_counter()
+        scl.tl.llm_annotate(adata, max_concurrency=1, cache_dir=False, **kw)
+        no_latency = time.perf_counter() - t0
+
+    done = adata.obs["llm"].notna()
+    agree = float(np.mean(adata.obs["llm"][done].astype(str) == adata.obs["knn_top1"][done].astype(str)))
+    print(f"{n_cells} cells, {n_req} requests, server latency {args.latency * 1000:.0f} ms")
+    print(f"sequential: {timings[1]:.2f} s   max_concurrency=8: {timings[8]:.2f} s   "
+          f"speed-up {timings[1] / timings[8]:.1f}x")  # fmt: skip
+    print(
+        f"rerun from cache (0 requests): {cached:.3f} s   {timings[8] / cached:.0f}x faster than the first run"
+    )
+    print(
+        f"time per cell with a server that answers at once (HTTP round trip included): {no_latency / n_cells * 1000:.2f} ms"
+    )
+    print(f"answers equal to the served label: {agree:.3f}")
+
+
+if __name__ == "__main__":
+    main()
