@@ -1,6 +1,7 @@
 """llm_annotate / llm_marker_matching against a real HTTP chat server on 127.0.0.1 (tests/_chat_server.py)."""
 
 import json
+import time
 
 import anndata as ad
 import numpy as np
@@ -374,3 +375,17 @@ def test_rerank_on_real_pbmc_with_an_oracle_server(pbmc, tmp_path):
     assert m["accuracy_mean"] == pytest.approx(in_top3.mean())  # oracle: right whenever the truth is offered
     assert m["baseline_accuracy"] == pytest.approx((cand["knn_top1"] == y).mean())
     assert m["accuracy_mean"] >= m["baseline_accuracy"]
+
+
+def test_retry_after_header_forms():
+    from email.utils import formatdate
+
+    import httpx
+
+    from sc_llm._llm_client import _retry_after
+
+    assert _retry_after(httpx.Headers({"Retry-After": "3"})) == 3.0
+    assert _retry_after(httpx.Headers({"retry-after-ms": "250", "Retry-After": "1"})) == 0.25
+    assert 8 < _retry_after(httpx.Headers({"Retry-After": formatdate(time.time() + 10, usegmt=True)})) <= 10
+    assert _retry_after(httpx.Headers({"Retry-After": "soon"})) is None
+    assert _retry_after(httpx.Headers({})) is None
