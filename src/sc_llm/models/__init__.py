@@ -4,3 +4,14 @@ from ._runtime import resolve_device, resolve_precision, run_batched
 from ._text import TextEncoder, default_model_path, load_text_encoder
 
 __all__ = ["TextEncoder", "default_model_path", "load_text_encoder", "resolve_device", "resolve_precision", "run_batched"]
+
+# FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
+__all__ += ["FusionModel"]
+
+
+def __getattr__(name: str):
+    if name == "FusionModel":
+        from ._fusion import FusionModel
+
+        return FusionModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,3 +7,14 @@ from ._metrics import classification_metrics, cluster_metrics
 
 __all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annotate"]
 __all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
+
+# FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
+__all__ += ["FusionModel"]
+
+
+def __getattr__(name: str):
+    if name == "FusionModel":
+        from ..models._fusion import FusionModel
+
+        return FusionModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
