@@ -1,6 +1,8 @@
 """The scMPT fusion network (paper Figure 1, Appendix A.2) as a plain ``torch.nn.Module``.
 
-Each representation goes through its own ``Linear(dim, hidden) + ReLU`` branch; the branch outputs
+Each representation is shifted and scaled per dimension (identity unless set from training cells:
+encoders differ by orders of magnitude in scale, e.g. unit-norm text embeddings vs PCA coordinates),
+then goes through its own ``Linear(dim, hidden) + ReLU`` branch; the branch outputs
 are concatenated and a final ``Linear`` gives one logit per class. ``forward`` returns logits so
 that training uses a numerically stable cross-entropy and attribution methods (integrated
 gradients) can pick any target; softmax is applied only in :meth:`FusionModel.predict_proba`.
@@ -44,6 +46,8 @@ class FusionModel(nn.Module):
     ----------
     use_reps, input_dims, classes, hidden, hyperparameters
         As passed.
+    inputs
+        One :class:`Standardize` per representation (identity until :meth:`set_standardization`).
     branches
         One ``Sequential(Linear(dim, hidden), ReLU())`` per representation.
     head
@@ -60,10 +64,15 @@ class FusionModel(nn.Module):
         hyperparameters: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        use_reps, input_dims, classes = list(map(str, use_reps)), [int(d) for d in input_dims], list(map(str, classes))
+        use_reps, input_dims, classes = (
+            list(map(str, use_reps)),
+            [int(d) for d in input_dims],
+            list(map(str, classes)),
+        )
         _check_config(use_reps, input_dims, classes, hidden)
         self.use_reps, self.input_dims, self.classes, self.hidden = use_reps, input_dims, classes, int(hidden)
         self.hyperparameters = dict(hyperparameters or {})
+        self.inputs = nn.ModuleList(Standardize(d) for d in input_dims)
         self.branches = nn.ModuleList(nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU()) for d in input_dims)
         self.head = nn.Linear(self.hidden * len(input_dims), len(classes))
 
@@ -71,7 +80,19 @@ class FusionModel(nn.Module):
         """Logits ``[n_cells, n_classes]`` from one float tensor per representation (``use_reps`` order)."""
         if len(reps) != len(self.branches):
             raise ValueError(f"Expected {len(self.branches)} tensors ({self.use_reps}), got {len(reps)}.")
-        return self.head(torch.cat([branch(x) for branch, x in zip(self.branches, reps, strict=True)], dim=1))
+        parts = [branch(std(x)) for std, branch, x in zip(self.inputs, self.branches, reps, strict=True)]
+        return self.head(torch.cat(parts, dim=1))
+
+    def set_standardization(self, arrays: Sequence[np.ndarray]) -> None:
+        """Centre and scale each input by the mean and standard deviation of ``arrays`` (training cells)."""
+        self.check_inputs(arrays, "standardization")
+        for std, X in zip(self.inputs, arrays, strict=True):
+            X = np.asarray(X, dtype=np.float64)
+            scale = X.std(axis=0)
+            # Constant dimensions carry no signal; leave them unscaled rather than divide by zero.
+            scale[scale == 0] = 1.0
+            std.shift.copy_(torch.as_tensor(X.mean(axis=0), dtype=torch.float32))
+            std.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +101,9 @@ class FusionModel(nn.Module):
     def check_inputs(self, arrays: Sequence[np.ndarray], where: str = "input") -> None:
         """Raise a clear error when the number, widths or row counts of ``arrays`` do not fit the model."""
         if len(arrays) != len(self.use_reps):
-            raise ValueError(f"The model needs {len(self.use_reps)} representations {self.use_reps}, got {len(arrays)}.")
+            raise ValueError(
+                f"The model needs {len(self.use_reps)} representations {self.use_reps}, got {len(arrays)}."
+            )
         for name, dim, X in zip(self.use_reps, self.input_dims, arrays, strict=True):
             if X.ndim != 2 or X.shape[1] != dim:
                 raise ValueError(
@@ -148,10 +171,14 @@ class FusionModel(nn.Module):
         path = Path(path)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found; is {path} a directory written by FusionModel.save?")
+                raise FileNotFoundError(
+                    f"{path / name} not found; is {path} a directory written by FusionModel.save?"
+                )
         config = json.loads((path / CONFIG_NAME).read_text())
         if config.get("format") != FORMAT:
-            raise ValueError(f"{path / CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}.")
+            raise ValueError(
+                f"{path / CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}."
+            )
         model = cls(
             config["use_reps"],
             config["input_dims"],
@@ -161,13 +188,27 @@ class FusionModel(nn.Module):
         )
         missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path / WEIGHTS_NAME} does not match config.json: missing {missing}, unexpected {unexpected}.")
+            raise ValueError(
+                f"{path / WEIGHTS_NAME} does not match config.json: missing {missing}, unexpected {unexpected}."
+            )
         if device is not None:
             model.to(device)
         return model.eval()
 
     def extra_repr(self) -> str:
         return f"use_reps={self.use_reps}, input_dims={self.input_dims}, n_classes={len(self.classes)}"
+
+
+class Standardize(nn.Module):
+    """``(x - shift) / scale`` with per-dimension buffers (saved with the weights, never trained)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) / self.scale
 
 
 def _check_config(use_reps: list[str], input_dims: list[int], classes: list[str], hidden: int) -> None:

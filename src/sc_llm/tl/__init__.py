@@ -1,15 +1,17 @@
 """Tools: embeddings, annotation, evaluation."""
 
 from ._embed_text import embed_text
+from ._fusion import fuse_predict, fuse_train
 from ._knn import knn_annotate
 from ._llm import ChatClient, MarkerMatching, llm_annotate, llm_marker_matching
 from ._metrics import classification_metrics, cluster_metrics
+from ._mlp import mlp_annotate
 
 __all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annotate"]
 __all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
-__all__ += ["FusionModel"]
+__all__ += ["FusionModel", "fuse_predict", "fuse_train", "mlp_annotate"]
 
 
 def __getattr__(name: str):

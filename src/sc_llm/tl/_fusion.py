@@ -1,0 +1,512 @@
+"""scl.tl.fuse_train / scl.tl.fuse_predict: train and apply scMPT-style fusion heads on frozen embeddings.
+
+Paper §3.2, §4.2, Figure 1 and Appendix A.2. The network is :class:`sc_llm.models.FusionModel`;
+this module holds data handling, the training loop (AdamW, exponential learning-rate decay,
+early stopping on a validation split), the grid search and the repeated runs over seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._progress import progress
+from ._metrics import get_labels
+from ._mlp import collect_reps, training_cells, write_predictions
+
+if TYPE_CHECKING:
+    from ..models._fusion import FusionModel
+
+logger = logging.getLogger("sc_llm")
+
+GRID_KEYS = ("lr", "epochs", "batch_size", "lr_decay", "weight_decay")
+#: Grid used by ``param_grid="default"``. The paper grid-searched these four settings per dataset
+#: (Appendix A.2) without listing the values; these span the usual range for a wide one-layer head.
+DEFAULT_GRID: dict[str, list] = {
+    "lr": [1e-4, 1e-3],
+    "epochs": [30, 100],
+    "batch_size": [32, 128],
+    "lr_decay": [0.9, 0.99],
+}
+
+
+def fuse_train(
+    adata: AnnData,
+    use_reps: Sequence[str],
+    labels_key: str,
+    *,
+    split_key: str = "split",
+    train_value: str = "train",
+    hidden: int = 4096,
+    epochs: int = 50,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    lr_decay: float = 0.95,
+    weight_decay: float = 0.01,
+    standardize: bool = True,
+    validation_fraction: float = 0.1,
+    patience: int | None = 5,
+    param_grid: Mapping[str, Sequence] | str | None = None,
+    class_weight: str | Mapping[str, float] | None = None,
+    n_runs: int = 1,
+    random_state: int = 0,
+    device: str | None = None,
+    key_added: str = "fusion",
+) -> FusionModel:
+    """Train a fusion classifier (scMPT) on any set of frozen embeddings and label every cell.
+
+    Each representation passes through its own ``Linear(dim, hidden) + ReLU``; the outputs are
+    concatenated and a linear layer with softmax gives class probabilities (paper Figure 1). One
+    representation gives the single-encoder "+ MLP" head. Training uses AdamW with an exponential
+    learning-rate decay (stepped once per epoch), mini-batch cross-entropy, and early stopping on
+    the loss of a stratified validation split carved from the training cells (best weights restored).
+
+    Parameters
+    ----------
+    adata
+        AnnData, or MuData with one modality per representation (see Notes).
+    use_reps
+        Representations to fuse, e.g. ``["X_text", "X_scgpt"]``; any number (one = single head).
+    labels_key
+        ``obs`` column with the labels (cell type, phenotype…). Cells with NaN are never trained on.
+    split_key, train_value
+        Training cells are those with ``obs[split_key] == train_value`` and a label; metrics are
+        computed on the other labelled cells.
+    hidden
+        Width of each per-representation dense layer (paper: 4096).
+    epochs
+        Maximum number of epochs.
+    lr
+        Initial AdamW learning rate.
+    batch_size
+        Mini-batch size.
+    lr_decay
+        Factor (``gamma`` of ``ExponentialLR``) applied to the learning rate after every epoch.
+    weight_decay
+        AdamW decoupled weight decay.
+    standardize
+        Centre and scale every input dimension by its mean and standard deviation over the
+        training cells, inside the model (so saved models apply it to new cells). Not in the paper;
+        it lets one learning rate suit encoders whose outputs differ by orders of magnitude in
+        scale (unit-norm text embeddings vs PCA coordinates). ``False`` feeds the raw embeddings.
+    validation_fraction
+        Fraction of each training class held out for early stopping and the grid search (at least
+        one cell per class stays in training). ``0`` trains on all training cells for ``epochs``.
+    patience
+        Stop after this many epochs without a lower validation loss; ``None`` runs all epochs
+        (the weights of the best epoch are still restored).
+    param_grid
+        Grid search: a mapping from any of ``lr``, ``epochs``, ``batch_size``, ``lr_decay``,
+        ``weight_decay`` to candidate values (other settings come from the arguments), or
+        ``"default"`` for :data:`DEFAULT_GRID`. The combination with the lowest validation loss
+        (seed ``random_state``) is used for the final runs. Needs ``validation_fraction > 0``.
+    class_weight
+        ``None`` (plain cross-entropy), ``"balanced"`` (weights ``n / (n_classes * n_c)`` from the
+        training cells, for imbalanced labels), or a mapping from label to weight.
+    n_runs
+        Number of final trainings with seeds ``random_state, random_state + 1, …``; held-out
+        metrics are reported per run, with mean and sample standard deviation (ddof=1).
+    random_state
+        Seed of the validation split, weight initialisation and batch shuffling.
+    device
+        Torch device; ``None`` picks CUDA, then MPS, else CPU.
+    key_added
+        Prefix of the outputs.
+
+    Returns
+    -------
+    The trained :class:`~sc_llm.models.FusionModel` of the first run (seed ``random_state``), in
+    eval mode. Also sets, in ``adata`` (``mdata`` for MuData):
+
+    - ``obs[key_added]``: prediction for every cell; ``obs[f"{key_added}_top{i}"]`` and
+      ``obs[f"{key_added}_top{i}_frac"]`` (i = 1..3): the three most probable labels and their
+      probabilities;
+    - ``obsm[f"{key_added}_proba"]``: class probabilities, columns in ``uns[key_added]["classes"]``;
+    - ``uns[key_added]``: ``params``, chosen ``hyperparameters``, ``classes``, ``unseen_labels``
+      (held-out labels absent from training), ``metrics`` (accuracy, macro precision/recall/F1,
+      top-3 accuracy of the returned model), ``runs`` (metrics per seed), ``metrics_mean`` and
+      ``metrics_sd`` over runs, ``history`` (per-epoch train/validation loss, validation accuracy
+      and learning rate of the returned model), and ``grid`` (validation loss per combination).
+
+    Notes
+    -----
+    With a MuData, each name in ``use_reps`` is resolved as follows: the name of a modality means
+    that modality's ``X`` (densified); ``"modality:key"`` means ``mdata.mod[modality].obsm[key]``;
+    any other name is a key of ``mdata.obsm``. Rows are aligned to ``mdata.obs_names`` (every cell
+    must be present in each modality used); labels and split are read from ``mdata.obs`` and
+    results are written to ``mdata.obs`` / ``mdata.obsm`` / ``mdata.uns``.
+    """
+    from ..models._runtime import resolve_device
+
+    _check_settings(
+        epochs, lr, batch_size, lr_decay, weight_decay, validation_fraction, patience, n_runs, hidden
+    )
+    reps = collect_reps(adata, use_reps)
+    labels = get_labels(adata, labels_key)
+    train, y_train, classes = training_cells(adata, labels, split_key, train_value)
+    codes = np.searchsorted(classes, y_train)
+    weights = _class_weights(class_weight, classes, codes)
+    fit_idx, val_idx = _stratified_split(codes, validation_fraction, random_state)
+    base = {
+        "lr": lr,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr_decay": lr_decay,
+        "weight_decay": weight_decay,
+    }
+    grid = _expand_grid(param_grid, base, has_validation=val_idx.size > 0)
+    train_pos = np.flatnonzero(train)
+    data = _Data([X[train_pos] for X in reps], codes, fit_idx, val_idx, weights, resolve_device(device))
+    spec = {
+        "use_reps": list(use_reps),
+        "input_dims": [X.shape[1] for X in reps],
+        "classes": classes,
+        "hidden": hidden,
+    }
+    spec["standardize_on"] = [X[train_pos[fit_idx]] for X in reps] if standardize else None
+    total = sum(p["epochs"] for p in grid) * (len(grid) > 1) + n_runs * max(p["epochs"] for p in grid)
+    with progress(total, "fuse_train", unit="epoch") as bar:
+        grid_table, best = _grid_search(data, spec, grid, patience, random_state, bar)
+        runs = [_fit(data, spec, best, patience, random_state + i, bar) for i in range(n_runs)]
+    model, history = runs[0]
+    proba = model.predict_proba(reps)
+    metrics, unseen = write_predictions(adata, key_added, classes, proba, labels, train)
+    run_table = _run_metrics(runs, reps, labels, train, classes, random_state)
+    adata.uns[key_added] = {
+        "params": {
+            "use_reps": list(use_reps),
+            "labels_key": labels_key,
+            "split_key": split_key,
+            "train_value": train_value,
+            "hidden": hidden,
+            "standardize": standardize,
+            "validation_fraction": validation_fraction,
+            "patience": -1 if patience is None else patience,
+            "class_weight": _describe_weights(class_weight),
+            "n_runs": n_runs,
+            "random_state": random_state,
+            "device": str(data.device),
+        },
+        "hyperparameters": dict(best),
+        "classes": list(classes),
+        "unseen_labels": unseen,
+        "n_train": int(fit_idx.size),
+        "n_validation": int(val_idx.size),
+        "metrics": metrics,
+        "runs": run_table,
+        "metrics_mean": _summary(run_table, "mean"),
+        "metrics_sd": _summary(run_table, "sd"),
+        "history": history,
+        "grid": grid_table,
+    }
+    return model
+
+
+def fuse_predict(
+    adata: AnnData,
+    model: FusionModel | str | Path,
+    *,
+    use_reps: Sequence[str] | None = None,
+    labels_key: str | None = None,
+    split_key: str | None = None,
+    train_value: str = "train",
+    batch_size: int = 1024,
+    device: str | None = None,
+    key_added: str = "fusion",
+) -> None:
+    """Apply a trained fusion model (or a directory written by ``model.save``) to new cells.
+
+    Parameters
+    ----------
+    adata
+        AnnData or MuData holding the representations the model was trained on.
+    model
+        A :class:`~sc_llm.models.FusionModel` or the path of a saved one.
+    use_reps
+        Keys to read, in the model's order, when they are named differently here than in training
+        (default: ``model.use_reps``).
+    labels_key
+        Optional ``obs`` column with true labels; when given, metrics are stored in ``uns``.
+    split_key, train_value
+        With ``labels_key``: leave cells with ``obs[split_key] == train_value`` out of the metrics.
+    batch_size
+        Cells per forward pass.
+    device
+        Torch device to move the model to (default: keep it where it is).
+    key_added
+        Prefix of the outputs.
+
+    Returns
+    -------
+    ``None``. Writes ``obs[key_added]``, the top-3 columns, ``obsm[f"{key_added}_proba"]`` and
+    ``uns[key_added]`` (``params``, ``classes``, and ``metrics``/``unseen_labels`` with labels) exactly
+    as :func:`fuse_train` does.
+    """
+    from ..models._fusion import FusionModel
+
+    if isinstance(model, str | Path):
+        model = FusionModel.load(model)
+    if not isinstance(model, FusionModel):
+        raise TypeError(
+            f"model must be a FusionModel or the path of a saved one, got {type(model).__name__}."
+        )
+    keys = list(model.use_reps if use_reps is None else use_reps)
+    if len(keys) != len(model.use_reps):
+        raise ValueError(
+            f"The model fuses {len(model.use_reps)} representations {model.use_reps}; got {keys}."
+        )
+    reps = collect_reps(adata, keys)
+    for key, name, dim, X in zip(keys, model.use_reps, model.input_dims, reps, strict=True):
+        if X.shape[1] != dim:
+            raise ValueError(
+                f"Representation {key!r} has {X.shape[1]} dimensions, but the model's {name!r} input expects {dim}; "
+                "embed the cells with the same encoder (and settings) as the training data."
+            )
+    if device is not None:
+        model.to(device)
+    proba = model.predict_proba(reps, batch_size=batch_size)
+    labels = get_labels(adata, labels_key) if labels_key is not None else None
+    train = None
+    if labels is not None and split_key is not None:
+        from ._metrics import train_mask
+
+        train = train_mask(adata, split_key, train_value)
+    metrics, unseen = write_predictions(adata, key_added, np.asarray(model.classes), proba, labels, train)
+    adata.uns[key_added] = {
+        "params": {"use_reps": keys, "model_use_reps": list(model.use_reps), "labels_key": labels_key or ""},
+        "hyperparameters": dict(model.hyperparameters),
+        "classes": list(model.classes),
+        "unseen_labels": unseen,
+        "metrics": metrics,
+    }
+
+
+class _Data:
+    """Training tensors on the device, the fit/validation positions and optional class weights."""
+
+    def __init__(self, reps, codes, fit_idx, val_idx, weights, device) -> None:
+        import torch
+
+        self.device = device
+        self.reps = [torch.as_tensor(X, dtype=torch.float32).to(device) for X in reps]
+        self.codes = torch.as_tensor(codes, dtype=torch.long).to(device)
+        self.fit_idx = torch.as_tensor(fit_idx, dtype=torch.long)
+        self.val_idx = torch.as_tensor(val_idx, dtype=torch.long)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32).to(device)
+
+    def batch(self, idx):
+        idx = idx.to(self.device)
+        return [X[idx] for X in self.reps], self.codes[idx]
+
+
+def _fit(
+    data: _Data, spec: dict, params: dict, patience: int | None, seed: int, bar
+) -> tuple[Any, pd.DataFrame]:
+    """One training run; returns the model with the best validation weights restored, and its history."""
+    import torch
+
+    from ..models._fusion import FusionModel
+
+    torch.manual_seed(seed)
+    model = FusionModel(
+        spec["use_reps"], spec["input_dims"], spec["classes"], hidden=spec["hidden"], hyperparameters=params
+    )
+    if spec["standardize_on"] is not None:
+        model.set_standardization(spec["standardize_on"])
+    model.to(data.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=params["lr_decay"])
+    loss_fn = torch.nn.CrossEntropyLoss(weight=data.weights)
+    gen = torch.Generator().manual_seed(seed)
+    best_loss, best_state, since_best, rows = np.inf, None, 0, []
+    for epoch in range(params["epochs"]):
+        current_lr = opt.param_groups[0]["lr"]
+        train_loss = _train_epoch(model, data, opt, loss_fn, params["batch_size"], gen)
+        sched.step()
+        val_loss, val_acc = _validate(model, data, loss_fn)
+        rows.append((epoch + 1, train_loss, val_loss, val_acc, current_lr))
+        bar.update(1)
+        # Without a validation split the last epoch is kept.
+        score = val_loss if data.val_idx.numel() else -epoch
+        if score < best_loss:
+            best_loss, since_best = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+            if patience is not None and since_best >= patience:
+                bar.update(params["epochs"] - epoch - 1)
+                break
+    model.load_state_dict(best_state)
+    history = pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss", "val_accuracy", "lr"])
+    best_epoch = (
+        int(history["epoch"].iloc[int(np.nanargmin(history["val_loss"]))])
+        if data.val_idx.numel()
+        else epoch + 1
+    )
+    model.hyperparameters = {**params, "best_epoch": best_epoch, "seed": seed}
+    return model.eval(), history
+
+
+def _train_epoch(model, data: _Data, opt, loss_fn, batch_size: int, gen) -> float:
+    import torch
+
+    model.train()
+    perm = data.fit_idx[torch.randperm(data.fit_idx.numel(), generator=gen)]
+    total = 0.0
+    for idx in perm.split(batch_size):
+        xs, y = data.batch(idx)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(*xs), y)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * idx.numel()
+    return total / max(perm.numel(), 1)
+
+
+def _validate(model, data: _Data, loss_fn) -> tuple[float, float]:
+    import torch
+
+    if not data.val_idx.numel():
+        return float("nan"), float("nan")
+    model.eval()
+    with torch.inference_mode():
+        xs, y = data.batch(data.val_idx)
+        logits = model(*xs)
+        return float(loss_fn(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+
+def _grid_search(
+    data: _Data, spec: dict, grid: list[dict], patience, seed: int, bar
+) -> tuple[pd.DataFrame, dict]:
+    """Validation loss of every combination (one run each, same seed); the best combination."""
+    if len(grid) == 1:
+        return pd.DataFrame([{**grid[0], "val_loss": np.nan, "best_epoch": 0}]), grid[0]
+    rows = []
+    for params in grid:
+        model, history = _fit(data, spec, params, patience, seed, bar)
+        rows.append(
+            {
+                **params,
+                "val_loss": float(history["val_loss"].min()),
+                "best_epoch": model.hyperparameters["best_epoch"],
+            }
+        )
+        logger.info("fuse_train grid %s: validation loss %.4f", params, rows[-1]["val_loss"])
+    table = pd.DataFrame(rows)
+    best = grid[int(table["val_loss"].to_numpy().argmin())]
+    return table, best
+
+
+def _run_metrics(runs, reps, labels, train, classes, seed0: int) -> pd.DataFrame:
+    from ._mlp import evaluate
+
+    held_out = labels.notna().to_numpy() & ~train
+    rows = []
+    for i, (model, _) in enumerate(runs):
+        order = np.argsort(-model.predict_logits(reps), axis=1, kind="stable")[:, :3]
+        with warnings.catch_warnings():
+            # The unseen-label warning is raised once, for the returned model.
+            warnings.simplefilter("ignore", UserWarning)
+            metrics, _ = evaluate(labels, np.asarray(classes, dtype=object), order, held_out)
+        rows.append({"run": i, "seed": seed0 + i, **metrics})
+    return pd.DataFrame(rows)
+
+
+def _summary(table: pd.DataFrame, how: str) -> dict[str, float]:
+    cols = [c for c in ("accuracy", "precision", "recall", "f1", "top3_accuracy") if c in table]
+    if how == "mean":
+        return {c: float(table[c].mean()) for c in cols}
+    return {c: float(table[c].std(ddof=1)) if len(table) > 1 else float("nan") for c in cols}
+
+
+def _stratified_split(codes: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, ``round(fraction * n_c)`` cells to validation, always leaving one in training."""
+    if fraction == 0:
+        return np.arange(codes.size), np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(codes):
+        members = rng.permutation(np.flatnonzero(codes == c))
+        val.append(members[: min(int(round(fraction * members.size)), members.size - 1)])
+    val_idx = np.sort(np.concatenate(val))
+    fit_idx = np.setdiff1d(np.arange(codes.size), val_idx)
+    if val_idx.size == 0:
+        warnings.warn(
+            f"validation_fraction={fraction} leaves no validation cell; training without early stopping.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return fit_idx, val_idx
+
+
+def _expand_grid(param_grid, base: dict, *, has_validation: bool) -> list[dict]:
+    if param_grid is None:
+        return [base]
+    if isinstance(param_grid, str):
+        if param_grid != "default":
+            raise ValueError(f"param_grid must be a mapping, 'default' or None, got {param_grid!r}.")
+        param_grid = DEFAULT_GRID
+    unknown = sorted(set(param_grid) - set(GRID_KEYS))
+    if unknown:
+        raise ValueError(f"param_grid has unknown settings {unknown}; allowed: {list(GRID_KEYS)}.")
+    empty = [k for k, v in param_grid.items() if len(list(v)) == 0]
+    if empty:
+        raise ValueError(f"param_grid[{empty[0]!r}] has no candidate values.")
+    if not has_validation:
+        raise ValueError("param_grid needs a validation split: set validation_fraction > 0.")
+    keys = list(param_grid)
+    grid = [
+        {**base, **dict(zip(keys, combo, strict=True))} for combo in itertools.product(*param_grid.values())
+    ]
+    for params in grid:
+        _check_settings(
+            params["epochs"], params["lr"], params["batch_size"], params["lr_decay"], params["weight_decay"]
+        )
+    return grid
+
+
+def _check_settings(
+    epochs, lr, batch_size, lr_decay, weight_decay, validation_fraction=0.1, patience=1, n_runs=1, hidden=1
+):
+    checks = {
+        "epochs": (epochs, int(epochs) == epochs and epochs >= 1),
+        "lr": (lr, lr > 0),
+        "batch_size": (batch_size, int(batch_size) == batch_size and batch_size >= 1),
+        "lr_decay": (lr_decay, 0 < lr_decay <= 1),
+        "weight_decay": (weight_decay, weight_decay >= 0),
+        "validation_fraction": (validation_fraction, 0 <= validation_fraction < 1),
+        "patience": (patience, patience is None or patience >= 1),
+        "n_runs": (n_runs, int(n_runs) == n_runs and n_runs >= 1),
+        "hidden": (hidden, int(hidden) == hidden and hidden >= 1),
+    }
+    for name, (value, ok) in checks.items():
+        if not ok:
+            raise ValueError(f"Invalid {name}={value!r}.")
+
+
+def _class_weights(class_weight, classes: np.ndarray, codes: np.ndarray) -> np.ndarray | None:
+    if class_weight is None:
+        return None
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ValueError(f"class_weight must be None, 'balanced' or a mapping, got {class_weight!r}.")
+        counts = np.bincount(codes, minlength=classes.size)
+        return codes.size / (classes.size * counts)
+    missing = [c for c in classes if c not in class_weight]
+    if missing:
+        raise ValueError(f"class_weight lacks training labels {missing[:5]}.")
+    return np.array([float(class_weight[c]) for c in classes])
+
+
+def _describe_weights(class_weight) -> str:
+    if class_weight is None or isinstance(class_weight, str):
+        return str(class_weight)
+    return ", ".join(f"{k}={v}" for k, v in class_weight.items())
