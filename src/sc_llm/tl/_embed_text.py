@@ -59,8 +59,9 @@ def embed_text(
     device
         Torch device; ``None`` picks CUDA, then MPS, then CPU.
     precision
-        ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` (autocast; on CPUs with
-        AMX/AVX512-BF16 it is about 4× faster, cosine to fp32 ≥ 0.9999 on pbmc68k) or ``"fp16"`` (CUDA).
+        ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` (a bf16 copy of the weights,
+        made once; on CPUs with AMX/AVX512-BF16 about 3× faster, cosine to fp32 ≥ 0.9999 on
+        pbmc68k; elsewhere fp32 is used) or ``"fp16"`` (CUDA).
     normalize
         L2-normalize the embeddings.
     prefix
