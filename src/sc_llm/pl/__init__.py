@@ -1,5 +1,7 @@
 """Plotting: matplotlib figures of annotation, ablation and attribution results."""
 
 from ._embedding import annotation_embedding
+from ._metrics import annotation_metrics
 
 __all__ = ["annotation_embedding"]
+__all__ += ["annotation_metrics"]

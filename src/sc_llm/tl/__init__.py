@@ -1,5 +1,6 @@
 """Tools: embeddings, annotation, evaluation."""
 
+from ._compare import compare_annotators
 from ._embed_text import embed_text
 from ._fusion import fuse_predict, fuse_train
 from ._knn import knn_annotate
@@ -11,7 +12,7 @@ __all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annot
 __all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
-__all__ += ["FusionModel", "fuse_predict", "fuse_train", "mlp_annotate"]
+__all__ += ["FusionModel", "compare_annotators", "fuse_predict", "fuse_train", "mlp_annotate"]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,241 @@
+"""scl.tl.compare_annotators: the paper's Table 3 (fused vs each encoder + MLP vs kNN) from one call."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ._metrics import get_labels, train_mask
+from ._mlp import collect_reps
+
+logger = logging.getLogger("sc_llm")
+
+METHODS = ("knn", "mlp", "head", "fusion")
+METRICS = ("accuracy", "precision", "recall", "f1")
+
+
+def compare_annotators(
+    adata: AnnData,
+    use_reps: Sequence[str],
+    labels_key: str,
+    *,
+    split_key: str = "split",
+    train_value: str = "train",
+    methods: Sequence[str] = ("knn", "mlp", "fusion"),
+    n_runs: int = 5,
+    random_state: int = 0,
+    k: int = 10,
+    mlp_kwargs: Mapping[str, Any] | None = None,
+    fusion_kwargs: Mapping[str, Any] | None = None,
+    key_added: str = "annotator_comparison",
+) -> pd.DataFrame:
+    """Held-out metrics of kNN, MLP and fused annotators on the same split, as in the paper's Table 3.
+
+    Rows, in order: ``"<rep> + kNN"`` for each representation (:func:`~sc_llm.tl.knn_annotate`,
+    deterministic: one run), ``"<rep> + MLP"`` (:func:`~sc_llm.tl.mlp_annotate`, scikit-learn's
+    default ``MLPClassifier``, one run per seed), ``"<rep> + fusion head"`` (only with
+    ``"head"`` in ``methods``: :func:`~sc_llm.tl.fuse_train` on that representation alone), and
+    ``"scMPT (<rep> + <rep>…)"`` (:func:`~sc_llm.tl.fuse_train` on all of them).
+
+    Parameters
+    ----------
+    adata
+        AnnData or MuData (representations resolved as in :func:`~sc_llm.tl.fuse_train`).
+    use_reps
+        Representations to compare and fuse (two or more for a fused row).
+    labels_key
+        ``obs`` column with the labels.
+    split_key, train_value
+        Training cells are those with ``obs[split_key] == train_value``; the others are evaluated.
+    methods
+        Any of ``"knn"``, ``"mlp"``, ``"head"``, ``"fusion"``.
+    n_runs
+        Seeds ``random_state, …, random_state + n_runs - 1`` for the trained annotators.
+    random_state
+        First seed.
+    k
+        Neighbours of the kNN rows.
+    mlp_kwargs
+        Extra arguments of :func:`~sc_llm.tl.mlp_annotate` (e.g. ``max_iter``).
+    fusion_kwargs
+        Extra arguments of :func:`~sc_llm.tl.fuse_train` (e.g. ``hidden``, ``epochs``, ``param_grid``).
+    key_added
+        ``uns`` key of the result.
+
+    Returns
+    -------
+    One row per annotator (index ``model``) with columns ``method``, ``use_reps``, ``n_runs``, and for
+    each of accuracy, precision, recall and F1 (macro) the mean over runs and its sample standard
+    deviation (``<metric>_sd``, ddof=1; NaN for a single run). Also stored, with the per-run table
+    (``runs``: one row per annotator and seed), in ``uns[key_added]``. ``adata``'s ``obs`` and
+    ``obsm`` are left untouched: the annotators write into a light copy holding only labels, split
+    and representations.
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {list(METHODS)}; unknown: {unknown}.")
+    if n_runs < 1:
+        raise ValueError(f"n_runs must be positive, got {n_runs}.")
+    use_reps = list(use_reps) if not isinstance(use_reps, str) else [use_reps]
+    light = _light_copy(adata, use_reps, labels_key, split_key, train_value)
+    seeds = [random_state + i for i in range(n_runs)]
+    rows: list[dict] = []
+    with warnings.catch_warnings():
+        # Each annotator re-warns about the same unseen labels; warn once below instead.
+        warnings.filterwarnings("ignore", message=".*labels absent from training.*")
+        # The light copy is private; successive annotators reuse its keys.
+        warnings.filterwarnings("ignore", message=".*already exists and will be overwritten.*")
+        if "knn" in methods:
+            rows += [_knn_row(light, rep, labels_key, k) for rep in use_reps]
+        if "mlp" in methods:
+            rows += [_mlp_row(light, rep, labels_key, seed, mlp_kwargs) for rep in use_reps for seed in seeds]
+        if "head" in methods:
+            rows += [
+                r for rep in use_reps for r in _fusion_rows(light, [rep], labels_key, seeds, fusion_kwargs)
+            ]
+        if "fusion" in methods:
+            if len(use_reps) < 2:
+                raise ValueError(f"A fused row needs at least two representations, got {use_reps}.")
+            rows += _fusion_rows(light, use_reps, labels_key, seeds, fusion_kwargs)
+    runs = pd.DataFrame(rows)
+    summary = _summarize(runs)
+    _warn_unseen(light, labels_key)
+    adata.uns[key_added] = {
+        "params": {"use_reps": use_reps, "labels_key": labels_key, "split_key": split_key, "n_runs": n_runs},
+        "summary": summary.reset_index(),
+        "runs": runs,
+    }
+    return summary
+
+
+def format_table(summary: pd.DataFrame, metrics: Sequence[str] = METRICS, digits: int = 3) -> pd.DataFrame:
+    """The summary as strings ``"mean (sd)"`` per metric, as the paper prints its tables."""
+    out = pd.DataFrame(index=summary.index)
+    for m in metrics:
+        mean, sd = summary[m], summary[f"{m}_sd"]
+        out[m] = [
+            f"{a:.{digits}f}" if np.isnan(s) else f"{a:.{digits}f} ({s:.{digits + 1}f})"
+            for a, s in zip(mean, sd, strict=True)
+        ]
+    return out
+
+
+def _light_copy(adata, use_reps, labels_key, split_key, train_value) -> AnnData:
+    """Labels, split and representations only: no expression matrix is copied."""
+    labels = get_labels(adata, labels_key)
+    train_mask(adata, split_key, train_value)
+    reps = collect_reps(adata, use_reps)
+    if labels_key == split_key:
+        raise ValueError(f"labels_key and split_key are both {labels_key!r}.")
+    obs = pd.DataFrame(
+        {labels_key: labels.to_numpy(), split_key: adata.obs[split_key].to_numpy()}, index=adata.obs_names
+    )
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        obs[labels_key] = pd.Categorical(obs[labels_key], categories=labels.cat.categories)
+    light = AnnData(obs=obs, obsm=dict(zip(use_reps, reps, strict=True)))
+    light.uns["_train_value"] = train_value
+    light.uns["_split_key"] = split_key
+    return light
+
+
+def _knn_row(light: AnnData, rep: str, labels_key: str, k: int) -> dict:
+    from ._knn import knn_annotate
+
+    knn_annotate(
+        light,
+        rep,
+        labels_key,
+        split_key=_split_key(light, labels_key),
+        train_value=_tv(light),
+        k=k,
+        key_added="knn",
+    )
+    return _row(f"{rep} + kNN", "knn", rep, np.nan, light.uns["knn"]["metrics"])
+
+
+def _mlp_row(light: AnnData, rep: str, labels_key: str, seed: int, kwargs) -> dict:
+    from ._mlp import mlp_annotate
+
+    mlp_annotate(
+        light,
+        rep,
+        labels_key,
+        split_key=_split_key(light, labels_key),
+        train_value=_tv(light),
+        random_state=seed,
+        key_added="mlp",
+        **dict(kwargs or {}),
+    )
+    return _row(f"{rep} + MLP", "mlp", rep, seed, light.uns["mlp"]["metrics"])
+
+
+def _fusion_rows(light: AnnData, reps: list[str], labels_key: str, seeds: list[int], kwargs) -> list[dict]:
+    from ._fusion import fuse_train
+
+    kwargs = dict(kwargs or {})
+    for reserved in ("n_runs", "random_state", "key_added", "split_key", "train_value"):
+        if reserved in kwargs:
+            raise ValueError(f"fusion_kwargs must not set {reserved!r}; compare_annotators sets it.")
+    fuse_train(
+        light,
+        reps,
+        labels_key,
+        split_key=_split_key(light, labels_key),
+        train_value=_tv(light),
+        n_runs=len(seeds),
+        random_state=seeds[0],
+        key_added="fusion",
+        **kwargs,
+    )
+    name, method = (
+        (f"{reps[0]} + fusion head", "head") if len(reps) == 1 else (f"scMPT ({' + '.join(reps)})", "fusion")
+    )
+    table = light.uns["fusion"]["runs"]
+    return [_row(name, method, " + ".join(reps), int(r["seed"]), r) for _, r in table.iterrows()]
+
+
+def _row(model: str, method: str, reps: str, seed, metrics: Mapping) -> dict:
+    return {
+        "model": model,
+        "method": method,
+        "use_reps": reps,
+        "seed": seed,
+        **{m: float(metrics[m]) for m in METRICS},
+    }
+
+
+def _summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    grouped = runs.groupby("model", sort=False)
+    summary = grouped[["method", "use_reps"]].first()
+    summary["n_runs"] = grouped.size()
+    for m in METRICS:
+        summary[m] = grouped[m].mean()
+        summary[f"{m}_sd"] = grouped[m].std(ddof=1)
+    return summary
+
+
+def _split_key(light: AnnData, labels_key: str) -> str:
+    return light.uns["_split_key"]
+
+
+def _tv(light: AnnData) -> str:
+    return light.uns["_train_value"]
+
+
+def _warn_unseen(light: AnnData, labels_key: str) -> None:
+    labels = light.obs[labels_key]
+    train = (light.obs[_split_key(light, labels_key)].astype(str) == str(_tv(light))).to_numpy()
+    known = labels.notna().to_numpy()
+    unseen = sorted(set(labels[known & ~train].astype(str)) - set(labels[known & train].astype(str)))
+    if unseen:
+        warnings.warn(
+            f"Held-out labels absent from training count as errors in every row: {list(unseen)}.",
+            UserWarning,
+            stacklevel=3,
+        )
