@@ -113,7 +113,9 @@ def fuse_train(
         training cells, for imbalanced labels), or a mapping from label to weight.
     n_runs
         Number of final trainings with seeds ``random_state, random_state + 1, …``; held-out
-        metrics are reported per run, with mean and sample standard deviation (ddof=1).
+        metrics are reported per run, with mean and sample standard deviation (ddof=1). The seed
+        changes initialisation and batch order; the validation split (drawn with ``random_state``)
+        is the same for all runs.
     random_state
         Seed of the validation split, weight initialisation and batch shuffling.
     device

@@ -1,0 +1,335 @@
+"""fuse_train / fuse_predict / FusionModel / mlp_annotate on real pbmc68k (text + PCA embeddings)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import sc_llm as scl
+from sc_llm.tl._metrics import classification_metrics
+
+REPS = ["X_text", "X_pca"]
+# Small but real training: a few seconds per fit on two CPU cores.
+FAST = {"hidden": 64, "epochs": 15, "batch_size": 64}
+
+
+@pytest.fixture
+def adata(pbmc_embedded):
+    return pbmc_embedded
+
+
+def _held_out(adata):
+    return (adata.obs["split"] != "train").to_numpy()
+
+
+def test_fuse_train_outputs_and_metrics(adata):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    classes = sorted(adata.obs.loc[adata.obs["split"] == "train", "cell_type"].astype(str).unique())
+    assert model.use_reps == REPS
+    assert model.input_dims == [adata.obsm["X_text"].shape[1], adata.obsm["X_pca"].shape[1]]
+    assert model.classes == classes
+    proba = adata.obsm["fusion_proba"]
+    assert proba.shape == (adata.n_obs, len(classes))
+    np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-5)
+    pred = np.asarray(classes)[proba.argmax(1)]
+    assert (adata.obs["fusion"].astype(str).to_numpy() == pred).all()
+    assert (adata.obs["fusion_top1"].astype(str).to_numpy() == pred).all()
+    np.testing.assert_allclose(adata.obs["fusion_top1_frac"], proba.max(1), rtol=1e-6)
+    assert (adata.obs["fusion_top1_frac"] >= adata.obs["fusion_top2_frac"]).all()
+    # Metrics recomputed independently from the written predictions on the held-out cells.
+    held = _held_out(adata)
+    truth = adata.obs["cell_type"].astype(str).to_numpy()[held]
+    uns = adata.uns["fusion"]
+    expected = classification_metrics(truth, pred[held])
+    for name in ("accuracy", "precision", "recall", "f1", "n_cells"):
+        assert uns["metrics"][name] == pytest.approx(expected[name])
+    assert uns["metrics"]["n_cells"] == held.sum()
+    assert uns["metrics"]["accuracy"] > 0.6  # 10 PBMC types; chance is ~0.3
+    assert uns["n_train"] + uns["n_validation"] == (~held).sum()
+    assert uns["hyperparameters"]["lr"] == 1e-3 and uns["classes"] == classes
+    hist = uns["history"]
+    assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr"]
+    assert 1 <= len(hist) <= FAST["epochs"]
+    np.testing.assert_allclose(hist["lr"], 1e-3 * 0.95 ** np.arange(len(hist)))
+    assert model.hyperparameters["best_epoch"] == hist["epoch"][hist["val_loss"].idxmin()]
+
+
+def test_fused_vs_single_heads(adata):
+    accs = {}
+    for reps in (["X_text"], ["X_pca"], REPS):
+        scl.tl.fuse_train(adata, reps, "cell_type", hidden=256, epochs=30, key_added="f")
+        accs["+".join(reps)] = adata.uns["f"]["metrics"]["accuracy"]
+    # The paper's claim at this scale: the fused head is about as good as the better encoder.
+    assert accs["X_text+X_pca"] >= max(accs["X_text"], accs["X_pca"]) - 0.03
+
+
+def test_best_weights_restored(adata):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", hidden=64, epochs=40, lr=1e-2, patience=2)
+    hist = adata.uns["fusion"]["history"]
+    assert len(hist) < 40  # stopped early
+    assert hist["val_loss"].iloc[-1] > hist["val_loss"].min()
+    # Recompute the validation loss of the returned model: it is the best epoch's.
+    from sc_llm.tl._fusion import _stratified_split
+
+    train = (adata.obs["split"] == "train").to_numpy()
+    y = adata.obs["cell_type"].astype(str).to_numpy()[train]
+    codes = np.searchsorted(model.classes, y)
+    _, val = _stratified_split(codes, 0.1, 0)
+    reps = [adata.obsm[k][train][val] for k in REPS]
+    logits = torch.from_numpy(model.predict_logits(reps))
+    loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(codes[val]))
+    assert float(loss) == pytest.approx(hist["val_loss"].min(), rel=1e-4)
+
+
+def test_deterministic_under_seed(adata):
+    a, b = adata.copy(), adata.copy()
+    m1 = scl.tl.fuse_train(a, REPS, "cell_type", random_state=3, **FAST)
+    m2 = scl.tl.fuse_train(b, REPS, "cell_type", random_state=3, **FAST)
+    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.equal(v1, v2), k
+    assert np.array_equal(a.obsm["fusion_proba"], b.obsm["fusion_proba"])
+    m3 = scl.tl.fuse_train(b, REPS, "cell_type", random_state=4, **FAST)
+    assert not torch.equal(m1.head.weight, m3.head.weight)
+
+
+def test_save_load_predict_identical(adata, tmp_path):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    path = model.save(tmp_path / "m")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["use_reps"] == REPS and config["classes"] == model.classes and config["hidden"] == 64
+    assert config["hyperparameters"]["epochs"] == 15 and "sc_llm_version" in config
+    loaded = scl.tl.FusionModel.load(path)
+    assert loaded.classes == model.classes and loaded.input_dims == model.input_dims
+    # New AnnData holding only the representations, as a user's new data would.
+    new = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsm={k: adata.obsm[k] for k in REPS})
+    scl.tl.fuse_predict(new, path, key_added="pred")
+    assert np.array_equal(new.obsm["pred_proba"], adata.obsm["fusion_proba"])
+    assert (new.obs["pred"].astype(str) == adata.obs["fusion"].astype(str)).all()
+    assert new.uns["pred"]["classes"] == model.classes and new.uns["pred"]["metrics"] == {}
+    # With labels, fuse_predict reports the same held-out metrics as training did.
+    scl.tl.fuse_predict(adata, loaded, labels_key="cell_type", split_key="split", key_added="again")
+    assert adata.uns["again"]["metrics"] == adata.uns["fusion"]["metrics"]
+
+
+def test_fuse_predict_renamed_keys_and_h5ad_roundtrip(adata, tmp_path):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert back.uns["fusion"]["hyperparameters"]["epochs"] == 15
+    assert len(back.uns["fusion"]["history"]) == len(adata.uns["fusion"]["history"])
+    back.obsm["emb"] = back.obsm.pop("X_text")
+    scl.tl.fuse_predict(back, model, use_reps=["emb", "X_pca"], key_added="p")
+    assert np.array_equal(back.obsm["p_proba"], adata.obsm["fusion_proba"])
+
+
+def test_n_runs_mean_and_sd(adata):
+    scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=3, random_state=5, **FAST)
+    uns = adata.uns["fusion"]
+    runs = uns["runs"]
+    assert list(runs["seed"]) == [5, 6, 7]
+    assert uns["metrics_mean"]["accuracy"] == pytest.approx(runs["accuracy"].mean())
+    assert uns["metrics_sd"]["f1"] == pytest.approx(np.std(runs["f1"], ddof=1))
+    assert runs["accuracy"].iloc[0] == pytest.approx(uns["metrics"]["accuracy"])
+    # Seeds change initialisation and shuffling (the validation split is shared by all runs).
+    assert runs["f1"].nunique() > 1
+
+
+def test_grid_search_picks_lowest_validation_loss(adata):
+    grid = {"lr": [1e-4, 1e-2], "batch_size": [32, 128]}
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", hidden=32, epochs=8, param_grid=grid)
+    table = adata.uns["fusion"]["grid"]
+    assert len(table) == 4 and set(table["lr"]) == {1e-4, 1e-2}
+    best = table.loc[table["val_loss"].idxmin()]
+    chosen = adata.uns["fusion"]["hyperparameters"]
+    assert chosen["lr"] == best["lr"] and chosen["batch_size"] == best["batch_size"]
+    assert model.hyperparameters["lr"] == best["lr"]
+
+
+def test_three_way_fusion(adata):
+    model = scl.tl.fuse_train(adata, [*REPS, "X_umap"], "cell_type", **FAST)
+    assert len(model.branches) == 3 and model.input_dims[2] == 2
+    assert adata.uns["fusion"]["metrics"]["accuracy"] > 0.6
+
+
+def test_class_weights(adata):
+    from sc_llm.tl._fusion import _class_weights
+
+    codes = np.array([0, 0, 0, 1])
+    np.testing.assert_allclose(_class_weights("balanced", np.array(["a", "b"]), codes), [4 / 6, 2.0])
+    np.testing.assert_allclose(_class_weights({"a": 1, "b": 3}, np.array(["a", "b"]), codes), [1, 3])
+    scl.tl.fuse_train(adata, REPS, "cell_type", class_weight="balanced", **FAST)
+    assert adata.uns["fusion"]["params"]["class_weight"] == "balanced"
+    with pytest.raises(ValueError, match="lacks training labels"):
+        scl.tl.fuse_train(adata, REPS, "cell_type", class_weight={"CD14+ Monocyte": 2.0}, **FAST)
+    with pytest.raises(ValueError, match="class_weight must be"):
+        scl.tl.fuse_train(adata, REPS, "cell_type", class_weight="inverse", **FAST)
+
+
+def test_missing_and_unseen_labels(adata):
+    labels = adata.obs["cell_type"].astype(object).to_numpy()
+    train = (adata.obs["split"] == "train").to_numpy()
+    labels[np.flatnonzero(train)[:50]] = np.nan
+    test_idx = np.flatnonzero(~train)[:5]
+    labels[test_idx] = "Novel type"
+    adata.obs["label"] = pd.Categorical(labels)
+    with pytest.warns(UserWarning, match="absent from training.*Novel type"):
+        model = scl.tl.fuse_train(adata, REPS, "label", **FAST)
+    uns = adata.uns["fusion"]
+    assert "Novel type" not in model.classes
+    assert list(uns["unseen_labels"]) == ["Novel type"]
+    assert uns["n_train"] + uns["n_validation"] == train.sum() - 50
+    assert uns["metrics"]["n_cells"] == (~train).sum()
+    assert (adata.obs["fusion"].iloc[test_idx] != "Novel type").all()
+
+
+def test_mudata_matches_anndata(adata):
+    md = pytest.importorskip("mudata")
+    text = ad.AnnData(X=adata.obsm["X_text"].copy(), obs=pd.DataFrame(index=adata.obs_names))
+    pca = ad.AnnData(X=np.zeros((adata.n_obs, 1), np.float32), obs=pd.DataFrame(index=adata.obs_names))
+    pca.obsm["X_pca"] = adata.obsm["X_pca"].copy()
+    # The pca modality lists its cells in another order: rows are aligned by name.
+    pca = pca[::-1].copy()
+    mdata = md.MuData({"text": text, "pca": pca})
+    mdata.obs["cell_type"] = adata.obs["cell_type"].to_numpy()
+    mdata.obs["split"] = adata.obs["split"].to_numpy()
+    mdata = mdata[adata.obs_names].copy()
+    scl.tl.fuse_train(mdata, ["text", "pca:X_pca"], "cell_type", **FAST)
+    scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    assert np.array_equal(mdata.obsm["fusion_proba"], adata.obsm["fusion_proba"])
+    assert (mdata.obs["fusion"].astype(str).to_numpy() == adata.obs["fusion"].astype(str).to_numpy()).all()
+    with pytest.raises(KeyError, match="neither a modality"):
+        scl.tl.fuse_train(mdata, ["text", "rna"], "cell_type", **FAST)
+    with pytest.raises(KeyError, match="not found in mdata.mod\\['pca'\\].obsm"):
+        scl.tl.fuse_train(mdata, ["text", "pca:X_nope"], "cell_type", **FAST)
+    partial = md.MuData({"text": text, "pca": pca[:10].copy()})
+    partial.obs["cell_type"], partial.obs["split"] = "a", "train"
+    with pytest.raises(ValueError, match="lacks cells"):
+        scl.tl.fuse_train(partial, ["text", "pca"], "cell_type", **FAST)
+
+
+def test_mlp_annotate_matches_sklearn(adata):
+    from sklearn.neural_network import MLPClassifier
+
+    scl.tl.mlp_annotate(adata, "X_pca", "cell_type", random_state=1, max_iter=50)
+    train = (adata.obs["split"] == "train").to_numpy()
+    clf = MLPClassifier(random_state=1, max_iter=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(adata.obsm["X_pca"][train], adata.obs["cell_type"].astype(str).to_numpy()[train])
+    assert (adata.obs["mlp"].astype(str).to_numpy() == clf.predict(adata.obsm["X_pca"])).all()
+    np.testing.assert_allclose(adata.obsm["mlp_proba"], clf.predict_proba(adata.obsm["X_pca"]), rtol=1e-5)
+    uns = adata.uns["mlp"]
+    assert uns["params"]["mlp_params"]["max_iter"] == 50 and uns["params"]["random_state"] == 1
+    assert uns["converged"] is False and uns["n_iter"] == 50
+    held = ~train
+    expected = classification_metrics(
+        adata.obs["cell_type"].astype(str)[held], clf.predict(adata.obsm["X_pca"][held])
+    )
+    assert uns["metrics"]["accuracy"] == pytest.approx(expected["accuracy"])
+    out = scl.tl.mlp_annotate(adata, "X_pca", "cell_type", copy=True, max_iter=5)
+    assert out is not None and "mlp" in out.uns
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"use_reps": ["X_nope"]}, KeyError, "'X_nope' not found in adata.obsm"),
+        ({"use_reps": "X_text"}, TypeError, "list of keys"),
+        ({"use_reps": []}, ValueError, "at least one"),
+        ({"use_reps": ["X_text", "X_text"]}, ValueError, "duplicates"),
+        ({"labels_key": "nope"}, KeyError, "'nope' not found in adata.obs"),
+        ({"split_key": "nope"}, KeyError, "'nope' not found in adata.obs"),
+        ({"train_value": "nope"}, ValueError, "No cell has obs\\['split'\\] == 'nope'"),
+        ({"lr": 0}, ValueError, "Invalid lr"),
+        ({"epochs": 0}, ValueError, "Invalid epochs"),
+        ({"lr_decay": 1.5}, ValueError, "Invalid lr_decay"),
+        ({"validation_fraction": 1.0}, ValueError, "Invalid validation_fraction"),
+        ({"n_runs": 0}, ValueError, "Invalid n_runs"),
+        ({"param_grid": {"momentum": [0.9]}}, ValueError, "unknown settings \\['momentum'\\]"),
+        ({"param_grid": {"lr": []}}, ValueError, "no candidate values"),
+        ({"param_grid": "paper"}, ValueError, "param_grid must be"),
+        ({"param_grid": {"lr": [1e-3]}, "validation_fraction": 0}, ValueError, "needs a validation split"),
+        ({"param_grid": {"lr": [-1.0]}}, ValueError, "Invalid lr"),
+    ],
+)
+def test_fuse_train_errors(adata, kwargs, exc, match):
+    args = {"use_reps": REPS, "labels_key": "cell_type", **FAST, **kwargs}
+    with pytest.raises(exc, match=match):
+        scl.tl.fuse_train(adata, **args)
+
+
+def test_fuse_train_label_errors(adata):
+    adata.obs["one"] = "T cell"
+    with pytest.raises(ValueError, match="single label"):
+        scl.tl.fuse_train(adata, REPS, "one", **FAST)
+    adata.obs["none"] = np.nan
+    with pytest.raises(ValueError, match="No training cell has a label"):
+        scl.tl.fuse_train(adata, REPS, "none", **FAST)
+    adata.obsm["X_bad"] = adata.obsm["X_pca"].copy()
+    adata.obsm["X_bad"][3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf for cells"):
+        scl.tl.fuse_train(adata, ["X_bad"], "cell_type", **FAST)
+
+
+def test_no_validation_trains_all_epochs(adata):
+    scl.tl.fuse_train(adata, REPS, "cell_type", validation_fraction=0, hidden=32, epochs=4)
+    hist = adata.uns["fusion"]["history"]
+    assert len(hist) == 4 and hist["val_loss"].isna().all()
+    assert adata.uns["fusion"]["n_validation"] == 0
+
+
+def test_fuse_predict_errors(adata, tmp_path):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", hidden=16, epochs=2)
+    wrong = adata.copy()
+    wrong.obsm["X_pca"] = wrong.obsm["X_pca"][:, :10]
+    with pytest.raises(ValueError, match="'X_pca' has 10 dimensions.*expects 50"):
+        scl.tl.fuse_predict(wrong, model)
+    del wrong.obsm["X_text"]
+    with pytest.raises(KeyError, match="'X_text' not found in adata.obsm"):
+        scl.tl.fuse_predict(wrong, model)
+    with pytest.raises(ValueError, match="fuses 2 representations"):
+        scl.tl.fuse_predict(adata, model, use_reps=["X_text"])
+    with pytest.raises(TypeError, match="must be a FusionModel"):
+        scl.tl.fuse_predict(adata, {"weights": 1})
+    with pytest.raises(FileNotFoundError, match="FusionModel.save"):
+        scl.tl.FusionModel.load(tmp_path)
+    path = model.save(tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "format": "pickle"}))
+    with pytest.raises(ValueError, match="format 'pickle'"):
+        scl.tl.FusionModel.load(path)
+    (path / "config.json").write_text(json.dumps({**config, "hidden": 8}))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        scl.tl.FusionModel.load(path)
+
+
+def test_fusion_model_contract():
+    torch.manual_seed(0)
+    model = scl.models.FusionModel(["a", "b"], [3, 2], ["x", "y", "z"], hidden=8)
+    logits = model(torch.randn(4, 3), torch.randn(4, 2))
+    assert logits.shape == (4, 3)
+    # Logits, not probabilities: rows need not sum to one; predict_proba applies the softmax.
+    proba = model.predict_proba([np.ones((4, 3)), np.ones((4, 2))])
+    np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-6)
+    with pytest.raises(ValueError, match="Expected 2 tensors"):
+        model(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="'b' has shape \\(4, 5\\)"):
+        model.predict_proba([np.ones((4, 3)), np.ones((4, 5))])
+    with pytest.raises(ValueError, match="different numbers of cells"):
+        model.predict_proba([np.ones((4, 3)), np.ones((5, 2))])
+    for args, match in [
+        (([], [], ["x", "y"]), "at least one"),
+        ((["a"], [3], ["x"]), "at least two classes"),
+        ((["a"], [3, 4], ["x", "y"]), "input dims"),
+        ((["a"], [0], ["x", "y"]), "positive"),
+        ((["a"], [3], ["x", "x"]), "duplicates"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            scl.models.FusionModel(*args)
