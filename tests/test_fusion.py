@@ -333,3 +333,19 @@ def test_fusion_model_contract():
     ]:
         with pytest.raises(ValueError, match=match):
             scl.models.FusionModel(*args)
+
+
+def test_standardization_is_part_of_the_model(adata):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    train = (adata.obs["split"] == "train").to_numpy()
+    from sc_llm.tl._fusion import _stratified_split
+
+    codes = np.searchsorted(model.classes, adata.obs["cell_type"].astype(str).to_numpy()[train])
+    fit, _ = _stratified_split(codes, 0.1, 0)
+    for std, key in zip(model.inputs, REPS, strict=True):
+        X = adata.obsm[key][train][fit].astype(np.float64)
+        np.testing.assert_allclose(std.shift.numpy(), X.mean(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(std.scale.numpy(), np.sqrt(X.var(0).mean()), rtol=1e-5)
+    raw = scl.tl.fuse_train(adata, REPS, "cell_type", standardize=False, key_added="raw", **FAST)
+    assert all(torch.equal(s.scale, torch.ones_like(s.scale)) for s in raw.inputs)
+    assert adata.uns["raw"]["params"]["standardize"] is False

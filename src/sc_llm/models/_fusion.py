@@ -1,6 +1,6 @@
 """The scMPT fusion network (paper Figure 1, Appendix A.2) as a plain ``torch.nn.Module``.
 
-Each representation is shifted and scaled per dimension (identity unless set from training cells:
+Each representation is centred and divided by one scale (identity unless set from training cells:
 encoders differ by orders of magnitude in scale, e.g. unit-norm text embeddings vs PCA coordinates),
 then goes through its own ``Linear(dim, hidden) + ReLU`` branch; the branch outputs
 are concatenated and a final ``Linear`` gives one logit per class. ``forward`` returns logits so
@@ -84,15 +84,20 @@ class FusionModel(nn.Module):
         return self.head(torch.cat(parts, dim=1))
 
     def set_standardization(self, arrays: Sequence[np.ndarray]) -> None:
-        """Centre and scale each input by the mean and standard deviation of ``arrays`` (training cells)."""
+        """Centre each input on the mean of ``arrays`` (training cells) and divide it by one scale per input.
+
+        The scale is the root mean variance over the input's dimensions: it puts encoders of very
+        different magnitude on one footing while keeping each embedding's geometry (low-variance
+        dimensions stay small, unlike per-dimension z-scoring, which measurably hurt the fused head).
+        """
         self.check_inputs(arrays, "standardization")
         for std, X in zip(self.inputs, arrays, strict=True):
             X = np.asarray(X, dtype=np.float64)
-            scale = X.std(axis=0)
-            # Constant dimensions carry no signal; leave them unscaled rather than divide by zero.
-            scale[scale == 0] = 1.0
+            scale = float(np.sqrt(X.var(axis=0).mean()))
+            # A constant input carries no signal; leave it unscaled rather than divide by zero.
+            scale = scale if scale > 0 else 1.0
             std.shift.copy_(torch.as_tensor(X.mean(axis=0), dtype=torch.float32))
-            std.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+            std.scale.fill_(scale)
 
     @property
     def device(self) -> torch.device:

@@ -93,10 +93,11 @@ def fuse_train(
     weight_decay
         AdamW decoupled weight decay.
     standardize
-        Centre and scale every input dimension by its mean and standard deviation over the
-        training cells, inside the model (so saved models apply it to new cells). Not in the paper;
-        it lets one learning rate suit encoders whose outputs differ by orders of magnitude in
-        scale (unit-norm text embeddings vs PCA coordinates). ``False`` feeds the raw embeddings.
+        Centre each representation on its training-cell mean and divide it by one scale (root mean
+        variance over its dimensions), inside the model so that saved models apply it to new cells.
+        Not in the paper; it lets one learning rate suit encoders whose outputs differ by orders of
+        magnitude (unit-norm text embeddings vs PCA coordinates): on pbmc68k the text head reaches
+        its accuracy in a few epochs instead of ~100. ``False`` feeds the raw embeddings.
     validation_fraction
         Fraction of each training class held out for early stopping and the grid search (at least
         one cell per class stays in training). ``0`` trains on all training cells for ``epochs``.
