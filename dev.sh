@@ -32,7 +32,7 @@ case "$job" in
   demo) "$VENV/bin/sc-llm" demo "$@" ;;
   test) "$VENV/bin/python" -m pytest "$@" ;;
   lint) "$VENV/bin/ruff" check src tests benchmarks ;;
-  docs) "$VENV/bin/sphinx-build" -W --keep-going -b html docs docs/_build/html "$@" ;;
+  docs) rm -rf docs/generated; "$VENV/bin/sphinx-build" -E -W --keep-going -b html docs docs/_build/html "$@" ;;
   bench) for b in benchmarks/bench_*.py; do echo "== $b"; "$VENV/bin/python" "$b" "$@"; done ;;
   *) echo "unknown job: $job (use demo, test, docs, bench, lint)" >&2; exit 2 ;;
 esac
