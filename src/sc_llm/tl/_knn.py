@@ -5,14 +5,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pandas as pd
 from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
-from .._utils import maybe_copy, warn_overwrite
+from .._utils import maybe_copy
+from ._candidates import N_CANDIDATES, label_categories, write_candidates
 from ._metrics import classification_metrics, get_labels, get_rep, train_mask
 
-N_CANDIDATES = 3
 TIE_RULE = "among labels with equal votes, the one with the nearer closest neighbour wins"
 
 
@@ -79,7 +78,7 @@ def knn_annotate(
     classes, codes = np.unique(labels.iloc[train_idx].astype(str).to_numpy(), return_inverse=True)
     neighbours = _neighbours(X, train_idx, k, metric)
     ranked, fractions = _rank_votes(codes[neighbours], len(classes), k)
-    _write(adata, key_added, classes, ranked, fractions, labels)
+    write_candidates(adata, key_added, classes, ranked, fractions, label_categories(classes, labels))
     eval_mask = ~train & labels.notna().to_numpy()
     metrics = {}
     if eval_mask.any():
@@ -127,16 +126,3 @@ def _rank_votes(votes: np.ndarray, n_classes: int, k: int) -> tuple[np.ndarray, 
     ranked = np.argsort(-score, axis=1, kind="stable")[:, :N_CANDIDATES]
     fractions = np.take_along_axis(counts, ranked, axis=1) / k
     return ranked, fractions
-
-
-def _write(adata, key, classes, ranked, fractions, labels) -> None:
-    warn_overwrite(adata.obs, key, "adata.obs")
-    cats = labels.cat.categories.astype(str) if isinstance(labels.dtype, pd.CategoricalDtype) else classes
-    cats = list(dict.fromkeys([*cats, *classes]))
-    adata.obs[key] = pd.Categorical(classes[ranked[:, 0]], categories=cats)
-    for i in range(N_CANDIDATES):
-        col = ranked[:, i] if i < ranked.shape[1] else np.zeros(adata.n_obs, dtype=int)
-        frac = fractions[:, i] if i < ranked.shape[1] else np.zeros(adata.n_obs)
-        names = np.where(frac > 0, classes[col], None)
-        adata.obs[f"{key}_top{i + 1}"] = pd.Categorical(names, categories=cats)
-        adata.obs[f"{key}_top{i + 1}_frac"] = frac.astype(np.float32)

@@ -8,6 +8,7 @@ structured output so that only a label comes back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -176,17 +177,13 @@ def llm_annotate(
     template = template or (RERANK_TEMPLATE if mode == "rerank" else ZERO_SHOT_TEMPLATE)
     extra = {**({} if temperature is None else {"temperature": temperature}), **(params or {})}
 
-    own_client = not isinstance(model, ChatClient)
-    client = model if not own_client else ChatClient(
-        model, base_url=base_url, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
+    client_kwargs = dict(
+        base_url=base_url, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
         max_retries=max_retries, max_concurrency=max_concurrency, cache_dir=cache_dir,
     )  # fmt: skip
-    before = dataclasses.replace(client.usage)
-    try:
+    with _client_for(model, client_kwargs) as client:
+        before = dataclasses.replace(client.usage)
         answers = _ask(client, adata.obs_names[idx], sentences, options, template, extra, n_runs)
-    finally:
-        if own_client:
-            client.close()
 
     preds, reasons, flagged = _decide(answers, options, adata.obs_names[idx])
     _write_obs(adata, key_added, idx, preds, reasons, options)
@@ -500,17 +497,13 @@ def llm_marker_matching(
         )
         for t in types
     ]
-    own_client = not isinstance(model, ChatClient)
-    client = model if not own_client else ChatClient(
-        model, base_url=base_url, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
+    client_kwargs = dict(
+        base_url=base_url, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
         max_retries=max_retries, max_concurrency=max_concurrency, cache_dir=cache_dir,
     )  # fmt: skip
-    before = dataclasses.replace(client.usage)
-    try:
+    with _client_for(model, client_kwargs) as client:
+        before = dataclasses.replace(client.usage)
         results = client.complete_many(requests, desc="Marker matching")
-    finally:
-        if own_client:
-            client.close()
     rows = []
     for n, t, res in zip(numbers, types, results, strict=True):
         answer, reason = parse_answer(res.content, numbers, field="list")
@@ -538,3 +531,16 @@ def _marker_lists(markers, n_markers: int) -> dict[str, list[str]]:
     if len(lists) < 2:
         raise ValueError("Marker matching needs at least two cell types.")
     return lists
+
+
+@contextlib.contextmanager
+def _client_for(model: str | ChatClient, client_kwargs: Mapping[str, Any]):
+    """Use the caller's :class:`ChatClient` as is, or build one for a model name and close it after."""
+    if isinstance(model, ChatClient):
+        yield model
+        return
+    client = ChatClient(model, **client_kwargs)
+    try:
+        yield client
+    finally:
+        client.close()

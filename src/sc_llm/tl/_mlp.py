@@ -16,7 +16,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import format_examples, maybe_copy, warn_overwrite
-from ._knn import N_CANDIDATES
+from ._candidates import N_CANDIDATES, label_categories, write_candidates
 from ._metrics import classification_metrics, get_labels, get_rep, train_mask
 
 logger = logging.getLogger("sc_llm")
@@ -134,17 +134,7 @@ def write_predictions(
     classes = np.asarray(classes, dtype=object)
     order = np.argsort(-proba, axis=1, kind="stable")[:, :N_CANDIDATES]
     top_p = np.take_along_axis(proba, order, axis=1)
-    warn_overwrite(adata.obs, key, "adata.obs")
-    cats = list(classes)
-    if labels is not None and isinstance(labels.dtype, pd.CategoricalDtype):
-        cats = list(dict.fromkeys([*cats, *labels.cat.categories.astype(str)]))
-    adata.obs[key] = pd.Categorical(classes[order[:, 0]], categories=cats)
-    for i in range(N_CANDIDATES):
-        names = classes[order[:, i]] if i < order.shape[1] else np.full(proba.shape[0], None)
-        adata.obs[f"{key}_top{i + 1}"] = pd.Categorical(names, categories=cats)
-        adata.obs[f"{key}_top{i + 1}_frac"] = (
-            top_p[:, i] if i < order.shape[1] else np.zeros(len(proba))
-        ).astype(np.float32)
+    write_candidates(adata, key, classes, order, top_p, label_categories(classes, labels))
     warn_overwrite(adata.obsm, f"{key}_proba", "adata.obsm")
     adata.obsm[f"{key}_proba"] = proba.astype(np.float32)
     if labels is None:
