@@ -7,9 +7,11 @@ from ._knn import knn_annotate
 from ._llm import ChatClient, MarkerMatching, llm_annotate, llm_marker_matching
 from ._metrics import classification_metrics, cluster_metrics
 from ._mlp import mlp_annotate
+from ._mudata import from_mudata, to_mudata
 
 __all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annotate"]
 __all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
+__all__ += ["from_mudata", "to_mudata"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
 __all__ += ["FusionModel", "compare_annotators", "fuse_predict", "fuse_train", "mlp_annotate"]
