@@ -72,18 +72,24 @@ def test_missing_labels_are_skipped_and_isolated_cells_keep_their_sentence(tissu
     assert tissue.uns["cell_sentence_spatial"]["n_without_context"] == 1
 
 
-def test_genes_context_is_top_genes_of_neighbour_mean(tissue):
+@pytest.mark.parametrize("ranking", ["mean", "enrichment"])
+def test_genes_context_is_top_genes_of_neighbour_mean(tissue, ranking):
     tissue.layers["log1p"] = tissue.X.copy()
     tissue.layers["log1p"].data = np.log1p(tissue.layers["log1p"].data)
-    scl.pp.spatial_sentences(tissue, mode="genes", n_neighs=3, n_top_genes=2, layer="log1p")
+    scl.pp.spatial_sentences(tissue, mode="genes", n_neighs=3, n_top_genes=2, layer="log1p", gene_ranking=ranking)
     x = tissue.obsm["spatial"][:, 0]
-    dense = tissue.layers["log1p"].toarray()
+    dense = tissue.layers["log1p"].toarray().astype(np.float64)
     genes = tissue.var_names.to_numpy()
     for i in range(tissue.n_obs):
-        mean = dense[_nearest(x, i, 3)].mean(axis=0)
-        top = sorted(range(len(genes)), key=lambda g: (-mean[g], g))[:2]
+        score = dense[_nearest(x, i, 3)].mean(axis=0)
+        if ranking == "enrichment":
+            score = score - dense.mean(axis=0)
+        top = [g for g in sorted(range(len(genes)), key=lambda g: (-score[g], g)) if score[g] > 1e-9][:2]
         context = "neighbour genes: " + " ".join(genes[top])
         assert tissue.obs["cell_sentence_spatial"].iloc[i] == f"{context} | {tissue.obs['cell_sentence'].iloc[i]}"
+    if ranking == "enrichment":  # GAPDH is the same everywhere, so never enriched
+        assert not tissue.obs["cell_sentence_spatial"].str.split(" [|] ").str[0].str.contains("GAPDH").any()
+    assert tissue.uns["cell_sentence_spatial"]["gene_ranking"] == ranking
 
 
 def test_precomputed_graph_ordered_by_distances(tissue):
@@ -125,6 +131,7 @@ def test_copy_returns_new_object(tissue):
         ({"labels_key": "cell_type", "sentence_key": "sent"}, KeyError, r"scl.pp.cell_sentences\(adata"),
         ({"labels_key": "cell_type", "n_neighs": 8}, ValueError, "n_neighs must be between 1 and"),
         ({"labels_key": "cell_type", "mode": "niche"}, ValueError, "mode must be"),
+        ({"mode": "genes", "gene_ranking": "max"}, ValueError, "gene_ranking must be"),
         ({"labels_key": "cell_type", "key_added": "cell_sentence"}, ValueError, "must differ"),
         ({"labels_key": "cell_type", "connectivity_key": "g"}, KeyError, r"obsp\['g'\] not found"),
     ],

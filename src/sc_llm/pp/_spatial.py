@@ -25,6 +25,7 @@ def spatial_sentences(
     mode: Literal["labels", "genes"] = "labels",
     n_neighs: int = 6,
     n_top_genes: int = 10,
+    gene_ranking: Literal["mean", "enrichment"] = "mean",
     layer: str | None = None,
     use_raw: bool = False,
     gene_symbols: str | None = None,
@@ -52,7 +53,8 @@ def spatial_sentences(
     With ``mode="labels"`` every neighbour's label is listed, nearest first, so repeated labels
     weigh a majority more in the pooled embedding; neighbours without a label (NaN) are skipped.
     With ``mode="genes"`` the context is the ``n_top_genes`` genes of the neighbours' mean
-    expression, by descending value (ties as in :func:`~sc_llm.pp.cell_sentences`). A cell with no
+    expression, by descending value (ties as in :func:`~sc_llm.pp.cell_sentences`), or with
+    ``gene_ranking="enrichment"`` by how much that mean exceeds the mean over all cells. A cell with no
     usable neighbour keeps its sentence unchanged. :func:`~sc_llm.tl.embed_text` and
     :func:`~sc_llm.tl.knn_annotate` work on the new key as on any sentence column.
 
@@ -72,6 +74,10 @@ def spatial_sentences(
         Number of nearest spatial neighbours (ignored with ``connectivity_key``).
     n_top_genes
         Genes written in ``mode="genes"``.
+    gene_ranking
+        ``"mean"``: the neighbourhood's most expressed genes (often the same abundant genes
+        everywhere); ``"enrichment"``: neighbourhood mean minus the mean of all cells, so the context
+        names what is specific to the neighbourhood (genes not above average are never written).
     layer, use_raw, gene_symbols
         Expression source and gene names for ``mode="genes"`` (e.g. ``layer="log1p"``, so that a
         few very high counts do not dominate).
@@ -102,16 +108,20 @@ def spatial_sentences(
     ``adata.uns[key_added]`` (parameters, neighbour source, number of cells left without context).
     """
     _check_args(adata, sentence_key, labels_key, mode, position, n_neighs, n_top_genes, key_added)
+    if gene_ranking not in ("mean", "enrichment"):
+        raise ValueError(f"gene_ranking must be 'mean' or 'enrichment', got {gene_ranking!r}.")
     adata = maybe_copy(adata, copy)
     conn, order_values, source = _neighbour_graph(adata, n_neighs, spatial_key, library_key, connectivity_key)
     if mode == "labels":
         context = _label_context(conn, order_values, adata.obs[labels_key])
     else:
-        context = _gene_context(adata, conn, n_top_genes, layer, use_raw, gene_symbols)
+        context = _gene_context(adata, conn, n_top_genes, gene_ranking, layer, use_raw, gene_symbols)
     sentences = adata.obs[sentence_key].astype(str).to_numpy()
     n_without = int(sum(1 for c in context if not c))
     if n_without:
-        logger.info("spatial_sentences: %d cells have no usable neighbour; their sentence is unchanged.", n_without)
+        logger.info(
+            "spatial_sentences: %d cells have no usable neighbour; their sentence is unchanged.", n_without
+        )
     warn_overwrite(adata.obs, key_added, "adata.obs")
     adata.obs[key_added] = _compose(sentences, context, position, sep)
     adata.uns[key_added] = {
@@ -120,6 +130,7 @@ def spatial_sentences(
         "labels_key": labels_key,
         "n_neighs": n_neighs if connectivity_key is None else None,
         "n_top_genes": n_top_genes if mode == "genes" else None,
+        "gene_ranking": gene_ranking if mode == "genes" else None,
         "layer": layer,
         "position": position,
         "sep": sep,
@@ -140,7 +151,9 @@ def _check_args(adata, sentence_key, labels_key, mode, position, n_neighs, n_top
             f"scl.pp.cell_sentences(adata, key_added={sentence_key!r})."
         )
     if key_added == sentence_key:
-        raise ValueError(f"key_added must differ from sentence_key ({sentence_key!r}): the input would be replaced.")
+        raise ValueError(
+            f"key_added must differ from sentence_key ({sentence_key!r}): the input would be replaced."
+        )
     if mode == "labels":
         if labels_key is None:
             raise ValueError("mode='labels' needs labels_key (an obs column); or use mode='genes'.")
@@ -188,10 +201,14 @@ def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
         )
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] < 1:
-        raise ValueError(f"obsm[{spatial_key!r}] must be a cells × dimensions array, got shape {coords.shape}.")
+        raise ValueError(
+            f"obsm[{spatial_key!r}] must be a cells × dimensions array, got shape {coords.shape}."
+        )
     bad = ~np.isfinite(coords).all(axis=1)
     if bad.any():
-        raise ValueError(f"obsm[{spatial_key!r}] has NaN/inf for cells {format_examples(adata.obs_names[bad])}.")
+        raise ValueError(
+            f"obsm[{spatial_key!r}] has NaN/inf for cells {format_examples(adata.obs_names[bad])}."
+        )
     return coords
 
 
@@ -238,7 +255,7 @@ def _label_context(conn, order_values, labels: pd.Series) -> list[str]:
     return context
 
 
-def _gene_context(adata, conn, n_top_genes, layer, use_raw, gene_symbols) -> list[str]:
+def _gene_context(adata, conn, n_top_genes, gene_ranking, layer, use_raw, gene_symbols) -> list[str]:
     names = checked_gene_names(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
     X, _ = get_matrix(adata, layer=layer, use_raw=use_raw)
     X = as_csr(X)
@@ -247,9 +264,15 @@ def _gene_context(adata, conn, n_top_genes, layer, use_raw, gene_symbols) -> lis
     adjacency.eliminate_zeros()
     degree = np.asarray(adjacency.sum(axis=1)).ravel()
     mean_op = sparse.diags(np.divide(1.0, degree, out=np.zeros_like(degree), where=degree > 0)) @ adjacency
+    enrichment = gene_ranking == "enrichment"
+    overall = np.asarray(X.mean(axis=0)).ravel() if enrichment else None
+    # Enrichment densifies a block (cells × genes): smaller blocks keep that bounded.
+    chunk = _CHUNK // 8 if enrichment else _CHUNK
     context: list[str] = []
-    for start in range(0, adata.n_obs, _CHUNK):
-        block = sparse.csr_matrix(mean_op[start : start + _CHUNK] @ X)
+    for start in range(0, adata.n_obs, chunk):
+        block = sparse.csr_matrix(mean_op[start : start + chunk] @ X)
+        if enrichment:
+            block = sparse.csr_matrix(np.maximum(block.toarray() - overall, 0))
         cols, indptr = rank_csr_rows(block, n_top_genes)
         context.extend(GENES_PREFIX + s if s else "" for s in join_ranked(names, cols, indptr))
     return context
