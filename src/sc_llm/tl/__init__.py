@@ -1,10 +1,13 @@
 """Tools: embeddings, annotation, evaluation."""
 
+from ._ablate import ablate, ablation_study
+from ._attribute import attribute
 from ._compare import compare_annotators
 from ._embed_text import embed_text
 from ._fusion import fuse_predict, fuse_train
 from ._knn import knn_annotate
 from ._llm import ChatClient, MarkerMatching, llm_annotate, llm_marker_matching
+from ._markers import marker_overlap, marker_similarity, read_markers
 from ._metrics import classification_metrics, cluster_metrics
 from ._mlp import mlp_annotate
 from ._mudata import from_mudata, to_mudata
@@ -12,6 +15,7 @@ from ._mudata import from_mudata, to_mudata
 __all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annotate"]
 __all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
 __all__ += ["from_mudata", "to_mudata"]
+__all__ += ["ablate", "ablation_study", "attribute", "marker_overlap", "marker_similarity", "read_markers"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
 __all__ += ["FusionModel", "compare_annotators", "fuse_predict", "fuse_train", "mlp_annotate"]

@@ -1,0 +1,366 @@
+"""scl.tl.ablate and scl.tl.ablation_study: the paper's gene-name and gene-order ablations (§3.4, §4.1, A.4)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._utils import format_examples, maybe_copy, warn_overwrite
+from ..models._runtime import Precision
+
+logger = logging.getLogger("sc_llm")
+
+HASH_LENGTH = 10
+KINDS = (
+    "gene_hash",
+    "per_instance_hash",
+    "shuffle_all",
+    "shuffle_in_context",
+    "shuffle_top",
+    "hash_shuffle_in_context",
+    "truncate",
+)
+_FRACTION_KINDS = ("shuffle_top", "truncate")
+_CONTEXT_KINDS = ("shuffle_in_context", "shuffle_top", "hash_shuffle_in_context", "truncate")
+DEFAULT_FRACTION = 0.1
+# Table 2's columns, in the paper's order.
+STUDY_KINDS = (
+    "gene_hash",
+    "shuffle_all",
+    "shuffle_in_context",
+    "shuffle_top",
+    "hash_shuffle_in_context",
+    "per_instance_hash",
+)
+LABELS = {
+    "baseline": "No ablation (baseline)",
+    "gene_hash": "Gene name ablation",
+    "shuffle_all": "Order ablation (all genes)",
+    "shuffle_in_context": "Order ablation (in context)",
+    "shuffle_top": "Order ablation (top {pct} in context)",
+    "hash_shuffle_in_context": "Gene name + order ablation (in context)",
+    "per_instance_hash": "Gene name per-instance ablation",
+    "truncate": "Top {pct} of in-context genes",
+}
+METRIC_ROWS = ("accuracy", "precision", "recall", "f1", "kmeans_ari", "kmeans_ami")
+ROUNDING = "n_top = max(1, floor(fraction * n_in_context + 0.5)) genes (round half up, at least one)"
+
+
+def gene_hash(gene: str) -> str:
+    """SHA-256 hex digest of the gene name (UTF-8), truncated to 10 characters (the paper's gene-name ablation)."""
+    return hashlib.sha256(gene.encode("utf-8")).hexdigest()[:HASH_LENGTH]
+
+
+def n_top(n_in_context: np.ndarray | int, fraction: float) -> np.ndarray:
+    """Number of genes making up the top ``fraction`` of ``n_in_context`` genes ({rounding})."""
+    n = np.asarray(n_in_context, dtype=np.int64)
+    # The epsilon keeps 0.1 * 150 = 15.000000000000002 at 15 and exact halves rounding up.
+    k = np.floor(fraction * n + 0.5 + 1e-9).astype(np.int64)
+    return np.where(n > 0, np.clip(k, 1, n), 0)
+
+
+n_top.__doc__ = n_top.__doc__.replace("{rounding}", ROUNDING)
+
+
+def ablate(
+    adata: AnnData,
+    kind: str,
+    *,
+    sentence_key: str = "cell_sentence",
+    fraction: float | None = None,
+    model: Any = None,
+    random_state: int = 0,
+    key_added: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Write an ablated copy of each cell sentence, exactly as the paper defines its ablations.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with sentences in ``obs[sentence_key]``.
+    kind
+        One of
+
+        - ``"gene_hash"``: every gene name becomes the first 10 hex characters of its SHA-256
+          digest (UTF-8); the same gene always gets the same hash.
+        - ``"per_instance_hash"``: every occurrence of every gene becomes a fresh random
+          10-character hex string (40 random bits, seeded), so no two cells share a word.
+        - ``"shuffle_all"``: all genes of the sentence in random order.
+        - ``"shuffle_in_context"``: only the genes that fit the encoder's token limit (counted
+          with its tokenizer, whole genes) are permuted; the rest stay in place.
+        - ``"shuffle_top"``: only the top ``fraction`` (default 0.1) of the in-context genes
+          are permuted; all other genes stay in place.
+        - ``"hash_shuffle_in_context"``: ``gene_hash``, then ``shuffle_in_context`` of the hashed
+          sentence (the in-context genes are counted on the hashed sentence, which is what the
+          encoder reads).
+        - ``"truncate"``: keep only the top ``fraction`` (default 0.1) of the in-context genes
+          (Figures 6–8).
+    sentence_key
+        ``obs`` column with the sentences (genes separated by single spaces, highest first).
+    fraction
+        Fraction of the in-context genes for ``"shuffle_top"`` and ``"truncate"``. Rounding:
+        {rounding}. Other kinds do not take a fraction.
+    model
+        Text encoder whose tokenizer and token limit decide which genes are in context (same
+        values as :func:`sc_llm.tl.embed_text`; ``None`` is the bundled all-MiniLM-L6-v2).
+        Permuting in-context genes never changes which genes fit: each word is tokenized on
+        its own, so the same words use the same number of tokens in any order.
+    random_state
+        Seed of the shuffles and per-instance hashes (bit-for-bit reproducible).
+    key_added
+        ``obs`` column for the ablated sentences; default ``f"{sentence_key}_{kind}"`` (with
+        ``f"_{fraction:g}"`` appended for kinds that take a fraction). Parameters go to
+        ``uns[key_added]``.
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None`` or a copy. Sets ``obs[key_added]`` and ``uns[key_added]`` (kind, fraction, seed,
+    source column, encoder identity and in-context gene counts for context-based kinds).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
+    fraction = _check_fraction(kind, fraction)
+    adata = maybe_copy(adata, copy)
+    sentences = _sentences(adata, sentence_key)
+    key_added = key_added or default_key(sentence_key, kind, fraction)
+    ablated, info = ablate_sentences(sentences, kind, fraction=fraction, model=model, random_state=random_state)
+    warn_overwrite(adata.obs, key_added, "adata.obs")
+    adata.obs[key_added] = pd.Series(ablated, index=adata.obs_names, dtype=object)
+    adata.uns[key_added] = {
+        "kind": kind,
+        "fraction": fraction,
+        "random_state": random_state,
+        "sentence_key": sentence_key,
+        **({"rounding": ROUNDING} if fraction is not None else {}),
+        **info,
+    }
+    return adata if copy else None
+
+
+ablate.__doc__ = ablate.__doc__.replace("{rounding}", ROUNDING)
+
+
+def default_key(sentence_key: str, kind: str, fraction: float | None) -> str:
+    return f"{sentence_key}_{kind}" + (f"_{fraction:g}" if fraction is not None else "")
+
+
+def ablate_sentences(
+    sentences: Sequence[str],
+    kind: str,
+    *,
+    fraction: float | None = None,
+    model: Any = None,
+    random_state: int = 0,
+) -> tuple[list[str], dict[str, Any]]:
+    """Ablate a list of sentences; returns ``(ablated, info)`` (see :func:`ablate` for the kinds)."""
+    if kind not in KINDS:
+        raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
+    fraction = _check_fraction(kind, fraction)
+    rng = np.random.default_rng(random_state)
+    words = [s.split() for s in sentences]
+    info: dict[str, Any] = {}
+    if kind in ("gene_hash", "hash_shuffle_in_context"):
+        words = _hash_genes(words)
+    if kind == "per_instance_hash":
+        words = _per_instance_hash(words, rng)
+    elif kind == "shuffle_all":
+        words = [_permute_prefix(w, len(w), rng) for w in words]
+    elif kind in _CONTEXT_KINDS:
+        n_fit, info = _in_context(words, model)
+        if kind == "truncate":
+            words = [w[:k] for w, k in zip(words, n_top(n_fit, fraction), strict=True)]
+        else:
+            counts = n_top(n_fit, fraction) if kind == "shuffle_top" else n_fit
+            words = [_permute_prefix(w, int(k), rng) for w, k in zip(words, counts, strict=True)]
+    return [" ".join(w) for w in words], info
+
+
+def _check_fraction(kind: str, fraction: float | None) -> float | None:
+    if kind not in _FRACTION_KINDS:
+        if fraction is not None:
+            raise ValueError(f"Ablation {kind!r} takes no fraction (only {list(_FRACTION_KINDS)} do).")
+        return None
+    fraction = DEFAULT_FRACTION if fraction is None else float(fraction)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    return fraction
+
+
+def _sentences(adata: AnnData, key: str) -> list[str]:
+    if key not in adata.obs:
+        raise KeyError(f"Column {key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences.")
+    col = adata.obs[key]
+    missing = col.isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"obs[{key!r}] is missing for {int(missing.sum())} cells: {format_examples(adata.obs_names[missing])}."
+        )
+    return list(col.astype(str))
+
+
+def _hash_genes(words: list[list[str]]) -> list[list[str]]:
+    cache: dict[str, str] = {}
+    out = []
+    for row in words:
+        out.append([cache[g] if g in cache else cache.setdefault(g, gene_hash(g)) for g in row])
+    return out
+
+
+def _per_instance_hash(words: list[list[str]], rng: np.random.Generator) -> list[list[str]]:
+    # 40 random bits per occurrence = exactly 10 hex characters (collisions: ~n²/2⁴¹).
+    values = rng.integers(0, 1 << (4 * HASH_LENGTH), size=sum(len(w) for w in words), dtype=np.int64)
+    out, pos = [], 0
+    for row in words:
+        out.append([f"{v:0{HASH_LENGTH}x}" for v in values[pos : pos + len(row)].tolist()])
+        pos += len(row)
+    return out
+
+
+def _permute_prefix(row: list[str], k: int, rng: np.random.Generator) -> list[str]:
+    """``row`` with its first ``k`` words in random order and the rest in place."""
+    k = min(k, len(row))
+    return [row[i] for i in rng.permutation(k)] + row[k:]
+
+
+def _in_context(words: list[list[str]], model: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Whole genes that fit the encoder's token limit, counted with its tokenizer (:meth:`TextEncoder.fit`)."""
+    from ..models._text import load_text_encoder
+
+    encoder = load_text_encoder(model)
+    _, n_fit = encoder.fit([" ".join(w) for w in words])
+    stats = {"mean": float(n_fit.mean()), "min": int(n_fit.min()), "max": int(n_fit.max())} if n_fit.size else {}
+    return n_fit, {"model": encoder.identity(), "genes_in_context": stats}
+
+
+# -- the study (Table 2) ---------------------------------------------------------------------------------
+
+
+def ablation_study(
+    adata: AnnData,
+    labels_key: str,
+    *,
+    model: Any = None,
+    kinds: Sequence[str | tuple[str, float]] = STUDY_KINDS,
+    sentence_key: str = "cell_sentence",
+    split_key: str = "split",
+    train_value: str = "train",
+    k: int = 10,
+    random_state: int = 0,
+    batch_size: int = 64,
+    device: Any = None,
+    precision: Precision = "auto",
+    key_added: str = "ablation_study",
+) -> pd.DataFrame:
+    """Embed each ablated version of the sentences and score it (the paper's Table 2).
+
+    For the baseline and for every ablation the sentences are embedded with
+    :func:`sc_llm.tl.embed_text`, labelled by :func:`sc_llm.tl.knn_annotate` (10-NN, cosine,
+    metrics on the held-out cells) and clustered by :func:`sc_llm.tl.cluster_metrics` (k-means
+    ARI/AMI on all labelled cells). The work happens on a scratch AnnData: ``adata.obs`` and
+    ``adata.obsm`` are left untouched.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with sentences, labels and a train/test split in ``obs``.
+    labels_key
+        ``obs`` column with cell types.
+    model
+        Text encoder (as in :func:`sc_llm.tl.embed_text`); it also decides which genes are in context.
+    kinds
+        Ablations to run, as kind names or ``(kind, fraction)`` pairs, e.g.
+        ``[("truncate", 0.1), ("truncate", 0.2), ("truncate", 0.5)]`` for Figures 6–8.
+        The baseline (unablated sentences) is always included.
+    sentence_key
+        ``obs`` column with the sentences.
+    split_key, train_value
+        Training cells (the kNN reference) are those with ``obs[split_key] == train_value``.
+    k
+        Neighbours of the kNN classifier.
+    random_state
+        Seed of the ablations and of k-means.
+    batch_size, device, precision
+        Passed to :func:`sc_llm.tl.embed_text`.
+    key_added
+        ``uns`` key of the results.
+
+    Returns
+    -------
+    The table: metrics as rows (accuracy, macro precision/recall/F1, k-means ARI/AMI), one column
+    per ablation (``"baseline"`` first; kinds with a fraction are named ``f"{kind}_{fraction:g}"``).
+    Also stored in ``uns[key_added]["table"]`` with ``"kinds"`` (column → kind and fraction),
+    ``"genes_in_context"`` and the parameters.
+    """
+    from ._embed_text import embed_text
+    from ._knn import knn_annotate
+    from ._metrics import cluster_metrics, get_labels
+
+    get_labels(adata, labels_key)
+    if split_key not in adata.obs:
+        raise KeyError(f"Column {split_key!r} not found in adata.obs; create one with sc_llm.pp.train_test_split.")
+    specs = _study_specs(kinds)
+    sentences = _sentences(adata, sentence_key)
+    scratch = AnnData(obs=adata.obs[[labels_key, split_key]].copy())
+    columns, in_context, kinds_info = {}, {}, {}
+    for name, kind, fraction in specs:
+        if kind is None:
+            text, info = sentences, {}
+        else:
+            text, info = ablate_sentences(sentences, kind, fraction=fraction, model=model, random_state=random_state)
+        logger.info("ablation_study: embedding %s", name)
+        scratch.obs["_sentence"] = text
+        embed_text(scratch, model, sentence_key="_sentence", key_added="_X", batch_size=batch_size, device=device,
+                   precision=precision)
+        knn_annotate(scratch, "_X", labels_key, split_key=split_key, train_value=train_value, k=k, key_added="_knn")
+        metrics = dict(scratch.uns["_knn"]["metrics"])
+        clusters = cluster_metrics(scratch, "_X", labels_key, random_state=random_state, key_added="_clusters")
+        columns[name] = [metrics.get(m, np.nan) for m in METRIC_ROWS[:4]] + [clusters["ari"], clusters["ami"]]
+        in_context[name] = scratch.uns["_X"]["genes_in_context"]["mean"]
+        kinds_info[name] = {"kind": kind or "baseline", "fraction": fraction, **info}
+    table = pd.DataFrame(columns, index=list(METRIC_ROWS))
+    table.index.name = "metric"
+    adata.uns[key_added] = {
+        "table": table,
+        "kinds": kinds_info,
+        "genes_in_context": in_context,
+        "params": {"labels_key": labels_key, "sentence_key": sentence_key, "split_key": split_key, "k": k,
+                   "random_state": random_state, "model": scratch.uns["_X"]["model"]},
+    }
+    return table
+
+
+def _study_specs(kinds) -> list[tuple[str, str | None, float | None]]:
+    specs: list[tuple[str, str | None, float | None]] = [("baseline", None, None)]
+    for item in kinds:
+        kind, fraction = (item, None) if isinstance(item, str) else (item[0], item[1])
+        if kind not in KINDS:
+            raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
+        fraction = _check_fraction(kind, fraction)
+        name = kind if fraction is None or (kind == "shuffle_top" and fraction == DEFAULT_FRACTION) else (
+            f"{kind}_{fraction:g}"
+        )
+        if any(name == s[0] for s in specs):
+            raise ValueError(f"Ablation {name!r} is listed twice.")
+        specs.append((name, kind, fraction))
+    return specs
+
+
+def column_label(name: str, kinds_info: dict[str, Any] | None = None) -> str:
+    """The paper's wording for a study column (e.g. ``"Order ablation (top 10% in context)"``)."""
+    info = (kinds_info or {}).get(name, {})
+    kind = info.get("kind", name.rsplit("_", 1)[0] if name.rsplit("_", 1)[0] in KINDS else name)
+    fraction = info.get("fraction")
+    if fraction is None and kind in _FRACTION_KINDS:
+        tail = name.rsplit("_", 1)[-1]
+        fraction = float(tail) if tail.replace(".", "", 1).isdigit() else DEFAULT_FRACTION
+    label = LABELS.get(kind, name)
+    return label.format(pct=f"{100 * fraction:g}%") if fraction is not None else label
