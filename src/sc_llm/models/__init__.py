@@ -9,9 +9,24 @@ __all__ = ["TextEncoder", "default_model_path", "load_text_encoder", "resolve_de
 __all__ += ["FusionModel"]
 
 
+# scGPT / Geneformer back ends, also resolved on first access (they import torch and transformers).
+_LAZY = {
+    "ScGPTEncoder": "._scgpt",
+    "ScGPTModel": "._scgpt",
+    "load_scgpt": "._scgpt",
+    "GeneformerEncoder": "._geneformer",
+    "load_geneformer": "._geneformer",
+}
+__all__ += list(_LAZY)
+
+
 def __getattr__(name: str):
     if name == "FusionModel":
         from ._fusion import FusionModel
 
         return FusionModel
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

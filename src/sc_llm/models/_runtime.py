@@ -126,3 +126,29 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device, pin: bool = Fa
     if pin and device.type == "cuda":
         ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
     return ids_t.to(device, non_blocking=pin), mask_t.to(device, non_blocking=pin)
+
+
+@functools.cache
+def file_digest(path: str, n_hex: int = 16) -> str:
+    """Short SHA-256 of a weights file, so ``uns`` records exactly which checkpoint made an embedding."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:n_hex]
+
+
+def reduced_copy(model, precision: str):
+    """``model`` itself for fp32, else a bf16/fp16 copy of it in eval mode.
+
+    Casting the weights once is cheaper than autocast, which re-casts weights on every call.
+    """
+    if precision == "fp32":
+        return model
+    import copy
+
+    torch = require_torch()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return copy.deepcopy(model).to(dtype).eval()

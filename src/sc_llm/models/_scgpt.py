@@ -1,0 +1,341 @@
+"""scGPT inference from a released checkpoint folder, without the ``scgpt`` package.
+
+A released folder (e.g. ``scGPT_human/``) holds ``args.json`` (architecture), ``vocab.json``
+(gene symbol → token id) and ``best_model.pt`` (a state dict). The model used for cell embeddings
+is a standard post-norm transformer encoder over ``gene embedding + value embedding`` tokens;
+the ``<cls>`` output is the cell embedding. Modules here carry the upstream attribute names so the
+released state dict loads by name, and every key is accounted for: loaded, renamed (flash-attention
+``Wqkv`` → PyTorch ``in_proj``), ignored because it belongs to a training head, or reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._utils import format_examples
+from ._runtime import file_digest, pad_batch, reduced_copy, require_torch, resolve_device, run_batched
+
+logger = logging.getLogger("sc_llm")
+
+torch = require_torch()
+nn = torch.nn
+
+#: Parameter prefixes of heads that training uses and cell embedding never runs.
+IGNORED_PREFIXES = (
+    "decoder.",
+    "mvc_decoder.",
+    "cls_decoder.",
+    "grad_reverse_discriminator.",
+    "batch_encoder.",
+    "flag_encoder.",
+    "sim.",
+    "creterion_cce.",
+)
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+_FLASH_QKV = ".self_attn.Wqkv."
+
+
+class _TokenEncoder(nn.Module):
+    """Embedding + LayerNorm (upstream ``GeneEncoder`` / ``CategoryValueEncoder`` parameter layout)."""
+
+    def __init__(self, n_tokens: int, dim: int, padding_idx: int | None):
+        super().__init__()
+        self.embedding = nn.Embedding(n_tokens, dim, padding_idx=padding_idx)
+        self.enc_norm = nn.LayerNorm(dim)
+
+    def forward(self, ids):
+        return self.enc_norm(self.embedding(ids.long()))
+
+
+class _ContinuousValueEncoder(nn.Module):
+    """Scalar value → vector: Linear(1, d), ReLU, Linear(d, d), LayerNorm; values clipped at 512 as upstream."""
+
+    max_value = 512.0
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(1, dim)
+        self.linear2 = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, values):
+        x = values.unsqueeze(-1).clamp(max=self.max_value)
+        return self.norm(self.linear2(torch.relu(self.linear1(x))))
+
+
+class ScGPTModel(nn.Module):
+    """The embedding path of scGPT's ``TransformerModel``: token + value embeddings, post-norm encoder.
+
+    Parameters
+    ----------
+    n_tokens
+        Vocabulary size (rows of ``encoder.embedding``).
+    dim
+        Model width (``embsize``).
+    n_heads
+        Attention heads (``nheads``).
+    d_hid
+        Feed-forward width (``d_hid``).
+    n_layers
+        Encoder layers (``nlayers``).
+    pad_id
+        Token id of ``<pad>``.
+    input_emb_style
+        ``"continuous"`` (released models), ``"category"`` or ``"scaling"``.
+    n_value_tokens
+        Rows of the value embedding table when ``input_emb_style="category"``.
+    pad_value
+        Value given to padding (the padding row of a category value table).
+    """
+
+    def __init__(
+        self,
+        n_tokens: int,
+        dim: int,
+        n_heads: int,
+        d_hid: int,
+        n_layers: int,
+        pad_id: int,
+        input_emb_style: str = "continuous",
+        n_value_tokens: int | None = None,
+        pad_value: int = 0,
+    ):
+        super().__init__()
+        self.input_emb_style = input_emb_style
+        self.encoder = _TokenEncoder(n_tokens, dim, pad_id)
+        if input_emb_style == "continuous":
+            self.value_encoder = _ContinuousValueEncoder(dim)
+        elif input_emb_style == "category":
+            if not n_value_tokens:
+                raise ValueError("input_emb_style='category' needs the number of value tokens.")
+            self.value_encoder = _TokenEncoder(n_value_tokens, dim, pad_value)
+        elif input_emb_style == "scaling":
+            self.value_encoder = nn.Identity()
+        else:
+            raise ValueError(
+                f"input_emb_style must be continuous, category or scaling, got {input_emb_style!r}."
+            )
+        # Dropout is 0: this module only runs inference. Post-norm ReLU layers match upstream (pre_norm=False).
+        layer = nn.TransformerEncoderLayer(dim, n_heads, d_hid, dropout=0.0, batch_first=True)
+        self.transformer_encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=True)
+        self.dim = dim
+
+    def forward(self, genes, values, padding_mask):
+        """``<cls>`` output for token ids ``genes``, binned ``values`` and a True-at-padding mask."""
+        tokens = self.encoder(genes)
+        if self.input_emb_style == "scaling":
+            x = tokens * values.unsqueeze(-1).to(tokens.dtype)
+        else:
+            x = tokens + self.value_encoder(values.to(tokens.dtype) if values.is_floating_point() else values)
+        # PyTorch's fast path skips padded positions (nested tensors) when it can; the result is the same.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="The PyTorch API of nested tensors", category=UserWarning
+            )
+            out = self.transformer_encoder(x, src_key_padding_mask=padding_mask)
+        return out[:, 0, :]
+
+
+def convert_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Rename released keys to this module's names; return ``(kept, ignored_keys)``.
+
+    Flash-attention checkpoints store the packed query/key/value projection as
+    ``self_attn.Wqkv.{weight,bias}`` in the same q, k, v row order that PyTorch's
+    ``self_attn.in_proj_{weight,bias}`` uses, so renaming is exact. A ``module.`` prefix
+    (DistributedDataParallel) is dropped.
+    """
+    kept, ignored = {}, []
+    for key, value in state.items():
+        name = key[len("module.") :] if key.startswith("module.") else key
+        if name.startswith(IGNORED_PREFIXES):
+            ignored.append(key)
+            continue
+        if _FLASH_QKV in name:
+            head, tail = name.split(_FLASH_QKV)
+            name = f"{head}.self_attn.in_proj_{tail}"
+        kept[name] = value
+    return kept, ignored
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    """``vocab.json`` (token → id) with scGPT's special tokens appended when missing, as upstream does."""
+    with open(path) as f:
+        vocab = {str(k): int(v) for k, v in json.load(f).items()}
+    for token in SPECIAL_TOKENS:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    return vocab
+
+
+class ScGPTEncoder:
+    """A loaded scGPT checkpoint folder, ready to embed tokenized cells.
+
+    Use :func:`load_scgpt`. Attributes: ``model`` (:class:`ScGPTModel`, eval mode), ``vocab``,
+    ``config`` (``args.json``), ``pad_id``, ``cls_id``, ``pad_value``, ``n_bins``, ``dim``,
+    ``device``, ``ignored_keys`` (training-head keys of the checkpoint that were not loaded).
+    """
+
+    def __init__(self, model_dir: str | Path, device: Any = None):
+        self.path = Path(model_dir)
+        files = {name: self.path / name for name in ("args.json", "vocab.json", "best_model.pt")}
+        missing = [name for name, f in files.items() if not f.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.path} is not an scGPT model folder: missing {missing} "
+                "(expected args.json, vocab.json and best_model.pt as released, e.g. scGPT_human/)."
+            )
+        with open(files["args.json"]) as f:
+            self.config = json.load(f)
+        self.vocab = read_vocab(files["vocab.json"])
+        self.pad_token = self.config.get("pad_token", "<pad>")
+        self.pad_id = self.vocab[self.pad_token]
+        self.cls_id = self.vocab["<cls>"]
+        self.pad_value = self.config.get("pad_value", -2)
+        # Upstream's cell-embedding collator bins into its default 51 bins, the value released models use.
+        self.n_bins = int(self.config.get("n_bins") or 51)
+        self.device = resolve_device(device)
+        state = torch.load(files["best_model.pt"], map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model_state_dict" in state:
+            state = state["model_state_dict"]
+        self.model, self.ignored_keys = self._build(state)
+        self.model.to(self.device).eval()
+        self.dim = self.model.dim
+        self._reduced: dict[str, Any] = {}
+
+    def _build(self, state: dict[str, Any]):
+        cfg = self.config
+        for key in ("embsize", "nheads", "d_hid", "nlayers"):
+            if key not in cfg:
+                raise KeyError(f"{self.path / 'args.json'} has no {key!r}; found {sorted(cfg)}.")
+        if cfg.get("pre_norm"):
+            raise ValueError(
+                "pre_norm=True scGPT checkpoints are not supported (released models are post-norm)."
+            )
+        kept, ignored = convert_state_dict(state)
+        n_tokens = _rows(kept, "encoder.embedding.weight", len(self.vocab))
+        if n_tokens < len(self.vocab):
+            raise ValueError(
+                f"vocab.json has {len(self.vocab)} tokens (with specials) but the checkpoint embeds {n_tokens}."
+            )
+        style = cfg.get("input_emb_style", "continuous")
+        model = ScGPTModel(
+            n_tokens,
+            int(cfg["embsize"]),
+            int(cfg["nheads"]),
+            int(cfg["d_hid"]),
+            int(cfg["nlayers"]),
+            self.pad_id,
+            input_emb_style=style,
+            n_value_tokens=_rows(kept, "value_encoder.embedding.weight", None)
+            if style == "category"
+            else None,
+            pad_value=int(self.pad_value),
+        )
+        result = model.load_state_dict({k: v.float() for k, v in kept.items()}, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            parts = []
+            if result.missing_keys:
+                parts.append(f"missing keys: {format_examples(result.missing_keys, 8)}")
+            if result.unexpected_keys:
+                parts.append(f"unexpected keys: {format_examples(result.unexpected_keys, 8)}")
+            raise ValueError(
+                f"{self.path / 'best_model.pt'} does not match args.json: " + "; ".join(parts) + "."
+            )
+        if ignored:
+            logger.info("scGPT: %d training-head keys not needed for embeddings were skipped.", len(ignored))
+        return model, ignored
+
+    def identity(self) -> dict[str, Any]:
+        """Where the weights came from and what they are, for ``uns``."""
+        return {
+            "path": str(self.path),
+            "weights_sha256": file_digest(str(self.path / "best_model.pt")),
+            "dim": self.dim,
+            "n_layers": int(self.config["nlayers"]),
+            "n_bins": self.n_bins,
+            "input_emb_style": self.model.input_emb_style,
+            "vocab_size": len(self.vocab),
+            "ignored_keys": len(self.ignored_keys),
+        }
+
+    def model_in(self, precision: str):
+        """The model with weights in ``precision`` (reduced copies are made once and kept)."""
+        if precision == "fp32":
+            return self.model
+        if precision not in self._reduced:
+            self._reduced[precision] = reduced_copy(self.model, precision)
+        return self._reduced[precision]
+
+    def encode(
+        self,
+        genes: Sequence[np.ndarray],
+        values: Sequence[np.ndarray],
+        *,
+        batch_size: int = 64,
+        precision: str = "fp32",
+        bar=None,
+    ) -> np.ndarray:
+        """L2-normalized ``<cls>`` embeddings of tokenized cells (float32, input order).
+
+        ``genes[i]`` are token ids starting with ``<cls>``; ``values[i]`` the matching binned values
+        starting with the pad value. ``precision`` must already be resolved (``fp32``/``bf16``/``fp16``).
+        """
+        model = self.model_in(precision)
+        value_dtype = torch.float32
+
+        def forward(idx):
+            ids, mask = pad_batch([genes[i] for i in idx], self.pad_id, self.device, pin=True)
+            vals = np.full(ids.shape, self.pad_value, dtype=np.float32)
+            for row, i in enumerate(idx):
+                vals[row, : len(values[i])] = values[i]
+            vals_t = torch.from_numpy(vals).to(self.device, dtype=value_dtype)
+            emb = model(ids, vals_t, mask == 0).float()
+            return torch.nn.functional.normalize(emb, dim=-1)
+
+        # Weights already carry the precision; autocast on top would only add casts.
+        return run_batched(
+            len(genes),
+            [len(g) for g in genes],
+            forward,
+            batch_size=batch_size,
+            device=self.device,
+            precision="fp32",
+            desc="embed_scgpt",
+            out_dim=self.dim,
+            bar=bar,
+        )
+
+
+def _rows(state: dict[str, Any], key: str, default: int | None) -> int | None:
+    return int(state[key].shape[0]) if key in state else default
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(path: str, mtime_ns: int, device: str | None) -> ScGPTEncoder:
+    return ScGPTEncoder(path, device)
+
+
+def load_scgpt(model_dir: str | Path | ScGPTEncoder, device: Any = None) -> ScGPTEncoder:
+    """Load an scGPT checkpoint folder (cached per folder, file time and device).
+
+    Parameters
+    ----------
+    model_dir
+        Folder with ``args.json``, ``vocab.json`` and ``best_model.pt`` (e.g. ``scGPT_human/``),
+        or an already loaded :class:`ScGPTEncoder` (returned as is).
+    device
+        Torch device; ``None`` picks CUDA, then MPS, then CPU.
+    """
+    if isinstance(model_dir, ScGPTEncoder):
+        return model_dir
+    weights = Path(model_dir) / "best_model.pt"
+    mtime = weights.stat().st_mtime_ns if weights.exists() else 0
+    return _cached(str(Path(model_dir).resolve()), mtime, None if device is None else str(device))
