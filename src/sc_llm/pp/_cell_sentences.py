@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
-from .._utils import format_examples, gene_names, get_matrix, iter_row_chunks, maybe_copy, warn_overwrite
+from .._store import ChunkedResults, names_digest
+from .._utils import as_csr, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
 
 TIE_RULE = "equal values keep the order of the genes in var (lower var position first)"
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
@@ -26,6 +28,8 @@ def cell_sentences(
     n_genes: int | None = None,
     key_added: str = "cell_sentence",
     chunk_size: int = _CHUNK,
+    store: str | Path | None = None,
+    in_obs: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
     """Write one cell sentence per cell: gene names by descending expression, zeros omitted.
@@ -49,6 +53,15 @@ def cell_sentences(
         ``obs`` column for the sentences; parameters go to ``uns[key_added]``.
     chunk_size
         Rows ranked at a time (memory is proportional to the non-zeros in one chunk).
+    store
+        Path of a zarr store: each finished chunk's sentences are written there (array
+        ``"cell_sentence"``) with a done flag, and a rerun with the same store, cells and
+        parameters ranks only the chunks left. Needs ``sc-llm[scale]``.
+    in_obs
+        Also put the sentences in ``obs[key_added]``. With a store, ``False`` keeps them on disk
+        only (for atlases whose sentences do not fit in memory); read them back with
+        :meth:`sc_llm._store.ChunkStore.read` or embed from the matrix with
+        :func:`sc_llm.tl.embed_text`, which ranks each chunk on the fly.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -62,18 +75,28 @@ def cell_sentences(
     Ties: {tie_rule}. This is deterministic, unlike Cell2Sentence's random tie shuffling.
     Cells with no expressed gene get an empty sentence and a warning with their count.
     """
+    if not in_obs and store is None:
+        raise ValueError("in_obs=False needs a `store=` to keep the sentences in.")
     adata = maybe_copy(adata, copy)
     names = checked_gene_names(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
-    sentences = np.empty(adata.n_obs, dtype=object)
-    for start, stop, cols, indptr in iter_ranked_genes(
-        adata, layer=layer, use_raw=use_raw, n_genes=n_genes, chunk_size=chunk_size
-    ):
-        sentences[start:stop] = join_ranked(names, cols, indptr)
-    n_empty = int(sum(1 for s in sentences if not s))
+    params = {"layer": layer, "use_raw": use_raw, "gene_symbols": gene_symbols, "n_genes": n_genes}
+    fingerprint = {"function": "cell_sentences", **params, "genes": names_digest(names)}
+    if store is not None:
+        fingerprint["cells"] = names_digest(adata.obs_names)
+    results = ChunkedResults(
+        adata.n_obs, chunk_size, {"cell_sentence": ((), str)}, store=store, fingerprint=fingerprint
+    )
+    X, _ = get_matrix(adata, layer=layer, use_raw=use_raw)
+    for i in results.todo():
+        start, stop = results.bounds(i)
+        cols, indptr = _ranked_block(X, start, stop, adata.obs_names, n_genes)
+        results.put(i, cell_sentence=join_ranked(names, cols, indptr))
+    n_empty = _count_empty(results)
     if n_empty:
         warnings.warn(f"{n_empty} cells have no expressed gene; their sentence is empty.", UserWarning, stacklevel=2)
-    warn_overwrite(adata.obs, key_added, "adata.obs")
-    adata.obs[key_added] = sentences
+    if in_obs:
+        warn_overwrite(adata.obs, key_added, "adata.obs")
+        adata.obs[key_added] = results.array("cell_sentence")
     adata.uns[key_added] = {
         "layer": layer,
         "use_raw": use_raw,
@@ -82,7 +105,25 @@ def cell_sentences(
         "tie_rule": TIE_RULE,
         "n_empty": n_empty,
     }
+    if store is not None:
+        adata.uns[key_added]["store"] = str(store)
     return adata if copy else None
+
+
+def _ranked_block(X, start: int, stop: int, obs_names, n_genes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    chunk = as_csr(X[start:stop])
+    check_values(chunk, obs_names[start:stop])
+    return rank_csr_rows(chunk, n_genes)
+
+
+def _count_empty(results: ChunkedResults) -> int:
+    if results.store is None:
+        return int(sum(1 for s in results.array("cell_sentence") if not s))
+    # Chunk by chunk, so sentences kept only on disk are never all loaded.
+    return sum(
+        int((results.store.read("cell_sentence", *results.bounds(i)) == "").sum())
+        for i in range(results.store.n_chunks)
+    )
 
 
 cell_sentences.__doc__ = cell_sentences.__doc__.replace("{tie_rule}", TIE_RULE)
@@ -125,10 +166,9 @@ def iter_ranked_genes(
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """Yield ``(start, stop, cols, indptr)`` per chunk: each row's expressed gene positions, ranked."""
     X, _ = get_matrix(adata, layer=layer, use_raw=use_raw)
-    for start, stop, chunk in iter_row_chunks(X, chunk_size):
-        check_values(chunk, adata.obs_names[start:stop])
-        cols, indptr = rank_csr_rows(chunk, n_genes)
-        yield start, stop, cols, indptr
+    for start in range(0, X.shape[0], chunk_size):
+        stop = min(start + chunk_size, X.shape[0])
+        yield start, stop, *_ranked_block(X, start, stop, adata.obs_names, n_genes)
 
 
 def check_values(chunk: sparse.csr_matrix, obs_names) -> None:

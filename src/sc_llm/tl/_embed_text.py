@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
+from .._distributed import Scheduler, run_chunks
 from .._progress import progress
-from .._utils import format_examples, maybe_copy, warn_overwrite
+from .._store import ChunkedResults, names_digest
+from .._utils import as_csr, format_examples, get_matrix, maybe_copy, warn_overwrite
 from ..models._runtime import Precision, resolve_precision
 from ..models._text import load_text_encoder
-from ..pp._cell_sentences import cell_sentences, checked_gene_names, iter_ranked_genes, join_ranked
+from ..pp._cell_sentences import cell_sentences, check_values, checked_gene_names, join_ranked, rank_csr_rows
 
 _CELL_CHUNK = 2048
 
@@ -32,6 +35,9 @@ def embed_text(
     use_raw: bool = False,
     gene_symbols: str | None = None,
     store_sentences: bool = False,
+    chunk_size: int = _CELL_CHUNK,
+    store: str | Path | None = None,
+    scheduler: Scheduler = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed each cell's sentence with a text encoder (GenePT-s / CELLama style).
@@ -71,6 +77,20 @@ def embed_text(
         Expression source and names for on-the-fly sentences (see :func:`sc_llm.pp.cell_sentences`).
     store_sentences
         When sentences are built on the fly, also store the full sentences in ``obs[sentence_key]``.
+    chunk_size
+        Cells read, ranked and embedded at a time (the unit of resuming and of distributed work).
+        Memory besides the result is proportional to one chunk.
+    store
+        Path of a zarr store (``"X_text.zarr"``): each finished chunk's embeddings are written there
+        with a done flag, and a rerun with the same store, model, cells, sentences and parameters
+        computes only the chunks left (a killed run resumes). A store holding another computation
+        is refused. Needs ``sc-llm[scale]``.
+    scheduler
+        Run the chunks on a dask.distributed cluster: ``"local"`` (a ``LocalCluster`` started and
+        closed here), a scheduler address (``"tcp://host:8786"``) or a ``distributed.Client``. This
+        process reads the data and sends each worker a chunk of sentences; a model given by name is
+        loaded once per worker, a model object is sent once to each worker. Results equal a
+        single-process run. ``None`` (default) runs here.
     copy
         Return a copy instead of writing into ``adata``.
 
@@ -79,6 +99,12 @@ def embed_text(
     ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × dim) and
     ``adata.uns[key_added]`` with the model identity, dimension, token limit, precision used
     and how many genes fit (mean, min, max).
+
+    Notes
+    -----
+    Out of core: with a backed AnnData (``read_h5ad(..., backed="r")``) or a dask-array ``X``, rows
+    are read one chunk at a time. Kept in memory: the result (cells × dim float32, e.g. 300 MB for
+    200,000 cells at 384 dimensions), ``obs``, and one chunk of rows, sentences and token ids.
     """
     adata = maybe_copy(adata, copy)
     encoder = load_text_encoder(model, device)
@@ -86,32 +112,79 @@ def embed_text(
     if sentence_key not in adata.obs and store_sentences:
         cell_sentences(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, key_added=sentence_key)
     from_obs = sentence_key in adata.obs
-    chunks = (
-        _obs_sentence_chunks(adata, sentence_key)
+    source = (
+        ObsSentences(adata, sentence_key)
         if from_obs
-        else _matrix_sentence_chunks(adata, encoder.max_tokens, layer, use_raw, gene_symbols)
+        else MatrixSentences(adata, encoder.max_tokens, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
     )
-    emb = np.empty((adata.n_obs, encoder.dim), dtype=np.float32)
-    n_fit = np.empty(adata.n_obs, dtype=np.int64)
+    params = {"precision": used_precision, "normalize": normalize, "prefix": prefix or ""}
+    results = ChunkedResults(
+        adata.n_obs,
+        chunk_size,
+        {"embedding": ((encoder.dim,), np.float32), "n_fit": ((), np.int64)},
+        store=store,
+        fingerprint=None if store is None else _fingerprint(adata, encoder, source, params),
+    )
     with progress(adata.n_obs, "embed_text", unit="cell") as bar:
-        for start, stop, sentences in chunks:
-            ids, n_fit[start:stop] = encoder.fit(sentences, prefix)
-            emb[start:stop] = encoder.encode_ids(
-                ids, batch_size=batch_size, precision=used_precision, normalize=normalize, bar=bar
-            )
+        bar.update(results.n_done_cells)
+
+        def on_result(i, out):
+            results.put(i, embedding=out[0], n_fit=out[1])
+            if scheduler is not None:
+                bar.update(len(out[1]))
+
+        run_chunks(
+            results.todo(),
+            lambda i: (source.chunk(*results.bounds(i)),),
+            embed_sentence_chunk,
+            on_result,
+            shared=(_remote_model(model, encoder, scheduler), device, prefix, batch_size, precision, normalize),
+            scheduler=scheduler,
+            local_kwargs={"bar": bar},
+        )
+    emb, n_fit = results.array("embedding"), results.array("n_fit")
     warn_overwrite(adata.obsm, key_added, "adata.obsm")
     adata.obsm[key_added] = emb
     adata.uns[key_added] = {
         "model": encoder.identity(),
         "dim": encoder.dim,
         "max_tokens": encoder.max_tokens,
-        "precision": used_precision,
-        "normalize": normalize,
-        "prefix": prefix or "",
+        **params,
         "sentences": f"obs[{sentence_key!r}]" if from_obs else "built from the matrix (not stored)",
         "genes_in_context": _stats(n_fit),
     }
+    if store is not None:
+        adata.uns[key_added]["store"] = str(store)
     return adata if copy else None
+
+
+def embed_sentence_chunk(model, device, prefix, batch_size, precision, normalize, sentences, bar=None):
+    """Embed one chunk of sentences: ``(embeddings, genes that fit)``; runs here or on a dask worker.
+
+    On a worker, ``model`` is a name (loaded once per worker process by the cached loader) or the
+    encoder object scattered to it once.
+    """
+    encoder = load_text_encoder(model, device)
+    ids, n_fit = encoder.fit(sentences, prefix)
+    emb = encoder.encode_ids(ids, batch_size=batch_size, precision=precision, normalize=normalize, bar=bar)
+    return emb, n_fit
+
+
+def _remote_model(model, encoder, scheduler):
+    """What workers load: the name when there is one (each loads it once), else the encoder object."""
+    if scheduler is not None and (model is None or isinstance(model, str | Path)):
+        return None if model is None else str(model)
+    return encoder
+
+
+def _fingerprint(adata, encoder, source, params) -> dict[str, Any]:
+    return {
+        "function": "embed_text",
+        "model": encoder.identity(),
+        **params,
+        "sentences": source.describe(),
+        "cells": names_digest(adata.obs_names),
+    }
 
 
 def _stats(n_fit: np.ndarray) -> dict[str, float]:
@@ -120,23 +193,45 @@ def _stats(n_fit: np.ndarray) -> dict[str, float]:
     return {"mean": float(n_fit.mean()), "min": int(n_fit.min()), "max": int(n_fit.max())}
 
 
-def _obs_sentence_chunks(adata: AnnData, key: str) -> Iterator[tuple[int, int, list[str]]]:
-    col = adata.obs[key]
-    missing = col.isna().to_numpy()
-    if missing.any():
-        raise ValueError(
-            f"obs[{key!r}] is missing for {int(missing.sum())} cells: {format_examples(adata.obs_names[missing])}."
-        )
-    values = col.astype(str).to_numpy()
-    for start in range(0, adata.n_obs, _CELL_CHUNK):
-        stop = min(start + _CELL_CHUNK, adata.n_obs)
-        yield start, stop, list(values[start:stop])
+class ObsSentences:
+    """Sentences read from an ``obs`` column, validated once."""
+
+    def __init__(self, adata: AnnData, key: str):
+        col = adata.obs[key]
+        missing = col.isna().to_numpy()
+        if missing.any():
+            raise ValueError(
+                f"obs[{key!r}] is missing for {int(missing.sum())} cells: {format_examples(adata.obs_names[missing])}."
+            )
+        self.key, self.values = key, col.astype(str).to_numpy()
+
+    def chunk(self, start: int, stop: int) -> list[str]:
+        return list(self.values[start:stop])
+
+    def describe(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for start in range(0, len(self.values), 10_000):
+            h.update("\n".join(self.values[start : start + 10_000]).encode())
+        return {"obs": self.key, "sha256": h.hexdigest()[:16]}
 
 
-def _matrix_sentence_chunks(adata, max_tokens, layer, use_raw, gene_symbols):
-    names = checked_gene_names(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
-    # Every gene costs at least one token, so no more than `max_tokens` genes can ever be read.
-    for start, stop, cols, indptr in iter_ranked_genes(
-        adata, layer=layer, use_raw=use_raw, n_genes=max_tokens, chunk_size=_CELL_CHUNK
-    ):
-        yield start, stop, list(join_ranked(names, cols, indptr))
+class MatrixSentences:
+    """Sentences ranked from the matrix one chunk of rows at a time (only rows asked for are read).
+
+    Every gene costs at least one token, so no more than ``max_tokens`` genes per cell are ranked.
+    """
+
+    def __init__(self, adata: AnnData, max_tokens: int, *, layer, use_raw, gene_symbols):
+        self.names = checked_gene_names(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
+        self.X, _ = get_matrix(adata, layer=layer, use_raw=use_raw)
+        self.obs_names, self.max_tokens = adata.obs_names, max_tokens
+        self.params = {"layer": layer, "use_raw": use_raw, "gene_symbols": gene_symbols}
+
+    def chunk(self, start: int, stop: int) -> list[str]:
+        block = as_csr(self.X[start:stop])
+        check_values(block, self.obs_names[start:stop])
+        cols, indptr = rank_csr_rows(block, self.max_tokens)
+        return list(join_ranked(self.names, cols, indptr))
+
+    def describe(self) -> dict[str, Any]:
+        return {"matrix": self.params, "n_vars": len(self.names)}
