@@ -1,0 +1,93 @@
+"""embed_text on a dask.distributed LocalCluster (2 worker processes on loopback) equals a single-process run."""
+
+import numpy as np
+import pytest
+
+import sc_llm as scl
+
+distributed = pytest.importorskip("distributed")
+
+N_CELLS, CHUNK = 24, 8
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def single(text_encoder):
+    adata = scl.datasets.pbmc68k()[:N_CELLS].copy()
+    scl.tl.embed_text(adata, text_encoder, precision="fp32", chunk_size=CHUNK)
+    return adata
+
+
+@pytest.fixture
+def cells(single):
+    return scl.datasets.pbmc68k()[:N_CELLS].copy()
+
+
+def _loads_per_worker(client) -> list[int]:
+    def misses():
+        from sc_llm.models._text import _cached_encoder
+
+        return _cached_encoder.cache_info().misses
+
+    return sorted(client.run(misses).values())
+
+
+def test_cluster_equals_single_process_and_loads_model_once_per_worker(client, cells, single):
+    scl.tl.embed_text(cells, precision="fp32", chunk_size=CHUNK, scheduler=client)
+    np.testing.assert_allclose(cells.obsm["X_text"], single.obsm["X_text"], atol=1e-5)
+    assert cells.uns["X_text"]["genes_in_context"] == single.uns["X_text"]["genes_in_context"]
+    scl.tl.embed_text(cells, precision="fp32", chunk_size=CHUNK // 2, scheduler=client, key_added="X_again")
+    np.testing.assert_allclose(cells.obsm["X_again"], single.obsm["X_text"], atol=1e-5)
+    # 2 calls, 9 chunks spread over both workers: each worker loaded the model at most once.
+    assert max(_loads_per_worker(client)) == 1
+
+
+def test_scheduler_by_address_with_stored_sentences(cluster, cells, single):
+    scl.pp.cell_sentences(cells)
+    scl.tl.embed_text(cells, precision="fp32", chunk_size=CHUNK, scheduler=cluster.scheduler_address)
+    np.testing.assert_allclose(cells.obsm["X_text"], single.obsm["X_text"], atol=1e-5)
+    assert cells.uns["X_text"]["sentences"] == "obs['cell_sentence']"
+
+
+def test_model_object_is_sent_to_workers(client, cells, single, text_encoder):
+    scl.tl.embed_text(cells, text_encoder, precision="fp32", chunk_size=CHUNK, scheduler=client)
+    np.testing.assert_allclose(cells.obsm["X_text"], single.obsm["X_text"], atol=1e-5)
+
+
+def test_cluster_resumes_a_store_started_in_one_process(client, cells, single, text_encoder, monkeypatch, tmp_path):
+    store = tmp_path / "emb.zarr"
+    inner, calls = text_encoder.encode_ids, []
+
+    def fail_second(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(text_encoder, "encode_ids", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        scl.tl.embed_text(cells, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    monkeypatch.undo()
+    import zarr
+
+    assert list(zarr.open_group(str(store), mode="r")["done"][:]) == [True, False, False]
+    scl.tl.embed_text(cells, precision="fp32", chunk_size=CHUNK, store=store, scheduler=client)
+    np.testing.assert_allclose(cells.obsm["X_text"], single.obsm["X_text"], atol=1e-5)
+
+
+def test_bad_scheduler(cells):
+    with pytest.raises(TypeError, match="scheduler must be"):
+        scl.tl.embed_text(cells, scheduler=3)
