@@ -336,6 +336,6 @@ def load_scgpt(model_dir: str | Path | ScGPTEncoder, device: Any = None) -> ScGP
     """
     if isinstance(model_dir, ScGPTEncoder):
         return model_dir
-    weights = Path(model_dir) / "best_model.pt"
-    mtime = weights.stat().st_mtime_ns if weights.exists() else 0
+    files = [Path(model_dir) / f for f in ("args.json", "vocab.json", "best_model.pt")]
+    mtime = max((f.stat().st_mtime_ns for f in files if f.exists()), default=0)
     return _cached(str(Path(model_dir).resolve()), mtime, None if device is None else str(device))

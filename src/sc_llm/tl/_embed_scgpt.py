@@ -151,6 +151,7 @@ def _match_genes(names: np.ndarray, vocab: dict[str, int], gene_col, min_fractio
 def _tokenize_chunk(csr, token_ids, names, encoder, max_length, random_state, layer):
     """Per cell: ``<cls>`` + expressed genes and ``pad_value`` + binned values; also expressed-gene counts."""
     csr.eliminate_zeros()
+    csr.sort_indices()  # var order, so the seeded tie-breaks and subsets do not depend on storage order
     if csr.nnz and csr.data.min() < 0:
         bad = names[np.unique(np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[csr.data < 0])]
         where = f"layer {layer!r}" if layer else "adata.X"
@@ -182,6 +183,7 @@ def bin_values(x: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarr
     """
     if x.size == 0:
         return np.zeros(0, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)  # float32 quantile edges would move values across edges
     edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
     left = np.digitize(x, edges)
     right = np.digitize(x, edges, right=True)
