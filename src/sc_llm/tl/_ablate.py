@@ -309,7 +309,7 @@ def ablation_study(
         raise KeyError(f"Column {split_key!r} not found in adata.obs; create one with sc_llm.pp.train_test_split.")
     specs = _study_specs(kinds)
     sentences = _sentences(adata, sentence_key)
-    scratch = AnnData(obs=adata.obs[[labels_key, split_key]].copy())
+    base_obs = adata.obs[[labels_key, split_key]].copy()
     columns, in_context, kinds_info = {}, {}, {}
     for name, kind, fraction in specs:
         if kind is None:
@@ -317,7 +317,7 @@ def ablation_study(
         else:
             text, info = ablate_sentences(sentences, kind, fraction=fraction, model=model, random_state=random_state)
         logger.info("ablation_study: embedding %s", name)
-        scratch.obs["_sentence"] = text
+        scratch = AnnData(obs=base_obs.assign(_sentence=text))
         embed_text(scratch, model, sentence_key="_sentence", key_added="_X", batch_size=batch_size, device=device,
                    precision=precision)
         knn_annotate(scratch, "_X", labels_key, split_key=split_key, train_value=train_value, k=k, key_added="_knn")

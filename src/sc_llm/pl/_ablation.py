@@ -1,0 +1,172 @@
+"""Plots of the ablation study: Table 2 as grouped bars, Figures 6–8 as metric vs sentence length."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ..tl._ablate import column_label
+
+_ROW_LABELS = {
+    "accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1",
+    "kmeans_ari": "k-means ARI", "kmeans_ami": "k-means AMI",
+}
+
+
+def _study(data, key: str) -> tuple[pd.DataFrame, dict]:
+    if isinstance(data, pd.DataFrame):
+        return data, {}
+    if key not in data.uns or "table" not in data.uns[key]:
+        raise KeyError(f"uns[{key!r}]['table'] not found; run sc_llm.tl.ablation_study first.")
+    return data.uns[key]["table"], dict(data.uns[key].get("kinds", {}))
+
+
+def _finish(ax, save, show, own_ax):
+    import matplotlib.pyplot as plt
+
+    if save is not None:
+        ax.figure.savefig(save, dpi=120, bbox_inches="tight")
+    if show or (show is None and save is None and own_ax):
+        plt.show()
+
+
+def ablation(
+    data: AnnData | pd.DataFrame,
+    *,
+    key: str = "ablation_study",
+    metrics: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+    ax=None,
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Grouped bars of the ablation study: one group per metric, one bar per ablation (Table 2).
+
+    Parameters
+    ----------
+    data
+        The DataFrame returned by :func:`sc_llm.tl.ablation_study` or an AnnData holding it in
+        ``uns[key]``.
+    key
+        ``uns`` key of the study.
+    metrics
+        Rows to draw (default: all).
+    columns
+        Ablations to draw (default: all, baseline first).
+    ax
+        Matplotlib Axes to draw into (default: a new figure).
+    save
+        Path of a figure file to write.
+    show
+        Show the figure (default: only when neither saving nor drawing into a given ``ax``).
+
+    Returns
+    -------
+    The matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    table, kinds = _study(data, key)
+    metrics = list(metrics) if metrics is not None else list(table.index)
+    columns = list(columns) if columns is not None else list(table.columns)
+    missing = [m for m in metrics if m not in table.index] + [c for c in columns if c not in table.columns]
+    if missing:
+        raise KeyError(f"{missing} not in the ablation table (rows {list(table.index)}, columns {list(table.columns)}).")
+    own_ax = ax is None
+    if own_ax:
+        _, ax = plt.subplots(figsize=(2 + 1.3 * len(metrics), 4), constrained_layout=True)
+    width = 0.8 / len(columns)
+    x = np.arange(len(metrics))
+    for i, col in enumerate(columns):
+        values = table.loc[metrics, col].to_numpy(dtype=float)
+        ax.bar(x + (i - (len(columns) - 1) / 2) * width, values, width, label=column_label(col, kinds))
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(x, [_ROW_LABELS.get(m, m) for m in metrics])
+    ax.set_ylim(min(0.0, float(np.nanmin(table.loc[metrics, columns].to_numpy(dtype=float)))), 1)
+    ax.set_ylabel("score (held-out cells; clustering: all cells)")
+    ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    _finish(ax, save, show, own_ax)
+    return ax
+
+
+def sentence_length(
+    data: AnnData | pd.DataFrame,
+    *,
+    key: str = "ablation_study",
+    metrics: Sequence[str] = ("accuracy", "f1"),
+    baselines: Mapping[str, Mapping[str, float] | float] | None = None,
+    include_full: bool = True,
+    axes=None,
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Metric against the fraction of in-context genes kept (``truncate`` ablations; Figures 6–8).
+
+    Parameters
+    ----------
+    data
+        The study table (:func:`sc_llm.tl.ablation_study` with ``("truncate", fraction)`` kinds) or
+        an AnnData holding it in ``uns[key]``.
+    key
+        ``uns`` key of the study.
+    metrics
+        One panel per metric, top to bottom (the paper: accuracy, then F1).
+    baselines
+        Horizontal reference lines, ``{name: {metric: value}}`` or ``{name: value}`` for every
+        panel, e.g. another encoder or scGPT with full sentences.
+    include_full
+        Draw the unablated sentences (``"baseline"`` column) at fraction 1.0.
+    axes
+        Sequence of Axes, one per metric (default: a new figure).
+    save
+        Path of a figure file to write.
+    show
+        Show the figure (default: only when neither saving nor drawing into given ``axes``).
+
+    Returns
+    -------
+    The list of Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    table, kinds = _study(data, key)
+    fractions = _truncation_points(table, kinds, include_full)
+    if not fractions:
+        raise ValueError("The ablation table has no 'truncate' columns; run ablation_study with ('truncate', f) kinds.")
+    own = axes is None
+    if own:
+        _, axes = plt.subplots(len(metrics), 1, figsize=(5, 2.6 * len(metrics)), squeeze=False, constrained_layout=True)
+        axes = list(axes[:, 0])
+    xs = sorted(fractions)
+    for ax, metric in zip(axes, metrics, strict=True):
+        if metric not in table.index:
+            raise KeyError(f"Metric {metric!r} not in the ablation table; rows: {list(table.index)}.")
+        ys = [float(table.loc[metric, fractions[f]]) for f in xs]
+        ax.plot([100 * f for f in xs], ys, marker="o", label="text encoder")
+        for j, (name, value) in enumerate((baselines or {}).items()):
+            v = value.get(metric) if isinstance(value, Mapping) else value
+            if v is not None:
+                ax.axhline(float(v), linestyle="--", color=f"C{j + 1}", label=name)
+        ax.set_xlabel("% of in-context genes kept")
+        ax.set_ylabel(_ROW_LABELS.get(metric, metric))
+        ax.set_xticks([100 * f for f in xs])
+        ax.legend(fontsize="small", frameon=False)
+    _finish(axes[0], save, show, own)
+    return axes
+
+
+def _truncation_points(table: pd.DataFrame, kinds: dict, include_full: bool) -> dict[float, str]:
+    points = {}
+    for col in table.columns:
+        info = kinds.get(col, {})
+        kind = info.get("kind") or (col.rsplit("_", 1)[0] if col.startswith("truncate") else col)
+        if kind == "truncate":
+            fraction = info.get("fraction")
+            points[float(fraction if fraction is not None else col.rsplit("_", 1)[-1])] = col
+    if include_full and "baseline" in table.columns and points:
+        points.setdefault(1.0, "baseline")
+    return points
