@@ -141,3 +141,68 @@ def test_cell_sentences_store_resumes_and_can_stay_on_disk(backed, small, monkey
     assert list(backed.obs["cell_sentence"]) == list(expected)
     with pytest.raises(ValueError, match="needs a `store=`"):
         scl.pp.cell_sentences(small, in_obs=False)
+
+
+# -- gene-level text mode ---------------------------------------------------------------------------
+
+
+def _rank_reference(dense: np.ndarray, n_genes: int | None) -> np.ndarray:
+    """Weights 1/(r+1) by descending value, ties by gene position, computed row by row."""
+    w = np.zeros_like(dense, dtype=np.float64)
+    for i, row in enumerate(dense):
+        expressed = np.flatnonzero(row > 0)
+        order = expressed[np.lexsort((expressed, -row[expressed]))][:n_genes]
+        w[i, order] = 1.0 / (np.arange(order.size) + 1)
+    return w
+
+
+@pytest.mark.parametrize(("weighting", "n_genes"), [("expression", None), ("expression", 30), ("rank", 50)])
+def test_gene_mode_equals_weighted_average_of_gene_embeddings(small, text_encoder, weighting, n_genes):
+    small.X.data[small.X.indptr[3] : small.X.indptr[4]] = 0  # one cell without expression (explicit zeros)
+    scl.tl.embed_text_genes(small, text_encoder, precision="fp32", weighting=weighting, n_genes=n_genes, chunk_size=CHUNK)
+    genes = text_encoder.model.encode(list(small.var_names), normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(small.varm["X_text_genes"], genes, atol=1e-5)
+    dense = small.X.toarray().astype(np.float64)
+    if weighting == "rank":
+        w = _rank_reference(dense, n_genes)
+    else:
+        w = np.where(_rank_reference(dense, n_genes) > 0, dense, 0)
+    expected = w @ genes.astype(np.float64)
+    norms = np.linalg.norm(expected, axis=1, keepdims=True)
+    expected = np.divide(expected, norms, out=np.zeros_like(expected), where=norms > 0)
+    np.testing.assert_allclose(small.obsm["X_text_genes"], expected, atol=1e-5)
+    assert not small.obsm["X_text_genes"][3].any()
+    info = small.uns["X_text_genes"]
+    assert info["weighting"] == weighting and info["n_empty_cells"] == 1 and info["mode"] == "gene"
+
+
+def test_gene_mode_descriptions_unnormalized_backed_and_raw(backed, small, text_encoder):
+    desc = {"CD3E": "T cell receptor CD3 epsilon subunit", "LYZ": "lysozyme, an antimicrobial enzyme of monocytes"}
+    scl.tl.embed_text_genes(small, text_encoder, descriptions=desc, precision="fp32", normalize=False)
+    assert small.uns["X_text_genes"]["n_genes_described"] == 2
+    pos = list(small.var_names).index("LYZ")
+    ref = text_encoder.model.encode([desc["LYZ"]], normalize_embeddings=True, convert_to_numpy=True)[0]
+    np.testing.assert_allclose(small.varm["X_text_genes"][pos], ref, atol=1e-5)
+    # Without normalizing, a cell is the weighted mean of unit vectors: norm at most 1.
+    assert np.linalg.norm(small.obsm["X_text_genes"], axis=1).max() <= 1 + 1e-6
+    scl.tl.embed_text_genes(backed, text_encoder, descriptions=desc, precision="fp32", normalize=False)
+    np.testing.assert_allclose(backed.obsm["X_text_genes"], small.obsm["X_text_genes"], atol=1e-6)
+
+
+def test_gene_mode_errors(small, text_encoder):
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        scl.tl.embed_text_genes(small, text_encoder, weighting="tfidf")
+    with pytest.raises(ValueError, match="No gene name matches"):
+        scl.tl.embed_text_genes(small, text_encoder, descriptions={"ENSG0001": "x"})
+    with pytest.raises(ValueError, match="n_genes must be positive"):
+        scl.tl.embed_text_genes(small, text_encoder, n_genes=0)
+
+
+def test_gene_mode_knn_accuracy_on_pbmc68k(pbmc_embedded, text_encoder):
+    """GenePT-w on log-normalized pbmc68k annotates at least as well as the sentence embedding."""
+    scl.tl.embed_text_genes(pbmc_embedded, text_encoder, layer="log1p", precision="fp32")
+    scl.tl.knn_annotate(pbmc_embedded, "X_text_genes", "cell_type", key_added="knn_genes")
+    scl.tl.knn_annotate(pbmc_embedded, "X_text", "cell_type", key_added="knn_sentences")
+    genes, sentences = (pbmc_embedded.uns[k]["metrics"]["accuracy"] for k in ("knn_genes", "knn_sentences"))
+    assert genes > 0.75
+    assert genes >= sentences - 0.02

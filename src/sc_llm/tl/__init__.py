@@ -4,6 +4,7 @@ from ._ablate import ablate, ablation_study
 from ._attribute import attribute
 from ._compare import compare_annotators
 from ._embed_geneformer import embed_geneformer
+from ._embed_genes import embed_text_genes
 from ._embed_scgpt import embed_scgpt
 from ._embed_text import embed_text
 from ._fusion import fuse_predict, fuse_train
@@ -16,6 +17,7 @@ from ._mudata import from_mudata, to_mudata
 
 __all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annotate"]
 __all__ += ["embed_geneformer", "embed_scgpt"]
+__all__ += ["embed_text_genes"]
 __all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
 __all__ += ["from_mudata", "to_mudata"]
 __all__ += ["ablate", "ablation_study", "attribute", "marker_overlap", "marker_similarity", "read_markers"]
