@@ -161,6 +161,7 @@ def write_geneformer(
     model_dir = path / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     specials = ["<pad>", "<mask>", "<cls>", "<eos>"] if v2 else ["<pad>", "<mask>"]
+    genes = list(dict.fromkeys(genes))
     token_dictionary = {t: i for i, t in enumerate([*specials, *genes])}
     rng = np.random.default_rng(seed)
     medians = {g: float(m) for g, m in zip(genes, rng.uniform(0.5, 5.0, len(genes)), strict=True)}
@@ -175,7 +176,14 @@ def write_geneformer(
         pad_token_id=0,
     )
     torch.manual_seed(seed)
-    BertForMaskedLM(config).save_pretrained(model_dir, safe_serialization=safetensors)
+    BertForMaskedLM(config).save_pretrained(model_dir)
+    if not safetensors:
+        # Geneformer V1 ships pytorch_model.bin; recent transformers only write safetensors, so convert.
+        from safetensors.torch import load_file
+
+        weights = model_dir / "model.safetensors"
+        torch.save(load_file(weights), model_dir / "pytorch_model.bin")
+        weights.unlink()
     tok_path, med_path = path / "token_dictionary.pkl", path / "gene_median_dictionary.pkl"
     with open(tok_path, "wb") as f:
         pickle.dump(token_dictionary, f)

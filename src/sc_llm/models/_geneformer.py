@@ -78,6 +78,7 @@ class GeneformerEncoder:
         self.dim = int(cfg.hidden_size)
         self.input_size = int(cfg.max_position_embeddings)
         self.pad_id = int(cfg.pad_token_id or 0)
+        self.vocab_size = int(cfg.vocab_size)
         self._reduced: dict[str, Any] = {}
         self._torch = torch
 

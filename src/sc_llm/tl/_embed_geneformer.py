@@ -105,8 +105,9 @@ def embed_geneformer(
     cols, collapse, token_ids, norm = _match_genes(
         gene_names(var, ensembl_col), tokens_of, medians, ensembl_col
     )
+    _check_vocab(token_ids, wrap_ids(tokens_of, special_tokens), encoder.vocab_size)
     n_keep = encoder.input_size - (2 if special_tokens else 0)
-    wrap = (tokens_of["<cls>"], tokens_of["<eos>"]) if special_tokens else None
+    wrap = wrap_ids(tokens_of, special_tokens)
 
     emb = np.empty((adata.n_obs, encoder.dim), dtype=np.float32)
     n_genes = np.empty(adata.n_obs, dtype=np.int64)
@@ -196,6 +197,19 @@ def rank_value_encode(chunk, cols, collapse, token_ids, inv_median, n_keep: int,
         tok = token_ids[norm.indices[lo:hi][order]]
         seqs.append(np.concatenate(([wrap[0]], tok, [wrap[1]])) if wrap else tok)
     return seqs, np.diff(norm.indptr)
+
+
+def wrap_ids(tokens_of: Mapping, special_tokens: bool) -> tuple[int, int] | None:
+    return (int(tokens_of["<cls>"]), int(tokens_of["<eos>"])) if special_tokens else None
+
+
+def _check_vocab(token_ids: np.ndarray, wrap, vocab_size: int) -> None:
+    used = np.concatenate((token_ids, wrap or ()))
+    if used.size and (used.max() >= vocab_size or used.min() < 0):
+        raise ValueError(
+            f"token_dictionary has ids up to {int(used.max())} but the model embeds {vocab_size} tokens: "
+            "the dictionary belongs to another Geneformer version (V1 30M vs V2 104M dictionaries)."
+        )
 
 
 def _check_nonempty(n_genes: np.ndarray, names) -> None:
