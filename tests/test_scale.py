@@ -206,3 +206,50 @@ def test_gene_mode_knn_accuracy_on_pbmc68k(pbmc_embedded, text_encoder):
     genes, sentences = (pbmc_embedded.uns[k]["metrics"]["accuracy"] for k in ("knn_genes", "knn_sentences"))
     assert genes > 0.75
     assert genes >= sentences - 0.02
+
+
+# -- approximate kNN ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clusters(rng):
+    """1,500 cells in 6 noisy Gaussian clusters (32 dimensions), 80 % training cells."""
+    centers = rng.normal(size=(6, 32)) * 3
+    labels = rng.integers(0, 6, size=1500)
+    emb = (centers[labels] + rng.normal(size=(1500, 32)) * 2.5).astype(np.float32)
+    adata = ad.AnnData(np.zeros((1500, 1), dtype=np.float32))
+    adata.obsm["X_emb"] = emb
+    adata.obs["label"] = [f"type{i}" for i in labels]
+    adata.obs["split"] = np.where(rng.random(1500) < 0.8, "train", "test")
+    return adata
+
+
+def test_approximate_knn_agrees_with_exact_and_threshold_picks_it(clusters):
+    from sklearn.neighbors import NearestNeighbors
+
+    from sc_llm.tl._knn import _neighbours
+
+    scl.tl.knn_annotate(clusters, "X_emb", "label", key_added="exact")
+    assert clusters.uns["exact"]["index"] == "exact"
+    scl.tl.knn_annotate(clusters, "X_emb", "label", approx=True, key_added="approx")
+    assert clusters.uns["approx"]["index"].startswith("pynndescent")
+    agree = (clusters.obs["exact"] == clusters.obs["approx"]).mean()
+    assert agree > 0.97
+    acc = (clusters.uns["exact"]["metrics"]["accuracy"], clusters.uns["approx"]["metrics"]["accuracy"])
+    assert abs(acc[0] - acc[1]) < 0.03
+
+    # Recall of the approximate neighbour lists against an exact search computed here.
+    train = np.flatnonzero(clusters.obs["split"] == "train")
+    X = clusters.obsm["X_emb"]
+    approx = _neighbours(X, train, 10, "cosine", approx=True, random_state=0)
+    test = np.flatnonzero(clusters.obs["split"] != "train")
+    exact = NearestNeighbors(n_neighbors=10, metric="cosine").fit(X[train]).kneighbors(X[test])[1]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx[test], exact, strict=True)])
+    assert recall > 0.9
+    np.testing.assert_array_equal(approx, _neighbours(X, train, 10, "cosine", approx=True, random_state=0))
+
+    scl.tl.knn_annotate(clusters, "X_emb", "label", approx=None, approx_threshold=1000, key_added="auto")
+    assert clusters.uns["auto"]["index"].startswith("pynndescent")
+    scl.tl.knn_annotate(clusters, "X_emb", "label", approx_threshold=10_000, key_added="auto_exact")
+    assert clusters.uns["auto_exact"]["index"] == "exact"
+    assert list(clusters.obs["auto_exact"]) == list(clusters.obs["exact"])
