@@ -91,3 +91,19 @@ def test_cluster_resumes_a_store_started_in_one_process(client, cells, single, t
 def test_bad_scheduler(cells):
     with pytest.raises(TypeError, match="scheduler must be"):
         scl.tl.embed_text(cells, scheduler=3)
+
+
+def test_foundation_models_on_cluster_equal_single_process(client, cells, tmp_path):
+    from _checkpoints import ensembl_ids, write_geneformer, write_scgpt
+
+    scgpt_dir = write_scgpt(tmp_path / "scgpt", list(cells.var_names[:600]))
+    cells.var["ensembl_id"] = ensembl_ids(cells.n_vars)
+    gf_dir, tok, med = write_geneformer(tmp_path / "gf", list(cells.var["ensembl_id"][:700]))
+    gf = {"token_dictionary": tok, "gene_median_dictionary": med, "precision": "fp32", "chunk_size": CHUNK}
+    scl.tl.embed_scgpt(cells, scgpt_dir, precision="fp32", chunk_size=CHUNK, key_added="one_scgpt")
+    scl.tl.embed_scgpt(cells, scgpt_dir, precision="fp32", chunk_size=CHUNK, scheduler=client, key_added="dask_scgpt")
+    np.testing.assert_allclose(cells.obsm["dask_scgpt"], cells.obsm["one_scgpt"], atol=1e-5)
+    scl.tl.embed_geneformer(cells, gf_dir, **gf, key_added="one_gf")
+    scl.tl.embed_geneformer(cells, gf_dir, **gf, scheduler=client, key_added="dask_gf")
+    np.testing.assert_allclose(cells.obsm["dask_gf"], cells.obsm["one_gf"], atol=1e-5)
+    assert cells.uns["dask_gf"]["genes_per_cell"] == cells.uns["one_gf"]["genes_per_cell"]

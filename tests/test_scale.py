@@ -253,3 +253,52 @@ def test_approximate_knn_agrees_with_exact_and_threshold_picks_it(clusters):
     scl.tl.knn_annotate(clusters, "X_emb", "label", approx_threshold=10_000, key_added="auto_exact")
     assert clusters.uns["auto_exact"]["index"] == "exact"
     assert list(clusters.obs["auto_exact"]) == list(clusters.obs["exact"])
+
+
+# -- scGPT / Geneformer: backed input, resumable store ---------------------------------------------
+
+
+@pytest.fixture
+def foundation_models(tmp_path, pbmc):
+    from _checkpoints import ensembl_ids, write_geneformer, write_scgpt
+
+    genes = list(pbmc.var_names)
+    ids = ensembl_ids(pbmc.n_vars)
+    return write_scgpt(tmp_path / "scgpt", genes[:600]), write_geneformer(tmp_path / "gf", ids[:700]), ids
+
+
+@pytest.mark.parametrize("which", ["scgpt", "geneformer"])
+def test_foundation_models_backed_and_resumed(which, small, foundation_models, monkeypatch, tmp_path):
+    from sc_llm.tl import _embed_geneformer, _embed_scgpt
+
+    scgpt_dir, (gf_dir, tok, med), ids = foundation_models
+    small.var["ensembl_id"] = ids
+    path = tmp_path / "small_ids.h5ad"
+    small.write_h5ad(path)
+    on_disk = ad.read_h5ad(path, backed="r")
+    if which == "scgpt":
+        module, name = _embed_scgpt, "encode_scgpt_chunk"
+
+        def run(adata, **kw):
+            scl.tl.embed_scgpt(adata, scgpt_dir, precision="fp32", **kw)
+    else:
+        module, name = _embed_geneformer, "encode_geneformer_chunk"
+
+        def run(adata, **kw):
+            scl.tl.embed_geneformer(
+                adata, gf_dir, token_dictionary=tok, gene_median_dictionary=med, precision="fp32", **kw
+            )
+
+    run(small)
+    key = f"X_{which}"
+    store = tmp_path / "fm.zarr"
+    counting(monkeypatch, module, name, fail_after=1)
+    with pytest.raises(Interrupt):
+        run(on_disk, chunk_size=CHUNK, store=store)
+    monkeypatch.undo()
+    calls = counting(monkeypatch, module, name)
+    run(on_disk, chunk_size=CHUNK, store=store)
+    assert len(calls) == 2
+    np.testing.assert_allclose(on_disk.obsm[key], small.obsm[key], atol=1e-5)
+    counts = "genes_per_cell"
+    assert on_disk.uns[key][counts] == small.uns[key][counts]

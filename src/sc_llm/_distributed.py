@@ -127,3 +127,43 @@ def run_chunks(
         logger.info("Running chunks on %s (%d workers).", client.scheduler.address, len(client.nthreads()))
         remote = tuple(share(client, s) for s in shared)
         map_chunks(client, compute, ((i, (*remote, *make_input(i))) for i in todo), on_result)
+
+
+def worker_model(spec: Any, loaded: Any, scheduler: Scheduler) -> Any:
+    """What a chunk task should load: the loaded model here; on a cluster its name or folder
+    (each worker loads it once through the per-process loader cache), else the object (sent once)."""
+    if scheduler is not None and (spec is None or isinstance(spec, str | PurePath)):
+        return None if spec is None else str(spec)
+    return loaded
+
+
+def run_embedding(
+    results,
+    tokenize: Callable[[int, int], tuple[tuple, dict[str, Any]]],
+    encode: Callable[..., Any],
+    *,
+    shared: tuple,
+    scheduler: Scheduler,
+    bar,
+) -> None:
+    """Fill ``results`` (a ``ChunkedResults``) chunk by chunk: tokenize here, encode here or on workers.
+
+    ``tokenize(start, stop)`` returns ``(inputs, per_cell)``: the encoder inputs of those rows and
+    per-cell side results (e.g. genes used) stored next to the embedding;
+    ``encode(*shared, *inputs, bar=None)`` returns the chunk's embedding.
+    """
+    side: dict[int, dict[str, Any]] = {}
+
+    def make_input(i: int) -> tuple:
+        inputs, side[i] = tokenize(*results.bounds(i))
+        return inputs
+
+    def on_result(i: int, emb) -> None:
+        results.put(i, embedding=emb, **side.pop(i))
+        if scheduler is not None:
+            bar.update(len(emb))
+
+    bar.update(results.n_done_cells)
+    run_chunks(
+        results.todo(), make_input, encode, on_result, shared=shared, scheduler=scheduler, local_kwargs={"bar": bar}
+    )

@@ -11,8 +11,10 @@ import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
+from .._distributed import Scheduler, run_embedding, worker_model
 from .._progress import progress
-from .._utils import format_examples, gene_names, get_matrix, iter_row_chunks, maybe_copy, warn_overwrite
+from .._store import ChunkedResults, names_digest
+from .._utils import as_csr, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
 from ..models._runtime import Precision, resolve_precision
 
 logger = logging.getLogger("sc_llm")
@@ -36,6 +38,9 @@ def embed_geneformer(
     device: Any = None,
     precision: Precision = "auto",
     key_added: str = "X_geneformer",
+    chunk_size: int = _CELL_CHUNK,
+    store: str | Path | None = None,
+    scheduler: Scheduler = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed cells with a pretrained Geneformer model.
@@ -81,6 +86,14 @@ def embed_geneformer(
         bf16, else fp32) or ``"fp16"`` (CUDA).
     key_added
         ``obsm`` key for the embedding; details go to ``uns[key_added]``.
+    chunk_size
+        Cells read and tokenized at a time (the unit of resuming and of distributed work).
+    store
+        Path of a resumable zarr store for the embeddings (see :func:`sc_llm.tl.embed_text`).
+    scheduler
+        Run the forward passes on a dask.distributed cluster (``"local"``, an address or a
+        ``Client``, see :func:`sc_llm.tl.embed_text`); this process reads and tokenizes the
+        chunks. Workers load ``model_dir`` once each, so the folder must be readable there.
     copy
         Return a copy instead of writing into ``adata``.
 
@@ -109,18 +122,39 @@ def embed_geneformer(
     n_keep = encoder.input_size - (2 if special_tokens else 0)
     wrap = wrap_ids(tokens_of, special_tokens)
 
-    emb = np.empty((adata.n_obs, encoder.dim), dtype=np.float32)
-    n_genes = np.empty(adata.n_obs, dtype=np.int64)
+    fingerprint = {
+        "function": "embed_geneformer", "model": encoder.identity(), "precision": used_precision,
+        "emb_layer": emb_layer, "emb_mode": emb_mode, "special_tokens": bool(special_tokens),
+        "counts_layer": counts_layer,
+    }  # fmt: skip
+    if store is not None:
+        fingerprint |= {"cells": names_digest(adata.obs_names), "tokens": names_digest(token_ids)}
+    results = ChunkedResults(
+        adata.n_obs,
+        chunk_size,
+        {"embedding": ((encoder.dim,), np.float32), "n_genes": ((), np.int64)},
+        store=store,
+        fingerprint=fingerprint,
+    )
+
+    def tokenize(start: int, stop: int):
+        seqs, n = rank_value_encode(as_csr(X[start:stop]), cols, collapse, token_ids, norm, n_keep, wrap)
+        _check_nonempty(n, adata.obs_names[start:stop])
+        return (seqs,), {"n_genes": n}
+
     with progress(adata.n_obs, "embed_geneformer", unit="cell") as bar:
-        for start, stop, chunk in iter_row_chunks(X, _CELL_CHUNK):
-            seqs, n_genes[start:stop] = rank_value_encode(
-                chunk, cols, collapse, token_ids, norm, n_keep, wrap
-            )
-            _check_nonempty(n_genes[start:stop], adata.obs_names[start:stop])
-            emb[start:stop] = encoder.encode(
-                seqs, emb_layer=emb_layer, special_tokens=special_tokens, emb_mode=emb_mode,
-                batch_size=batch_size, precision=used_precision, bar=bar,
-            )  # fmt: skip
+        run_embedding(
+            results,
+            tokenize,
+            encode_geneformer_chunk,
+            shared=(
+                worker_model(model_dir, encoder, scheduler), device, emb_layer, special_tokens, emb_mode,
+                batch_size, precision,
+            ),
+            scheduler=scheduler,
+            bar=bar,
+        )  # fmt: skip
+    emb, n_genes = results.array("embedding"), results.array("n_genes")
     warn_overwrite(adata.obsm, key_added, "adata.obsm")
     adata.obsm[key_added] = emb
     adata.uns[key_added] = {
@@ -136,6 +170,20 @@ def embed_geneformer(
         "n_cells_truncated": int((n_genes > n_keep).sum()),
     }
     return adata if copy else None
+
+
+def encode_geneformer_chunk(
+    model_dir, device, emb_layer, special_tokens, emb_mode, batch_size, precision, seqs, bar=None
+) -> np.ndarray:
+    """One chunk's forward passes; runs here or on a dask worker (which loads the model once)."""
+    from ..models._geneformer import load_geneformer
+
+    encoder = load_geneformer(model_dir, device)
+    used = resolve_precision(precision, encoder.device)  # on a worker: that worker's device
+    return encoder.encode(
+        seqs, emb_layer=emb_layer, special_tokens=special_tokens, emb_mode=emb_mode,
+        batch_size=batch_size, precision=used, bar=bar,
+    )  # fmt: skip
 
 
 def _check_mode(emb_mode: str, special_tokens: bool, tokens_of: Mapping) -> None:

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
+from .._distributed import Scheduler, run_embedding, worker_model
 from .._progress import progress
-from .._utils import format_examples, gene_names, get_matrix, iter_row_chunks, maybe_copy, warn_overwrite
+from .._store import ChunkedResults, names_digest
+from .._utils import as_csr, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
 from ..models._runtime import Precision, resolve_precision
 
 logger = logging.getLogger("sc_llm")
@@ -32,6 +34,9 @@ def embed_scgpt(
     random_state: int = 0,
     min_gene_fraction: float = 0.1,
     key_added: str = "X_scgpt",
+    chunk_size: int = _CELL_CHUNK,
+    store: str | Path | None = None,
+    scheduler: Scheduler = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed cells with a pretrained scGPT model (the ``<cls>`` output, L2-normalized).
@@ -76,6 +81,14 @@ def embed_scgpt(
         (usually a sign of Ensembl IDs or another species in ``gene_col``).
     key_added
         ``obsm`` key for the embedding; details go to ``uns[key_added]``.
+    chunk_size
+        Cells read and tokenized at a time (the unit of resuming and of distributed work).
+    store
+        Path of a resumable zarr store for the embeddings (see :func:`sc_llm.tl.embed_text`).
+    scheduler
+        Run the forward passes on a dask.distributed cluster (``"local"``, an address or a
+        ``Client``, see :func:`sc_llm.tl.embed_text`); this process reads and tokenizes the
+        chunks. Workers load ``model_dir`` once each, so the folder must be readable there.
     copy
         Return a copy instead of writing into ``adata``.
 
@@ -95,17 +108,34 @@ def embed_scgpt(
     X, var = get_matrix(adata, layer=layer)
     cols, token_ids = _match_genes(gene_names(var, gene_col), encoder.vocab, gene_col, min_gene_fraction)
 
-    emb = np.empty((adata.n_obs, encoder.dim), dtype=np.float32)
-    n_genes = np.empty(adata.n_obs, dtype=np.int64)
     names = np.asarray(adata.obs_names.astype(str))
+    params = {"precision": used_precision, "max_length": max_length, "random_state": random_state}
+    fingerprint = {"function": "embed_scgpt", "model": encoder.identity(), **params, "layer": layer}
+    if store is not None:
+        fingerprint |= {"cells": names_digest(names), "genes": names_digest(gene_names(var, gene_col)[cols])}
+    results = ChunkedResults(
+        adata.n_obs,
+        chunk_size,
+        {"embedding": ((encoder.dim,), np.float32), "n_genes": ((), np.int64)},
+        store=store,
+        fingerprint=fingerprint,
+    )
+
+    def tokenize(start: int, stop: int):
+        chunk = as_csr(X[start:stop])[:, cols]
+        genes, values, n = _tokenize_chunk(chunk, token_ids, names[start:stop], encoder, max_length, random_state, layer)
+        return (genes, values), {"n_genes": n}
+
     with progress(adata.n_obs, "embed_scgpt", unit="cell") as bar:
-        for start, stop, chunk in iter_row_chunks(X, _CELL_CHUNK):
-            genes, values, n_genes[start:stop] = _tokenize_chunk(
-                chunk[:, cols], token_ids, names[start:stop], encoder, max_length, random_state, layer
-            )
-            emb[start:stop] = encoder.encode(
-                genes, values, batch_size=batch_size, precision=used_precision, bar=bar
-            )
+        run_embedding(
+            results,
+            tokenize,
+            encode_scgpt_chunk,
+            shared=(worker_model(model_dir, encoder, scheduler), device, batch_size, precision),
+            scheduler=scheduler,
+            bar=bar,
+        )
+    emb, n_genes = results.array("embedding"), results.array("n_genes")
 
     n_empty = int((n_genes == 0).sum())
     if n_empty:
@@ -127,6 +157,15 @@ def embed_scgpt(
         "n_cells_without_genes": n_empty,
     }
     return adata if copy else None
+
+
+def encode_scgpt_chunk(model_dir, device, batch_size, precision, genes, values, bar=None) -> np.ndarray:
+    """One chunk's forward passes; runs here or on a dask worker (which loads the model once)."""
+    from ..models._scgpt import load_scgpt
+
+    encoder = load_scgpt(model_dir, device)
+    used = resolve_precision(precision, encoder.device)  # on a worker: that worker's device
+    return encoder.encode(genes, values, batch_size=batch_size, precision=used, bar=bar)
 
 
 def _match_genes(names: np.ndarray, vocab: dict[str, int], gene_col, min_fraction: float):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from .._distributed import Scheduler, run_chunks
+from .._distributed import Scheduler, run_chunks, worker_model
 from .._progress import progress
 from .._store import ChunkedResults, names_digest
 from .._utils import as_csr, format_examples, get_matrix, maybe_copy, warn_overwrite
@@ -138,7 +138,7 @@ def embed_text(
             lambda i: (source.chunk(*results.bounds(i)),),
             embed_sentence_chunk,
             on_result,
-            shared=(_remote_model(model, encoder, scheduler), device, prefix, batch_size, precision, normalize),
+            shared=(worker_model(model, encoder, scheduler), device, prefix, batch_size, precision, normalize),
             scheduler=scheduler,
             local_kwargs={"bar": bar},
         )
@@ -168,13 +168,6 @@ def embed_sentence_chunk(model, device, prefix, batch_size, precision, normalize
     ids, n_fit = encoder.fit(sentences, prefix)
     emb = encoder.encode_ids(ids, batch_size=batch_size, precision=precision, normalize=normalize, bar=bar)
     return emb, n_fit
-
-
-def _remote_model(model, encoder, scheduler):
-    """What workers load: the name when there is one (each loads it once), else the encoder object."""
-    if scheduler is not None and (model is None or isinstance(model, str | Path)):
-        return None if model is None else str(model)
-    return encoder
 
 
 def _fingerprint(adata, encoder, source, params) -> dict[str, Any]:
