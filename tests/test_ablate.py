@@ -114,6 +114,7 @@ def test_truncate_keeps_top_fraction_of_in_context_genes(small, text_encoder, fr
     for o, t in zip(_words(small, "cell_sentence"), _words(small, "short"), strict=True):
         n = _fit_count(text_encoder.tokenizer, text_encoder.max_tokens, o)
         assert t == o[: int(np.floor(fraction * n + 0.5))]
+    assert small.uns["short"]["genes_kept"]["max"] <= small.uns["short"]["genes_in_context"]["max"]
 
 
 def test_n_top_rounding():

@@ -124,7 +124,8 @@ def ablate(
     Returns
     -------
     ``None`` or a copy. Sets ``obs[key_added]`` and ``uns[key_added]`` (kind, fraction, seed,
-    source column, encoder identity and in-context gene counts for context-based kinds).
+    source column, encoder identity and in-context gene counts of the source sentences for
+    context-based kinds, plus ``genes_kept`` for ``"truncate"``).
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
@@ -177,7 +178,10 @@ def ablate_sentences(
     elif kind in _CONTEXT_KINDS:
         n_fit, info = _in_context(words, model)
         if kind == "truncate":
-            words = [w[:k] for w, k in zip(words, n_top(n_fit, fraction), strict=True)]
+            kept = n_top(n_fit, fraction)
+            words = [w[:k] for w, k in zip(words, kept, strict=True)]
+            if kept.size:
+                info["genes_kept"] = {"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max())}
         else:
             counts = n_top(n_fit, fraction) if kind == "shuffle_top" else n_fit
             words = [_permute_prefix(w, int(k), rng) for w, k in zip(words, counts, strict=True)]
