@@ -54,8 +54,8 @@ def knn_annotate(
         ``True`` uses an approximate index (pynndescent's NN-descent graph, a scanpy dependency);
         ``None`` (default) picks the index when there are at least ``approx_threshold`` training
         cells, exact below.
-        On 100,000 synthetic cells the approximate index found over 0.9 of the exact neighbours
-        (``benchmarks/bench_scale.py``).
+        On 100,000 synthetic cells it was 5× faster than exact, with recall@10 0.83 and the same
+        label for 99 % of cells (``benchmarks/bench_scale.py``).
     approx_threshold
         Training-set size from which ``approx=None`` uses the approximate index.
     random_state
