@@ -12,34 +12,11 @@ import argparse
 import time
 
 import numpy as np
+from _common import ForwardTimer, cosine
 
 import sc_llm as scl
 from sc_llm.models import load_text_encoder
 from sc_llm.models._runtime import cpu_has_bf16, resolve_precision
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
-class ForwardTimer:
-    """Wraps the SentenceTransformer's forward to add up the time spent inside it."""
-
-    def __init__(self, model):
-        self.model, self.inner, self.seconds = model, model.forward, 0.0
-
-    def __enter__(self):
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = self.inner(*args, **kwargs)
-            self.seconds += time.perf_counter() - t0
-            return out
-
-        self.model.forward = timed
-        return self
-
-    def __exit__(self, *exc):
-        self.model.forward = self.inner
 
 
 def main() -> None:

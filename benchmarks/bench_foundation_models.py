@@ -24,30 +24,7 @@ from sc_llm.models._runtime import cpu_has_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _checkpoints import ensembl_ids, write_geneformer, write_scgpt
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
-class ForwardTimer:
-    """Adds up the time spent inside ``module.forward``."""
-
-    def __init__(self, module):
-        self.module, self.inner, self.seconds = module, module.forward, 0.0
-
-    def __enter__(self):
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = self.inner(*args, **kwargs)
-            self.seconds += time.perf_counter() - t0
-            return out
-
-        self.module.forward = timed
-        return self
-
-    def __exit__(self, *exc):
-        self.module.forward = self.inner
+from _common import ForwardTimer, cosine
 
 
 def run(name, embed, encoder, adata, key, batch_size):

@@ -10,6 +10,7 @@ import pandas as pd
 from anndata import AnnData
 
 from ..tl._ablate import column_label
+from ._utils import finish
 
 _ROW_LABELS = {
     "accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1",
@@ -23,15 +24,6 @@ def _study(data, key: str) -> tuple[pd.DataFrame, dict]:
     if key not in data.uns or "table" not in data.uns[key]:
         raise KeyError(f"uns[{key!r}]['table'] not found; run sc_llm.tl.ablation_study first.")
     return data.uns[key]["table"], dict(data.uns[key].get("kinds", {}))
-
-
-def _finish(ax, save, show, own_ax):
-    import matplotlib.pyplot as plt
-
-    if save is not None:
-        ax.figure.savefig(save, dpi=120, bbox_inches="tight")
-    if show or (show is None and save is None and own_ax):
-        plt.show()
 
 
 def ablation(
@@ -89,7 +81,7 @@ def ablation(
     ax.set_ylim(min(0.0, float(np.nanmin(table.loc[metrics, columns].to_numpy(dtype=float)))), 1)
     ax.set_ylabel("score (held-out cells; clustering: all cells)")
     ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
-    _finish(ax, save, show, own_ax)
+    finish(ax.figure, save, show, own_ax)
     return ax
 
 
@@ -155,7 +147,7 @@ def sentence_length(
         ax.set_ylabel(_ROW_LABELS.get(metric, metric))
         ax.set_xticks([100 * f for f in xs])
         ax.legend(fontsize="small", frameon=False)
-    _finish(axes[0], save, show, own)
+    finish(axes[0].figure, save, show, own)
     return axes
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 from anndata import AnnData
 
+from ._utils import finish
+
 
 def attributions(
     data: AnnData | pd.DataFrame,
@@ -84,10 +86,7 @@ def attributions(
         ax.set_visible(False)
     method = str(table["method"].iloc[0]) if "method" in table and len(table) else ""
     fig.suptitle(method.replace("_", " ") + (" (markers in bold)" if marker_sets else ""), fontsize="medium")
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    if show or (show is None and save is None):
-        plt.show()
+    finish(fig, save, show)
     return fig
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ._utils import finish
+
 
 def annotation_embedding(
     adata: AnnData,
@@ -68,10 +70,7 @@ def annotation_embedding(
         palette={"correct": "#2a9d8f", "wrong": "#e63946", "train": "#d9d9d9"},
         title=f"{pred_key} on held-out cells",
     )
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    if show or (show is None and save is None):
-        plt.show()
+    finish(fig, save, show)
     return list(axes)
 
 

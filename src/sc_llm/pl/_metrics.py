@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ._utils import finish
+
 METRICS = ("accuracy", "precision", "recall", "f1")
 
 
@@ -66,10 +68,7 @@ def annotation_metrics(
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out score (macro for P/R/F1)")
     ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
-    if save is not None:
-        ax.figure.savefig(save, dpi=120, bbox_inches="tight")
-    if show or (show is None and save is None and own_ax):
-        plt.show()
+    finish(ax.figure, save, show, own_ax)
     return ax
 
 
