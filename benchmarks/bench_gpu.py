@@ -32,7 +32,7 @@ from _checkpoints import write_scgpt
 
 
 def bert_large_sentence_encoder(path: Path, n_layers: int):
-    """A random-weight BERT of Ember-V1's width with mean pooling, as a SentenceTransformer."""
+    """A random-weight BERT of Ember-V1's width with mean pooling, as a TextEncoder."""
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -45,7 +45,8 @@ def bert_large_sentence_encoder(path: Path, n_layers: int):
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     word = models.Transformer(str(path), max_seq_length=512)
-    return SentenceTransformer(modules=[word, models.Pooling(1024, "mean")])
+    # Wrapped once so its reduced-precision weight copy is made once, as for a model given by name.
+    return scl.models.TextEncoder(SentenceTransformer(modules=[word, models.Pooling(1024, "mean")]))
 
 
 def time_embedding(embed, adata, key, precision, batch_size) -> tuple[float, np.ndarray]:
