@@ -60,6 +60,7 @@ class WordTokenizer:
         self._lead = np.concatenate([self._head, self._prefix_run()])
         # Tokens left for words once the specials and the prefix are counted.
         self._budget = self.max_tokens - len(self._lead) - len(self._tail)
+        self._anchor = self._encode([_ANCHOR], special=False)[0]
         self._index: dict[str, int] = {}
         self._parts: list[tuple[list[list[int]], list[list[int]], list[bool]]] = []
         self._tables: dict[str, np.ndarray] | None = None
@@ -100,7 +101,7 @@ class WordTokenizer:
     def _add(self, words: list[str]) -> None:
         _check_words(words)
         lead = self._lead[len(self._head) :].tolist()
-        anchor = self._encode([_ANCHOR], special=False)[0]
+        anchor = self._anchor
         firsts = self._encode([self.prefix + w for w in words], special=False)
         inners = self._encode([f"{_ANCHOR} {w}" for w in words], special=False)
         # A word whose encodings do not start with the shared prefix or anchor tokens merges with them:
