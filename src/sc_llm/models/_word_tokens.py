@@ -12,6 +12,7 @@ actual words; callers fall back to tokenizing sentences when it does not hold.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain, compress, repeat
 from typing import Any
 
 import numpy as np
@@ -116,13 +117,16 @@ class WordTokenizer:
         self._parts.append((first, inner, ok))
         self._tables = None
 
-    def _rows(self, words) -> np.ndarray:
+    def _rows(self, words: list[str]) -> np.ndarray:
         """Cache rows of ``words``, tokenizing the ones not seen before."""
         index = self._index
-        new = [w for w in dict.fromkeys(words) if w not in index]
-        if new:
-            self._add(new)
-        return np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
+        rows = np.fromiter(map(index.get, words, repeat(-1)), dtype=np.int64, count=len(words))
+        missing = rows < 0
+        if missing.any():
+            new = list(compress(words, missing))
+            self._add(list(dict.fromkeys(new)))
+            rows[missing] = [index[w] for w in new]
+        return rows
 
     def _table(self) -> dict[str, np.ndarray]:
         if self._tables is None:
@@ -138,6 +142,7 @@ class WordTokenizer:
                 "inner_len": np.diff(inner_ptr),
                 "ok": np.fromiter((o for part in self._parts for o in part[2]), dtype=bool),
             }
+            self._tables["min_len"] = min(self._tables["first_len"].min(), self._tables["inner_len"].min())
         return self._tables
 
     def word_ids(
@@ -188,6 +193,7 @@ class WordTokenizer:
         if indptr.ndim != 1 or indptr.size == 0 or indptr[0] != 0 or indptr[-1] != codes.size:
             raise ValueError(f"indptr must start at 0 and end at len(codes) = {codes.size}.")
         rows = self._rows(list(vocab))
+        codes, indptr = self._leading(codes, indptr)
         return self._assemble(rows[codes], indptr, self._budget)
 
     def build_sentences(self, sentences: Sequence[str]):
@@ -201,18 +207,25 @@ class WordTokenizer:
         if any("" in ws for ws in words_per):  # repeated spaces: empty words are no words
             words_per = [[w for w in ws if w] for ws in words_per]
         counts = np.fromiter(map(len, words_per), dtype=np.int64, count=len(words_per))
-        words = [w for ws in words_per for w in ws]
-        return self._assemble(self._rows(words), _ptr(counts), self._budget)
+        rows, indptr = self._leading(self._rows(list(chain.from_iterable(words_per))), _ptr(counts))
+        return self._assemble(rows, indptr, self._budget)
+
+    def _leading(self, codes: np.ndarray, indptr: np.ndarray) -> Ragged:
+        """Each cell cut to the words that can fit: when every word costs a token, at most the budget."""
+        counts = np.diff(indptr)
+        if self._table()["min_len"] < 1 or counts.max(initial=0) <= self._budget:
+            return codes, indptr
+        kept = np.minimum(counts, self._budget)
+        return codes[_ragged_index(indptr[:-1], kept)], _ptr(kept)
 
     def _assemble(self, rows: np.ndarray, indptr: np.ndarray, budget: float):
         t = self._table()
         n = indptr.size - 1
         counts = np.diff(indptr)
         cell = np.repeat(np.arange(n, dtype=np.int64), counts)
-        is_first = np.zeros(rows.size, dtype=bool)
-        is_first[indptr[:-1][counts > 0]] = True
-        lens = np.where(is_first, t["first_len"][rows], t["inner_len"][rows])
-        starts = np.where(is_first, t["first_start"][rows], t["inner_start"][rows])
+        lens, starts = t["inner_len"][rows], t["inner_start"][rows]
+        first = indptr[:-1][counts > 0]
+        lens[first], starts[first] = t["first_len"][rows[first]], t["first_start"][rows[first]]
         # Tokens up to and including each word, within its cell; word lengths are >= 0, so the words
         # that fit are a leading run of each cell.
         total = np.cumsum(lens)
@@ -317,11 +330,15 @@ def _ptr(lengths) -> np.ndarray:
     return ptr
 
 
-def _take(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of ``flat[starts[k]:starts[k] + lens[k]]`` over k, without a Python loop."""
+def _ragged_index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[k], starts[k] + lens[k])`` over k, without a Python loop."""
     offsets = np.cumsum(lens) - lens
-    idx = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - offsets, lens)
-    return flat[idx]
+    return np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - offsets, lens)
+
+
+def _take(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of ``flat[starts[k]:starts[k] + lens[k]]`` over k."""
+    return flat[_ragged_index(starts, lens)]
 
 
 def _fill(flat: np.ndarray, at: np.ndarray, values: np.ndarray) -> None:
