@@ -187,28 +187,37 @@ def test_word_forms(families):
 
 def test_words_tokenized_once(text_encoder, pbmc_sentences):
     """Words are cached: a second build tokenizes nothing; unseen words are added as they come."""
-    adata, sentences = pbmc_sentences
+    _, sentences = pbmc_sentences
     wt = WordTokenizer(text_encoder.tokenizer, max_tokens=64)
     first = wt.build_sentences(sentences[:50])
-    n_cached = len(wt._index)
+    assert len(wt._index) == len({w for s in sentences[:50] for w in s.split(" ")[:64] if w})
     calls = []
-    wt.tokenizer = _Counting(text_encoder.tokenizer, calls)
+    wt._backend = _Counting(wt._backend, calls)
     again = wt.build_sentences(sentences[:50])
     assert calls == []
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     wt.build_sentences(["NOTAGENE1 HES4"])
-    assert calls and all("NOTAGENE1" in t for c in calls for t in c)
-    assert len(wt._index) == n_cached + 1
+    assert calls == [["NOTAGENE1", "a NOTAGENE1"]]
+
+
+def test_build_tokenizes_only_words_used(text_encoder, pbmc_sentences):
+    adata, _ = pbmc_sentences
+    codes, indptr = rank_csr_rows(adata.X[:20])
+    wt = WordTokenizer(text_encoder.tokenizer, max_tokens=16)
+    wt.build(codes, indptr, adata.var_names.to_numpy())
+    # Only a cell's first max_tokens genes can fit: later ones are never tokenized.
+    used = {int(c) for i in range(20) for c in codes[indptr[i] : indptr[i + 1]][:16]}
+    assert len(wt._index) == len(used) < adata.n_vars
 
 
 class _Counting:
-    def __init__(self, tok, calls):
-        self.tok, self.calls = tok, calls
+    def __init__(self, backend, calls):
+        self.backend, self.calls = backend, calls
 
-    def __call__(self, texts, **kwargs):
+    def encode_batch(self, texts, **kwargs):
         self.calls.append(list(texts))
-        return self.tok(texts, **kwargs)
+        return self.backend.encode_batch(texts, **kwargs)
 
 
 @pytest.mark.parametrize("make", [bpe_across_spaces, joining_normalizer])

@@ -53,6 +53,7 @@ class WordTokenizer:
         self.prefix = prefix or ""
         self.max_tokens = int(max_tokens)
         self.mismatch: str | None = None
+        self._backend = _untruncated_backend(tokenizer)
         n_prefix = len(self._encode([self.prefix], special=False)[0]) if self.prefix else 0
         self._head, self._tail = self._special_ends()
         if n_prefix + len(self._head) + len(self._tail) >= self.max_tokens:
@@ -61,7 +62,7 @@ class WordTokenizer:
         self._lead = np.concatenate([self._head, self._prefix_run()])
         # Tokens left for words once the specials and the prefix are counted.
         self._budget = self.max_tokens - len(self._lead) - len(self._tail)
-        self._anchor = self._encode([_ANCHOR], special=False)[0]
+        self._anchor = self._encode_words([_ANCHOR])[0]
         self._index: dict[str, int] = {}
         self._parts: list[tuple[list[list[int]], list[list[int]], list[bool]]] = []
         self._tables: dict[str, np.ndarray] | None = None
@@ -78,6 +79,14 @@ class WordTokenizer:
         )
         return (enc["input_ids"], enc["special_tokens_mask"]) if mask else enc["input_ids"]
 
+    def _encode_words(self, texts: list[str]) -> list[list[int]]:
+        """Ids without special tokens, from the Rust tokenizer when there is one (skips the per-text
+        Python conversion that dominates ``tokenizer(...)`` on short texts); :meth:`check` compares
+        the result with ``tokenizer(...)`` itself."""
+        if self._backend is None:
+            return self._encode(texts, special=False)
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+
     def _special_ends(self) -> tuple[np.ndarray, np.ndarray]:
         """Special tokens the post-processor puts before and after the text."""
         ids, mask = self._encode([self.prefix + _PROBES[0]], special=True, mask=True)
@@ -89,7 +98,7 @@ class WordTokenizer:
 
     def _prefix_run(self) -> np.ndarray:
         """Tokens of the prefix shared by every sentence: the common start of prefix-only and probes."""
-        runs = self._encode([self.prefix, *(self.prefix + p for p in _PROBES)], special=False)
+        runs = self._encode_words([self.prefix, *(self.prefix + p for p in _PROBES)])
         n = min(len(r) for r in runs)
         first = runs[0]
         for k in range(n):
@@ -103,8 +112,8 @@ class WordTokenizer:
         _check_words(words)
         lead = self._lead[len(self._head) :].tolist()
         anchor = self._anchor
-        firsts = self._encode([self.prefix + w for w in words], special=False)
-        inners = self._encode([f"{_ANCHOR} {w}" for w in words], special=False)
+        encoded = self._encode_words([self.prefix + w for w in words] + [f"{_ANCHOR} {w}" for w in words])
+        firsts, inners = encoded[: len(words)], encoded[len(words) :]
         # A word whose encodings do not start with the shared prefix or anchor tokens merges with them:
         # no concatenation can reproduce it.
         ok = [
@@ -142,7 +151,8 @@ class WordTokenizer:
                 "inner_len": np.diff(inner_ptr),
                 "ok": np.fromiter((o for part in self._parts for o in part[2]), dtype=bool),
             }
-            self._tables["min_len"] = min(self._tables["first_len"].min(), self._tables["inner_len"].min())
+            lens = np.concatenate([self._tables["first_len"], self._tables["inner_len"]])
+            self._tables["min_len"] = lens.min(initial=1)
         return self._tables
 
     def word_ids(
@@ -178,7 +188,7 @@ class WordTokenizer:
             Cells in CSR layout: cell ``i``'s words are ``vocab[codes[indptr[i]:indptr[i + 1]]]`` in
             sentence order (e.g. :func:`sc_llm.pp._cell_sentences.rank_csr_rows` output).
         vocab
-            The words (e.g. gene names); tokenized once and cached.
+            The words (e.g. gene names); the ones cells use are tokenized once and cached.
 
         Returns
         -------
@@ -192,7 +202,12 @@ class WordTokenizer:
         indptr = np.asarray(indptr, dtype=np.int64)
         if indptr.ndim != 1 or indptr.size == 0 or indptr[0] != 0 or indptr[-1] != codes.size:
             raise ValueError(f"indptr must start at 0 and end at len(codes) = {codes.size}.")
-        rows = self._rows(list(vocab))
+        # Only the first max_tokens words can fit (as in TextEncoder.fit), and only words used are tokenized.
+        codes, indptr = _leading(codes, indptr, self.max_tokens)
+        used = np.zeros(len(vocab), dtype=bool)
+        used[codes] = True
+        rows = np.full(len(vocab), -1, dtype=np.int64)
+        rows[used] = self._rows([vocab[j] for j in np.flatnonzero(used)])
         codes, indptr = self._leading(codes, indptr)
         return self._assemble(rows[codes], indptr, self._budget)
 
@@ -202,7 +217,7 @@ class WordTokenizer:
         Only the first ``max_tokens`` words of a sentence are read (every word costs a token at least),
         as :meth:`sc_llm.models.TextEncoder.fit` does; words never seen are tokenized once and cached.
         """
-        cap = self.max_tokens
+        cap = self.max_tokens  # as in TextEncoder.fit
         words_per: list[list[str]] = [s.split(" ", cap)[:cap] if s else [] for s in sentences]
         if any("" in ws for ws in words_per):  # repeated spaces: empty words are no words
             words_per = [[w for w in ws if w] for ws in words_per]
@@ -212,11 +227,9 @@ class WordTokenizer:
 
     def _leading(self, codes: np.ndarray, indptr: np.ndarray) -> Ragged:
         """Each cell cut to the words that can fit: when every word costs a token, at most the budget."""
-        counts = np.diff(indptr)
-        if self._table()["min_len"] < 1 or counts.max(initial=0) <= self._budget:
+        if self._table()["min_len"] < 1:
             return codes, indptr
-        kept = np.minimum(counts, self._budget)
-        return codes[_ragged_index(indptr[:-1], kept)], _ptr(kept)
+        return _leading(codes, indptr, self._budget)
 
     def _assemble(self, rows: np.ndarray, indptr: np.ndarray, budget: float):
         t = self._table()
@@ -283,33 +296,60 @@ class WordTokenizer:
             examples = format_examples(np.asarray(words, dtype=object)[bad])
             self.mismatch = f"words merge with the tokens before them: {examples}"
             return False
-        cells = _check_cells(len(words), rng)
-        texts = [self.prefix + " ".join(words[j] for j in c) for c in cells]
-        expected = self._encode(texts, special=True)
-        flat, ptr, _ = self._assemble(rows[np.concatenate(cells)], _ptr([len(c) for c in cells]), np.inf)
-        for i, exp in enumerate(expected):
-            got = flat[ptr[i] : ptr[i + 1]]
-            if len(got) != len(exp) or not np.array_equal(got, exp):
-                k = next(
-                    (k for k, (a, b) in enumerate(zip(got, exp, strict=False)) if a != b),
-                    min(len(got), len(exp)),
-                )
-                self.mismatch = (
-                    f"{texts[i][:60]!r}…: the tokenizer gives {list(exp[k : k + 5])} at token {k}, "
-                    f"word concatenation {got[k : k + 5].tolist()}"
-                )
-                return False
-        return True
+        blocks, pairs = _check_cells(len(words), rng)
+        texts = [self.prefix + " ".join(words[j] for j in c) for c in blocks + pairs]
+        # Blocks through ``tokenizer(...)`` itself; the many short pairs through its Rust tokenizer.
+        expected = self._encode(texts[: len(blocks)], special=True) + self._encode_full(texts[len(blocks) :])
+        cells = blocks + pairs
+        got, got_ptr, _ = self._assemble(rows[np.concatenate(cells)], _ptr([len(c) for c in cells]), np.inf)
+        want, want_ptr = _to_csr(expected)
+        if np.array_equal(got_ptr, want_ptr) and np.array_equal(got, want):
+            return True
+        i = next(
+            i for i in range(len(cells)) if not np.array_equal(got[got_ptr[i] : got_ptr[i + 1]], expected[i])
+        )
+        g, w = got[got_ptr[i] : got_ptr[i + 1]].tolist(), expected[i]
+        k = next((k for k, (a, b) in enumerate(zip(g, w, strict=False)) if a != b), min(len(g), len(w)))
+        self.mismatch = (
+            f"{texts[i][:60]!r}: the tokenizer gives {self._tokens(w[k : k + 4])} at token {k}, "
+            f"word by word {self._tokens(g[k : k + 4])}"
+        )
+        return False
+
+    def _encode_full(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is None:
+            return self._encode(texts, special=True)
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+
+    def _tokens(self, ids: list[int]) -> list[str]:
+        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        return convert(ids) if convert is not None else ids
 
 
-def _check_cells(n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Word index lists: blocks in order and shuffled, and each word before its successor."""
+def _check_cells(n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Word index lists: blocks in order and shuffled; and each word before its successor."""
     order = np.arange(n)
     cells = [order[s : s + _CHECK_BLOCK] for s in range(0, n, _CHECK_BLOCK)]
     perm = rng.permutation(n)
     cells += [perm[s : s + _CHECK_BLOCK] for s in range(0, n, _CHECK_BLOCK)]
-    cells += list(np.stack([order, np.roll(order, -1)], axis=1))
-    return cells
+    return cells, list(np.stack([order, np.roll(order, -1)], axis=1))
+
+
+def _untruncated_backend(tokenizer):
+    """A copy of the fast tokenizer's Rust tokenizer without truncation or padding, or ``None``.
+
+    A copy, because ``tokenizer(..., truncation=True)`` leaves truncation switched on in the shared
+    backend until its next call.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
 
 
 def _check_words(words: list[str]) -> None:
@@ -328,6 +368,15 @@ def _ptr(lengths) -> np.ndarray:
     ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=ptr[1:])
     return ptr
+
+
+def _leading(codes: np.ndarray, indptr: np.ndarray, limit: int) -> Ragged:
+    """Each CSR row cut to its first ``limit`` entries."""
+    counts = np.diff(indptr)
+    if counts.max(initial=0) <= limit:
+        return codes, indptr
+    kept = np.minimum(counts, limit)
+    return codes[_ragged_index(indptr[:-1], kept)], _ptr(kept)
 
 
 def _ragged_index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
