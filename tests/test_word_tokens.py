@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -199,6 +200,33 @@ def test_words_tokenized_once(text_encoder, pbmc_sentences):
         np.testing.assert_array_equal(a, b)
     wt.build_sentences(["NOTAGENE1 HES4"])
     assert calls == [["NOTAGENE1", "a NOTAGENE1"]]
+
+
+def test_pickles_with_its_cache(text_encoder, pbmc_sentences):
+    """For dask workers: a pickled WordTokenizer builds the same ids and keeps its cached words."""
+    _, sentences = pbmc_sentences
+    wt = WordTokenizer(text_encoder.tokenizer, prefix=PREFIX, max_tokens=40)
+    expected = wt.build_sentences(sentences[:30])
+    clone = pickle.loads(pickle.dumps(wt))
+    assert clone._index == wt._index
+    for a, b in zip(clone.build_sentences(sentences[:30]), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_threads_share_one_cache(text_encoder, pbmc_sentences):
+    """A prefetching thread and the caller may build at once while new words are being added."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, sentences = pbmc_sentences
+    parts = [sentences[i : i + 50] for i in range(0, 700, 50)]
+    reference = [WordTokenizer(text_encoder.tokenizer, max_tokens=48).build_sentences(p) for p in parts]
+    shared = WordTokenizer(text_encoder.tokenizer, max_tokens=48)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(shared.build_sentences, parts))
+    for got, want in zip(results, reference, strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert len(shared._index) == len(set(shared._index.values()))
 
 
 def test_build_tokenizes_only_words_used(text_encoder, pbmc_sentences):

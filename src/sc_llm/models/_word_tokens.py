@@ -11,6 +11,7 @@ actual words; callers fall back to tokenizing sentences when it does not hold.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from itertools import chain, compress, repeat
 from typing import Any
@@ -66,6 +67,17 @@ class WordTokenizer:
         self._index: dict[str, int] = {}
         self._parts: list[tuple[list[list[int]], list[list[int]], list[bool]]] = []
         self._tables: dict[str, np.ndarray] | None = None
+        # The cache grows while cells are built: one lock so a prefetching thread can build too.
+        self._lock = threading.RLock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # -- tokenizer access ----------------------------------------------------------------------
     def _encode(self, texts: list[str], *, special: bool, mask: bool = False):
@@ -122,9 +134,10 @@ class WordTokenizer:
         first = [f[len(lead) :] for f in firsts]
         inner = [i[len(anchor) :] for i in inners]
         start = len(self._index)
-        self._index.update({w: start + k for k, w in enumerate(words)})
         self._parts.append((first, inner, ok))
         self._tables = None
+        # Last, so a word visible in the index is always in the tables a concurrent build reads.
+        self._index.update({w: start + k for k, w in enumerate(words)})
 
     def _rows(self, words: list[str]) -> np.ndarray:
         """Cache rows of ``words``, tokenizing the ones not seen before."""
@@ -133,26 +146,28 @@ class WordTokenizer:
         missing = rows < 0
         if missing.any():
             new = list(compress(words, missing))
-            self._add(list(dict.fromkeys(new)))
+            with self._lock:
+                self._add([w for w in dict.fromkeys(new) if w not in index])
             rows[missing] = [index[w] for w in new]
         return rows
 
     def _table(self) -> dict[str, np.ndarray]:
-        if self._tables is None:
-            first = [w for part in self._parts for w in part[0]]
-            inner = [w for part in self._parts for w in part[1]]
-            first_flat, first_ptr = _to_csr(first)
-            inner_flat, inner_ptr = _to_csr(inner)
-            self._tables = {
-                "flat": np.concatenate([first_flat, inner_flat]),
-                "first_start": first_ptr[:-1],
-                "inner_start": inner_ptr[:-1] + first_flat.size,
-                "first_len": np.diff(first_ptr),
-                "inner_len": np.diff(inner_ptr),
-                "ok": np.fromiter((o for part in self._parts for o in part[2]), dtype=bool),
-            }
-            lens = np.concatenate([self._tables["first_len"], self._tables["inner_len"]])
-            self._tables["min_len"] = lens.min(initial=1)
+        with self._lock:
+            return self._tables or self._make_table()
+
+    def _make_table(self) -> dict[str, np.ndarray]:
+        first_flat, first_ptr = _to_csr([w for part in self._parts for w in part[0]])
+        inner_flat, inner_ptr = _to_csr([w for part in self._parts for w in part[1]])
+        first_len, inner_len = np.diff(first_ptr), np.diff(inner_ptr)
+        self._tables = {
+            "flat": np.concatenate([first_flat, inner_flat]),
+            "first_start": first_ptr[:-1],
+            "inner_start": inner_ptr[:-1] + first_flat.size,
+            "first_len": first_len,
+            "inner_len": inner_len,
+            "ok": np.fromiter((o for part in self._parts for o in part[2]), dtype=bool),
+            "min_len": min(first_len.min(initial=1), inner_len.min(initial=1)),
+        }
         return self._tables
 
     def word_ids(
