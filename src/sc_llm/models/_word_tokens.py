@@ -212,6 +212,13 @@ class WordTokenizer:
         largest number of whole leading words that fits ``max_tokens`` (a word cut by the limit is
         dropped whole; a cell with no word fitted gets the specials and the prefix only). Exact when
         :meth:`check` holds for the words used.
+
+        Notes
+        -----
+        Equal to :meth:`sc_llm.models.TextEncoder.fit` for every cell that keeps a word. A non-empty
+        cell whose first word alone overflows gets ``tokenizer(prefix)`` like an empty cell; with a
+        prefix ending in a space, byte-level BPE and Metaspace tokenizers end that in a lone space
+        token, which ``fit`` drops (and for those tokenizers ``fit`` keeps a piece of the cut word).
         """
         codes = np.asarray(codes, dtype=np.int64)
         indptr = np.asarray(indptr, dtype=np.int64)
