@@ -218,7 +218,8 @@ class WordTokenizer:
         Equal to :meth:`sc_llm.models.TextEncoder.fit` for every cell that keeps a word. A non-empty
         cell whose first word alone overflows gets ``tokenizer(prefix)`` like an empty cell; with a
         prefix ending in a space, byte-level BPE and Metaspace tokenizers end that in a lone space
-        token, which ``fit`` drops (and for those tokenizers ``fit`` keeps a piece of the cut word).
+        token, which ``fit`` drops (with Metaspace, or byte-level offsets not trimmed, ``fit`` instead
+        keeps the cut word's first piece).
         """
         codes = np.asarray(codes, dtype=np.int64)
         indptr = np.asarray(indptr, dtype=np.int64)
