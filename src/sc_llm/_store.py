@@ -4,13 +4,17 @@ Layout of a store written by :class:`ChunkStore`::
 
     path.zarr/
       <name>       one array per result, rows = cells, zarr chunks = work chunks
-      done         bool, one flag per work chunk, set only after the chunk's rows are written
-      attrs        {"sc_llm": fingerprint}: what was computed (model, inputs, parameters, chunk size)
+      input_digest   str, per work chunk: digest of the data the chunk was computed from
+      output_digest  str, per work chunk: digest of the rows written
+      done         bool, one flag per work chunk, set only after the chunk's rows and digests are written
+      attrs        {"sc_llm": fingerprint}: what was computed (model, parameters, cells, chunk size)
 
 A run killed at any point loses at most the chunks in flight: a chunk's ``done`` flag is written
 after its rows, so a rerun with the same fingerprint recomputes exactly the chunks without a flag.
 A rerun whose fingerprint differs (another model, other cells, other parameters) is refused instead
-of mixing two computations in one array.
+of mixing two computations in one array, and so is a rerun whose input data changed under a finished
+chunk (the input digests differ). A finished chunk whose rows no longer match their output digest
+(a chunk file deleted or damaged on disk) is recomputed, with a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import numpy as np
 logger = logging.getLogger("sc_llm")
 
 _ATTR = "sc_llm"
+#: Version of the store layout; 0.1.0 stores (no per-chunk digests) have none.
+STORE_FORMAT = 2
 
 
 def require_zarr():
@@ -91,22 +97,34 @@ class ChunkStore:
                 dtype=dtype,
                 fill_value="" if dtype is str else 0,
             )
-        if "done" not in self.group:
-            self.group.create_array(
-                "done", shape=(self.n_chunks,), chunks=(max(self.n_chunks, 1),), dtype=bool, fill_value=False
-            )
+        self._dtypes = {name: dtype for name, (_, dtype) in arrays.items()}
+        per_chunk = {"done": (bool, False), "input_digest": (str, ""), "output_digest": (str, "")}
+        for name, (dtype, fill) in per_chunk.items():
+            if name not in self.group:
+                self.group.create_array(
+                    name, shape=(self.n_chunks,), chunks=(max(self.n_chunks, 1),), dtype=dtype, fill_value=fill
+                )
         self.done = self.group["done"]
         self._done = np.asarray(self.done[:], dtype=bool)
+        self._inputs = np.asarray(self.group["input_digest"][:], dtype=object)
+        self._outputs = np.asarray(self.group["output_digest"][:], dtype=object)
         if self._done.any():
+            self._recheck_outputs()
             logger.info("Resuming %s: %d of %d chunks already done.", self.path, self._done.sum(), self.n_chunks)
 
     def _check_fingerprint(self, full: dict[str, Any]) -> None:
+        full = {**full, "store_format": STORE_FORMAT}
         old = self.group.attrs.get(_ATTR)
         if old is None:
             if len(list(self.group.keys())):
                 raise ValueError(f"{self.path} holds a zarr group not written by sc_llm; pass a new path.")
             self.group.attrs[_ATTR] = full
             return
+        if old.get("store_format") != STORE_FORMAT:
+            raise ValueError(
+                f"The store {str(self.path)!r} was written by sc_llm 0.1.0, which did not record what data each "
+                "chunk was computed from, so it cannot be resumed safely. Delete it or pass a new path."
+            )
         if old != full:
             differ = sorted(k for k in set(old) | set(full) if old.get(k) != full.get(k))
             raise ValueError(
@@ -132,20 +150,66 @@ class ChunkStore:
     def complete(self) -> bool:
         return bool(self._done.all())
 
-    def write(self, i: int, **values: np.ndarray) -> None:
-        """Write chunk ``i``'s rows of each named array, then mark the chunk done."""
+    def is_done(self, i: int, input_digest: str) -> bool:
+        """Whether chunk ``i`` is finished; refuse when it was computed from other input data."""
+        if not self._done[i]:
+            return False
+        if self._inputs[i] != input_digest:
+            start, stop = self.bounds(i)
+            raise ValueError(
+                f"The store {str(self.path)!r} holds results computed from other input data: cells {start}–{stop - 1} "
+                f"(chunk {i}) changed since they were written. Delete the store or pass a new path to start over."
+            )
+        return True
+
+    def write(self, i: int, input_digest: str = "", **values: np.ndarray) -> None:
+        """Write chunk ``i``'s rows of each named array and its digests, then mark the chunk done."""
         start, stop = self.bounds(i)
         for name, value in values.items():
             self.group[name][start:stop] = value
+        output = self._output_digest(values)
+        self.group["input_digest"][i] = input_digest
+        self.group["output_digest"][i] = output
+        self._inputs[i], self._outputs[i] = input_digest, output
         self.done[i] = True
         self._done[i] = True
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of an array (text comes back as a numpy array of Python ``str`` objects)."""
-        out = self.group[name][start : self.n_obs if stop is None else stop]
+        try:
+            out = self.group[name][start : self.n_obs if stop is None else stop]
+        except Exception as e:  # zarr/numcodecs raise many types for a damaged chunk file
+            raise OSError(f"Cannot read rows {start}:{stop} of {name!r} from the store {str(self.path)!r}: {e}") from e
         if out.dtype.kind in "TU":
             out = out.astype(object)
         return out
+
+    def _output_digest(self, values: Mapping[str, np.ndarray]) -> str:
+        from .models._encoder import array_digest
+
+        return array_digest(
+            *(np.asarray(values[n], dtype=object if self._dtypes[n] is str else self._dtypes[n]) for n in sorted(values))
+        )
+
+    def _recheck_outputs(self) -> None:
+        """Mark finished chunks whose rows no longer match their digest (deleted or damaged files) as not done."""
+        bad = []
+        for i in np.flatnonzero(self._done):
+            start, stop = self.bounds(int(i))
+            try:
+                rows = {name: self.read(name, start, stop) for name in self._dtypes}
+                ok = self._output_digest(rows) == self._outputs[i]
+            except OSError:
+                ok = False
+            if not ok:
+                bad.append(int(i))
+        if bad:
+            logger.warning(
+                "The store %s has %d finished chunks whose rows are missing or damaged on disk (chunks %s); "
+                "they are computed again.", self.path, len(bad), bad[:10],
+            )  # fmt: skip
+            self._done[bad] = False
+            self.done[bad] = False
 
 
 def _jsonable(value: Any) -> Any:
@@ -188,18 +252,26 @@ class ChunkedResults:
         start = i * self.chunk_size
         return start, min(start + self.chunk_size, self.n_obs)
 
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_obs // self.chunk_size)
+
     def todo(self) -> list[int]:
         if self.store is not None:
             return self.store.pending()
-        return list(range(-(-self.n_obs // self.chunk_size)))
+        return list(range(self.n_chunks))
+
+    def is_done(self, i: int, input_digest: str) -> bool:
+        """Whether chunk ``i`` is already in the store (refused if computed from other input data)."""
+        return self.store is not None and self.store.is_done(i, input_digest)
 
     @property
     def n_done_cells(self) -> int:
         return 0 if self.store is None else self.store.n_done_cells
 
-    def put(self, i: int, **values: np.ndarray) -> None:
+    def put(self, i: int, input_digest: str = "", **values: np.ndarray) -> None:
         if self.store is not None:
-            self.store.write(i, **values)
+            self.store.write(i, input_digest, **values)
             return
         start, stop = self.bounds(i)
         for name, value in values.items():

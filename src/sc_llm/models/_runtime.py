@@ -1,14 +1,12 @@
-"""Shared inference plumbing for every encoder: device, precision, length-sorted batches, no gradients.
+"""Shared inference plumbing for every encoder: device, precision, token-capped batches, no gradients.
 
-Encoders stay thin: they say how to turn a list of items into a batch and a batch into vectors;
-:func:`run_batched` does the rest.
+Encoders stay thin (see :mod:`sc_llm.models._encoder`): they turn cells into token arrays on the host
+and a padded batch into vectors on the device; :func:`encode_tokens` does the rest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -67,65 +65,71 @@ def resolve_precision(precision: Precision, device) -> str:
     return precision
 
 
-def autocast(device, precision: str):
-    """Autocast context for reduced precision; matmuls in low precision, norms and softmax in fp32."""
-    torch = require_torch()
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def token_batches(lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.ndarray]:
+    """Cells sorted by length (longest first) in batches of at most ``batch_size * max_tokens`` padded tokens.
 
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length, longest first, so padding stays small."""
+    The cap is on tokens, not cells: a batch of short cells holds proportionally more of them, so the
+    device gets the same amount of work per call, and no batch is padded beyond its longest cell.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    cap = batch_size * max(int(max_tokens), 1)
+    batches, i = [], 0
+    while i < len(order):
+        take = max(1, cap // max(int(lengths[order[i]]), 1))
+        batches.append(order[i : i + take])
+        i += take
+    return batches
 
 
-def run_batched(
-    n_items: int,
-    lengths: Sequence[int],
-    forward: Callable[[np.ndarray], Any],
+def encode_tokens(
+    encoder,
+    tokens,
     *,
-    batch_size: int,
-    device,
     precision: str,
-    desc: str,
-    out_dim: int,
+    batch_size: int,
+    max_tokens: int,
+    options: dict[str, Any] | None = None,
     bar=None,
 ) -> np.ndarray:
-    """Run ``forward(indices) -> tensor[len(indices), out_dim]`` over length-sorted batches.
+    """Run ``encoder.forward`` over token-capped batches of ``tokens``; float32 rows in input order.
 
-    Returns a float32 array in the original item order. No gradients are recorded. Pass ``bar``
-    (a tqdm bar) to report into an outer progress bar instead of opening one.
+    ``precision`` must be resolved already. The weights are ``encoder.model_in(precision)``. On CUDA,
+    batches are copied from pinned memory without blocking and outputs stay on the device until the
+    end, so the host pads the next batch while the device runs the current one. Cells without tokens
+    get NaN rows. No gradients are recorded.
     """
-    from .._progress import progress
-
     torch = require_torch()
-    out = np.empty((n_items, out_dim), dtype=np.float32)
-    own_bar = progress(n_items, desc, unit="cell") if bar is None else contextlib.nullcontext(bar)
-    with torch.inference_mode(), autocast(device, precision), own_bar as pbar:
-        for idx in length_sorted_batches(lengths, batch_size):
-            out[idx] = forward(idx).float().cpu().numpy()
-            pbar.update(len(idx))
+    model = encoder.model_in(precision)
+    device = encoder.device
+    lengths = tokens.lengths
+    out = np.full((len(tokens), encoder.dim), np.nan, dtype=np.float32)
+    todo = np.flatnonzero(lengths > 0)
+    batches = [todo[b] for b in token_batches(lengths[todo], batch_size, max_tokens)]
+    outputs = []
+    with torch.inference_mode():
+        for idx in batches:
+            arrays = tokens.padded(idx, encoder.pad_id, encoder.pad_value)
+            ids, mask, values = (None if a is None else to_device(a, device) for a in arrays)
+            outputs.append(encoder.forward(model, ids, mask, values, **(options or {})).float())
+            if bar is not None:
+                bar.update(len(idx))
+        if outputs:
+            out[np.concatenate(batches)] = torch.cat(outputs).cpu().numpy()
+    if bar is not None:
+        bar.update(len(tokens) - len(todo))
     return out
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device, pin: bool = False):
-    """Right-pad integer sequences; returns ``(ids, attention_mask)`` tensors on ``device``."""
+def to_device(array: np.ndarray, device):
+    """A numpy array as a tensor on ``device``; on CUDA through pinned memory without blocking."""
     torch = require_torch()
-    width = max((len(s) for s in seqs), default=0)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-    if pin and device.type == "cuda":
-        ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
-    return ids_t.to(device, non_blocking=pin), mask_t.to(device, non_blocking=pin)
+    t = torch.from_numpy(array)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @functools.cache
@@ -138,17 +142,3 @@ def file_digest(path: str, n_hex: int = 16) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()[:n_hex]
-
-
-def reduced_copy(model, precision: str):
-    """``model`` itself for fp32, else a bf16/fp16 copy of it in eval mode.
-
-    Casting the weights once is cheaper than autocast, which re-casts weights on every call.
-    """
-    if precision == "fp32":
-        return model
-    import copy
-
-    torch = require_torch()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return copy.deepcopy(model).to(dtype).eval()
