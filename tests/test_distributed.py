@@ -69,7 +69,9 @@ def test_model_object_is_sent_to_workers(client, cells, single, text_encoder):
 
 def test_cluster_resumes_a_store_started_in_one_process(client, cells, single, text_encoder, monkeypatch, tmp_path):
     store = tmp_path / "emb.zarr"
-    inner, calls = text_encoder.encode_ids, []
+    from sc_llm.tl import _embedding
+
+    inner, calls = _embedding.encode_chunk, []
 
     def fail_second(*args, **kwargs):
         if calls:
@@ -77,7 +79,7 @@ def test_cluster_resumes_a_store_started_in_one_process(client, cells, single, t
         calls.append(1)
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(text_encoder, "encode_ids", fail_second)
+    monkeypatch.setattr(_embedding, "encode_chunk", fail_second)
     with pytest.raises(KeyboardInterrupt):
         scl.tl.embed_text(cells, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
     monkeypatch.undo()

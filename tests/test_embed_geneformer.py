@@ -171,13 +171,53 @@ def test_layer_and_mode_errors(cells, tmp_path):
         scl.tl.embed_geneformer(cells, model_dir, token_dictionary=shifted, gene_median_dictionary=med)
 
 
-def test_empty_cell_is_named(cells, tmp_path):
-    paths = _write(tmp_path, cells)
+@pytest.mark.parametrize("v2", [False, True])
+def test_cell_without_genes_gets_nan_and_a_named_warning(cells, tmp_path, caplog, v2):
+    paths = _write(tmp_path, cells, v2=v2, input_size=200)
+    _embed(cells, paths, precision="fp32", key_added="full")
     X = cells.X.toarray()
     X[2] = 0
     cells.X = sparse.csr_matrix(X)
-    with pytest.raises(ValueError, match=cells.obs_names[2]):
+    with caplog.at_level("WARNING", logger="sc_llm"):
+        _embed(cells, paths, precision="fp32")
+    assert cells.obs_names[2] in caplog.text and "NaN" in caplog.text
+    emb = cells.obsm["X_geneformer"]
+    assert np.isnan(emb[2]).all() and np.isfinite(np.delete(emb, 2, axis=0)).all()
+    np.testing.assert_allclose(np.delete(emb, 2, axis=0), np.delete(cells.obsm["full"], 2, axis=0), atol=1e-5)
+    assert cells.uns["X_geneformer"]["n_cells_without_genes"] == 1
+
+
+def test_ids_match_without_version_suffix_or_case(cells, tmp_path):
+    paths = _write(tmp_path, cells)
+    _embed(cells, paths, precision="fp32", key_added="plain")
+    cells.var["ensembl_id"] = [f"{g.lower()}.{i % 7 + 1}" for i, g in enumerate(cells.var["ensembl_id"])]
+    _embed(cells, paths, precision="fp32", key_added="versioned")
+    np.testing.assert_array_equal(cells.obsm["versioned"], cells.obsm["plain"])
+
+
+def test_gene_without_median_is_reported(cells, tmp_path, caplog):
+    model_dir, tok, med = _write(tmp_path, cells)
+    medians = pickle.loads(med.read_bytes())
+    dropped = cells.var["ensembl_id"].iloc[0]
+    del medians[dropped]
+    with caplog.at_level("WARNING", logger="sc_llm"):
+        scl.tl.embed_geneformer(cells, model_dir, token_dictionary=tok, gene_median_dictionary=medians)
+    assert "not the median dictionary" in caplog.text and dropped in caplog.text
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_invalid_counts_are_refused(cells, tmp_path, bad):
+    paths = _write(tmp_path, cells)
+    cells.X = cells.X.astype(np.float32)
+    cells.X.data[5] = bad
+    with pytest.raises(ValueError, match=f"cells '{cells.obs_names[0]}'.*counts_layer"):
         _embed(cells, paths)
+
+
+def test_log_normalized_input_warns(cells, tmp_path):
+    paths = _write(tmp_path, cells)
+    with pytest.warns(UserWarning, match="not integers"):
+        _embed(cells, paths, counts_layer="log1p")
 
 
 def test_missing_files(cells, tmp_path):

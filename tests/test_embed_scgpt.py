@@ -242,3 +242,16 @@ def test_args_missing_key_and_bad_inputs(model_dir, cells):
     (model_dir / "args.json").write_text(json.dumps(args))
     with pytest.raises(KeyError, match="nheads"):
         scl.tl.embed_scgpt(cells, model_dir)
+
+
+@pytest.mark.parametrize("values", [(np.nan, -1.0), (np.inf,), (np.nan,)])
+def test_non_finite_values_are_refused_and_nan_does_not_hide_negatives(cells, model_dir, values):
+    X = cells.X.toarray().astype(np.float32)
+    for j, v in enumerate(values):  # genes 0 and 1 are in the vocabulary
+        X[j, j] = v
+    cells.X = sparse.csr_matrix(X)
+    with pytest.raises(ValueError, match="scGPT needs finite counts") as err:
+        scl.tl.embed_scgpt(cells, model_dir)
+    assert cells.obs_names[0] in str(err.value)
+    if -1.0 in values:
+        assert "negative" in str(err.value) and "NaN" in str(err.value)

@@ -8,6 +8,7 @@ from scipy import sparse
 
 import sc_llm as scl
 from sc_llm._store import ChunkStore
+from sc_llm.tl import _embedding
 
 N_CELLS, CHUNK = 40, 16  # three chunks, the last one short
 
@@ -87,13 +88,13 @@ def test_dask_x_matches_in_memory(small, reference, text_encoder, kind):
 
 def test_embed_text_resumes_after_kill_without_recomputing(backed, reference, text_encoder, monkeypatch, tmp_path):
     store = tmp_path / "emb.zarr"
-    first = counting(monkeypatch, text_encoder, "encode_ids", fail_after=2)
+    first = counting(monkeypatch, _embedding, "encode_chunk", fail_after=2)
     with pytest.raises(Interrupt):
         scl.tl.embed_text(backed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
     assert len(first) == 2 and "X_text" not in backed.obsm
     monkeypatch.undo()
 
-    again = counting(monkeypatch, text_encoder, "encode_ids")
+    again = counting(monkeypatch, _embedding, "encode_chunk")
     scl.tl.embed_text(backed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
     assert len(again) == 1  # only the third chunk was left
     np.testing.assert_array_equal(backed.obsm["X_text"], reference.obsm["X_text"])
@@ -101,7 +102,7 @@ def test_embed_text_resumes_after_kill_without_recomputing(backed, reference, te
     with pytest.raises(ValueError, match="another computation"):
         ChunkStore(store, n_obs=N_CELLS, chunk_size=CHUNK, fingerprint={}, arrays={})
 
-    third = counting(monkeypatch, text_encoder, "encode_ids")
+    third = counting(monkeypatch, _embedding, "encode_chunk")
     scl.tl.embed_text(backed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store, key_added="X_again")
     assert len(third) == 0  # a finished store is read back, nothing recomputed
     np.testing.assert_array_equal(backed.obsm["X_again"], reference.obsm["X_text"])
@@ -269,20 +270,18 @@ def foundation_models(tmp_path, pbmc):
 
 @pytest.mark.parametrize("which", ["scgpt", "geneformer"])
 def test_foundation_models_backed_and_resumed(which, small, foundation_models, monkeypatch, tmp_path):
-    from sc_llm.tl import _embed_geneformer, _embed_scgpt
-
     scgpt_dir, (gf_dir, tok, med), ids = foundation_models
     small.var["ensembl_id"] = ids
     path = tmp_path / "small_ids.h5ad"
     small.write_h5ad(path)
     on_disk = ad.read_h5ad(path, backed="r")
     if which == "scgpt":
-        module, name = _embed_scgpt, "encode_scgpt_chunk"
+        module, name = _embedding, "encode_chunk"
 
         def run(adata, **kw):
             scl.tl.embed_scgpt(adata, scgpt_dir, precision="fp32", **kw)
     else:
-        module, name = _embed_geneformer, "encode_geneformer_chunk"
+        module, name = _embedding, "encode_chunk"
 
         def run(adata, **kw):
             scl.tl.embed_geneformer(

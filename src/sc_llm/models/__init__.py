@@ -1,9 +1,12 @@
 """Encoder back ends and shared inference plumbing (device, precision, batching)."""
 
-from ._runtime import resolve_device, resolve_precision, run_batched
-from ._text import TextEncoder, default_model_path, load_text_encoder
+from ._encoder import CellEncoder, Tokens
+from ._runtime import encode_tokens, resolve_device, resolve_precision
+from ._text import TextEncoder, TextTokenizer, default_model_path, load_text_encoder
+from ._word_tokens import WordTokenizer
 
-__all__ = ["TextEncoder", "default_model_path", "load_text_encoder", "resolve_device", "resolve_precision", "run_batched"]
+__all__ = ["CellEncoder", "TextEncoder", "TextTokenizer", "Tokens", "WordTokenizer", "default_model_path"]
+__all__ += ["encode_tokens", "load_text_encoder", "resolve_device", "resolve_precision"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
 __all__ += ["FusionModel"]

@@ -14,14 +14,19 @@ import contextlib
 import functools
 import logging
 import pickle
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
+from .._store import names_digest
 from .._utils import format_examples
-from ._runtime import file_digest, pad_batch, reduced_copy, require_torch, resolve_device, run_batched
+from ..pp._cell_sentences import rank_csr_rows
+from ._encoder import Tokens, reduced_copy
+from ._runtime import file_digest, require_torch, resolve_device
 
 logger = logging.getLogger("sc_llm")
 
@@ -79,7 +84,6 @@ class GeneformerEncoder:
         self.input_size = int(cfg.max_position_embeddings)
         self.pad_id = int(cfg.pad_token_id or 0)
         self.vocab_size = int(cfg.vocab_size)
-        self._reduced: dict[str, Any] = {}
         self._torch = torch
 
     def identity(self) -> dict[str, Any]:
@@ -92,12 +96,16 @@ class GeneformerEncoder:
             "input_size": self.input_size,
         }
 
+    # -- the encoder protocol ------------------------------------------------------------------
+    pad_value = 0.0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.input_size
+
     def model_in(self, precision: str):
-        if precision == "fp32":
-            return self.model
-        if precision not in self._reduced:
-            self._reduced[precision] = reduced_copy(self.model, precision)
-        return self._reduced[precision]
+        """The model with weights in ``precision`` (a reduced copy made once per model, device, precision)."""
+        return reduced_copy(self.model, precision)
 
     def hidden_index(self, emb_layer: int) -> int:
         """Index into ``hidden_states`` for Geneformer's ``emb_layer`` (0: last layer, -1: second to last)."""
@@ -108,50 +116,164 @@ class GeneformerEncoder:
             )
         return self.n_layers + emb_layer
 
-    def encode(
-        self,
-        tokens: Sequence[np.ndarray],
-        *,
-        emb_layer: int = -1,
-        special_tokens: bool = False,
-        emb_mode: str = "mean",
-        batch_size: int = 32,
-        precision: str = "fp32",
-        bar=None,
-    ) -> np.ndarray:
-        """Cell embeddings (float32, input order) of token sequences from rank value encoding.
+    def forward(self, model, ids, mask, values=None, *, emb_layer: int = -1, special_tokens: bool = False,
+                emb_mode: str = "mean"):  # fmt: skip
+        """Cell embeddings of a padded batch of rank-value-encoded cells (device side).
 
         ``emb_mode="mean"`` averages the chosen layer over gene tokens (``<cls>``/``<eos>`` and
         padding excluded, as Geneformer's extractor does); ``"cls"`` takes the ``<cls>`` output.
         """
         torch = self._torch
-        layer = self.hidden_index(emb_layer)
-        model = self.model_in(precision)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[self.hidden_index(emb_layer)].float()
+        if emb_mode == "cls":
+            return hidden[:, 0, :]
         skip = 1 if special_tokens else 0
+        lengths = mask.sum(1) - 2 * skip
+        pos = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+        genes = ((pos >= skip) & (pos < lengths[:, None] + skip)).to(hidden.dtype)
+        return (hidden * genes[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
 
-        def forward(idx):
-            seqs = [tokens[i] for i in idx]
-            ids, mask = pad_batch(seqs, self.pad_id, self.device, pin=True)
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            hidden = out.hidden_states[layer].float()
-            if emb_mode == "cls":
-                return hidden[:, 0, :]
-            lengths = torch.tensor([len(s) - 2 * skip for s in seqs], device=self.device)
-            pos = torch.arange(hidden.shape[1], device=self.device)[None, :]
-            genes = ((pos >= skip) & (pos < lengths[:, None] + skip)).to(hidden.dtype)
-            return (hidden * genes[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+    def tokenizer_for(self, ids: np.ndarray, tokens_of: Mapping, medians: Mapping, *, special_tokens: bool,
+                      where: str = "var_names") -> GeneformerTokenizer:  # fmt: skip
+        """The host tokenizer for one call over an AnnData with these Ensembl IDs."""
+        return GeneformerTokenizer(self, ids, tokens_of, medians, special_tokens=special_tokens, where=where)
 
-        # Weights already carry the precision; autocast on top would only add casts.
-        return run_batched(
-            len(tokens),
-            [len(t) for t in tokens],
-            forward,
-            batch_size=batch_size,
-            device=self.device,
-            precision="fp32",
-            desc="embed_geneformer",
-            out_dim=self.dim,
-            bar=bar,
+
+TARGET_SUM = 10_000
+
+
+class GeneformerTokenizer:
+    """Cells → Geneformer rank value encodings on the host, vectorized per chunk.
+
+    A cell's counts of the genes in both dictionaries are divided by its total count (over all
+    genes, Geneformer's ``n_counts``), scaled to 10,000 and divided by each gene's median; genes are
+    sorted by that value, highest first (ties keep ``var`` order, where upstream's order is
+    arbitrary), and cut to the model's input size (``<cls>``/``<eos>`` around them for V2 models).
+    IDs are matched without version suffix and case, as upstream upper-cases them; duplicate IDs are
+    summed first.
+    """
+
+    def __init__(self, encoder: GeneformerEncoder, ids: np.ndarray, tokens_of: Mapping, medians: Mapping, *,
+                 special_tokens: bool, where: str):  # fmt: skip
+        self.cols, self.collapse, self.token_ids, self.inv_median, self.genes = match_dictionaries(
+            ids, tokens_of, medians, where
+        )
+        self.wrap = (int(tokens_of["<cls>"]), int(tokens_of["<eos>"])) if special_tokens else None
+        check_token_ids(np.concatenate((self.token_ids, self.wrap or ())), encoder.vocab_size)
+        self.max_tokens = encoder.input_size
+        self.n_keep = encoder.input_size - (2 if special_tokens else 0)
+
+    def describe(self) -> dict[str, Any]:
+        return {"genes": names_digest(self.genes), "tokens": names_digest(self.token_ids),
+                "medians": names_digest(self.inv_median), "wrap": self.wrap}  # fmt: skip
+
+    def tokenize(self, chunk) -> Tokens:
+        """Token ids of a chunk, with ``per_cell["n_genes"]`` (expressed matched genes before the cut)."""
+        counts = sparse.csr_matrix(chunk.rows)
+        check_counts(counts, chunk.obs_names)
+        totals = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
+        scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+        norm = sparse.csr_matrix(
+            sparse.diags(scale) @ (counts[:, self.cols] @ self.collapse) @ sparse.diags(self.inv_median)
+        )
+        norm.eliminate_zeros()
+        n_genes = np.diff(norm.indptr)
+        order, indptr = rank_csr_rows(norm, self.n_keep)
+        genes = self.token_ids[order]
+        if self.wrap is None:
+            return Tokens(genes, indptr, None, {"n_genes": n_genes})
+        n_cells = len(indptr) - 1
+        ptr = indptr + 2 * np.arange(n_cells + 1)
+        ids = np.full(ptr[-1], self.wrap[1], dtype=np.int64)
+        ids[ptr[:-1]] = self.wrap[0]
+        inner = np.ones(ptr[-1], dtype=bool)
+        inner[ptr[:-1]] = False
+        inner[ptr[1:] - 1] = False
+        ids[inner] = genes
+        # A cell without genes gets no tokens at all, so the runner writes NaN for it, as for V1 models.
+        empty = n_genes == 0
+        if empty.any():
+            return _drop_cells(Tokens(ids, ptr, None, {"n_genes": n_genes}), empty)
+        return Tokens(ids, ptr, None, {"n_genes": n_genes})
+
+
+def _drop_cells(tokens: Tokens, empty: np.ndarray) -> Tokens:
+    lengths = np.where(empty, 0, tokens.lengths)
+    keep = np.repeat(~empty, tokens.lengths)
+    ptr = np.zeros_like(tokens.ptr)
+    np.cumsum(lengths, out=ptr[1:])
+    return Tokens(tokens.ids[keep], ptr, None, tokens.per_cell)
+
+
+def _normalized_id(g: str) -> str:
+    """Ensembl ID without version suffix, upper case (``ensg00000167286.12`` → ``ENSG00000167286``)."""
+    g = str(g).strip().upper()
+    return g.split(".", 1)[0] if g.startswith("ENS") else g
+
+
+def match_dictionaries(ids: np.ndarray, tokens_of: Mapping, medians: Mapping, where: str):
+    """Matched columns, a column → unique-gene map summing duplicates, token ids, 1/median and the genes."""
+    tokens_of = {_normalized_id(k): v for k, v in tokens_of.items() if not str(k).startswith("<")}
+    medians = {_normalized_id(k): v for k, v in medians.items()}
+    ids = np.array([_normalized_id(g) for g in ids], dtype=object)
+    in_tokens = np.fromiter((g in tokens_of for g in ids), dtype=bool, count=len(ids))
+    ok = in_tokens & np.fromiter((g in medians for g in ids), dtype=bool, count=len(ids))
+    cols = np.flatnonzero(ok)
+    if len(cols) == 0:
+        raise ValueError(
+            f"None of the {len(ids)} genes in {where} are in both Geneformer dictionaries; examples: "
+            f"{format_examples(ids)}. Geneformer needs Ensembl gene IDs (e.g. 'ENSG00000167286'): pass "
+            "ensembl_col= with the column that holds them."
+        )
+    no_median = int((in_tokens & ~ok).sum())
+    if no_median:
+        logger.warning(
+            "embed_geneformer: %d genes of %s are in the token dictionary but not the median dictionary; "
+            "they are left out (e.g. %s).", no_median, where, format_examples(ids[in_tokens & ~ok], 3),
+        )  # fmt: skip
+    unique, first, inverse = np.unique(ids[cols], return_index=True, return_inverse=True)
+    # Keep genes in var order (first occurrence) so equal values rank by var position.
+    in_var_order = np.argsort(first)
+    rank = np.empty_like(in_var_order)
+    rank[in_var_order] = np.arange(len(in_var_order))
+    unique, inverse = unique[in_var_order], rank[inverse]
+    if len(unique) < len(cols):
+        logger.info("embed_geneformer: %d duplicate Ensembl IDs summed.", len(cols) - len(unique))
+    collapse = sparse.csr_matrix(
+        (np.ones(len(cols)), (np.arange(len(cols)), inverse)), shape=(len(cols), len(unique))
+    )
+    token_ids = np.array([tokens_of[g] for g in unique], dtype=np.int64)
+    inv_median = np.array([1.0 / float(medians[g]) for g in unique])
+    if len(unique) / len(ids) < 0.5:
+        logger.warning("embed_geneformer: only %d of %d genes are in the dictionaries.", len(unique), len(ids))
+    return cols, collapse, token_ids, inv_median, unique.astype(str)
+
+
+def check_token_ids(used: np.ndarray, vocab_size: int) -> None:
+    if used.size and (used.max() >= vocab_size or used.min() < 0):
+        raise ValueError(
+            f"token_dictionary has ids up to {int(used.max())} but the model embeds {vocab_size} tokens: "
+            "the dictionary belongs to another Geneformer version (V1 30M vs V2 104M dictionaries)."
+        )
+
+
+def check_counts(counts: sparse.csr_matrix, obs_names) -> None:
+    """Geneformer reads raw counts: refuse NaN, infinite and negative values, warn on non-integers."""
+    data = counts.data
+    bad = ~np.isfinite(data) | (data < 0)
+    if bad.any():
+        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))[bad]
+        raise ValueError(
+            f"Counts contain NaN, infinite or negative values (cells {format_examples(np.asarray(obs_names)[np.unique(rows)])}); "
+            "Geneformer needs raw counts: pass counts_layer= with the layer that holds them."
+        )
+    if data.size and not np.array_equal(data, np.round(data)):
+        warnings.warn(
+            "Geneformer expects raw counts, but the values are not integers (log-normalized?); rank value "
+            "encoding divides by each cell's total, so normalized input changes the ranking. Pass counts_layer=.",
+            UserWarning,
+            stacklevel=2,
         )
 
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Sequence
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
+from .._store import names_digest
 from .._utils import format_examples
-from ._runtime import file_digest, pad_batch, reduced_copy, require_torch, resolve_device, run_batched
+from ._encoder import Tokens, reduced_copy
+from ._runtime import file_digest, require_torch, resolve_device
 
 logger = logging.getLogger("sc_llm")
 
@@ -252,7 +255,6 @@ class ScGPTEncoder:
         self.model, self.ignored_keys = self._build(state)
         self.model.to(self.device).eval()
         self.dim = self.model.dim
-        self._reduced: dict[str, Any] = {}
 
     def _build(self, state: dict[str, Any]):
         cfg = self.config
@@ -310,52 +312,143 @@ class ScGPTEncoder:
             "ignored_keys": len(self.ignored_keys),
         }
 
+    # -- the encoder protocol ------------------------------------------------------------------
+    max_tokens = 1200  # upstream's default max_length; a call's tokenizer sets its own
+
     def model_in(self, precision: str):
-        """The model with weights in ``precision`` (reduced copies are made once and kept)."""
-        if precision == "fp32":
-            return self.model
-        if precision not in self._reduced:
-            self._reduced[precision] = reduced_copy(self.model, precision)
-        return self._reduced[precision]
+        """The model with weights in ``precision`` (a reduced copy made once per model, device, precision)."""
+        return reduced_copy(self.model, precision)
 
-    def encode(
-        self,
-        genes: Sequence[np.ndarray],
-        values: Sequence[np.ndarray],
-        *,
-        batch_size: int = 64,
-        precision: str = "fp32",
-        bar=None,
-    ) -> np.ndarray:
-        """L2-normalized ``<cls>`` embeddings of tokenized cells (float32, input order).
+    def forward(self, model, ids, mask, values):
+        """L2-normalized ``<cls>`` embeddings of a padded batch (genes, binned values, mask)."""
+        emb = model(ids, values.to(torch.float32), mask == 0).float()
+        return torch.nn.functional.normalize(emb, dim=-1)
 
-        ``genes[i]`` are token ids starting with ``<cls>``; ``values[i]`` the matching binned values
-        starting with the pad value. ``precision`` must already be resolved (``fp32``/``bf16``/``fp16``).
-        """
-        model = self.model_in(precision)
-        value_dtype = torch.float32
+    def tokenizer_for(
+        self, gene_names: np.ndarray, *, max_length: int = 1200, random_state: int = 0, min_gene_fraction: float = 0.1,
+        where: str = "var_names",
+    ) -> ScGPTTokenizer:  # fmt: skip
+        """The host tokenizer for one call over an AnnData with these gene symbols."""
+        return ScGPTTokenizer(self, gene_names, max_length=max_length, random_state=random_state,
+                              min_gene_fraction=min_gene_fraction, where=where)  # fmt: skip
 
-        def forward(idx):
-            ids, mask = pad_batch([genes[i] for i in idx], self.pad_id, self.device, pin=True)
-            vals = np.full(ids.shape, self.pad_value, dtype=np.float32)
-            for row, i in enumerate(idx):
-                vals[row, : len(values[i])] = values[i]
-            vals_t = torch.from_numpy(vals).to(self.device, dtype=value_dtype)
-            emb = model(ids, vals_t, mask == 0).float()
-            return torch.nn.functional.normalize(emb, dim=-1)
 
-        # Weights already carry the precision; autocast on top would only add casts.
-        return run_batched(
-            len(genes),
-            [len(g) for g in genes],
-            forward,
-            batch_size=batch_size,
-            device=self.device,
-            precision="fp32",
-            desc="embed_scgpt",
-            out_dim=self.dim,
-            bar=bar,
+class ScGPTTokenizer:
+    """Cells → scGPT tokens on the host, as upstream ``scgpt.tasks.embed_data`` builds them.
+
+    Genes are matched by exact symbol to the vocabulary; per cell only expressed matched genes are
+    used, in ``var`` order; values are binned per cell into ``n_bins`` by quantiles of that cell's
+    non-zero values (bin 0 is reserved for zero; a value on several equal edges gets a uniformly random
+    bin among them); ``<cls>`` comes first with the pad value; a cell with more than ``max_length - 1``
+    expressed genes keeps a random subset. Each cell draws from its own generator seeded by
+    ``(random_state, crc32(obs_name))``, first the tie-breaks, then the subset, so a cell's tokens do
+    not depend on the other cells, their order or the chunking.
+    """
+
+    def __init__(self, encoder: ScGPTEncoder, gene_names: np.ndarray, *, max_length: int, random_state: int,
+                 min_gene_fraction: float, where: str):  # fmt: skip
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (<cls> and one gene), got {max_length}.")
+        self.cols, self.token_ids = match_vocab(gene_names, encoder.vocab, min_gene_fraction, where)
+        self.gene_names = np.asarray(gene_names)[self.cols]
+        self.n_bins, self.cls_id, self.pad_value = encoder.n_bins, encoder.cls_id, float(encoder.pad_value)
+        self.max_tokens, self.random_state, self.where = max_length, random_state, where
+
+    def describe(self) -> dict[str, Any]:
+        return {"genes": names_digest(self.gene_names), "max_length": self.max_tokens,
+                "random_state": self.random_state, "n_bins": self.n_bins}  # fmt: skip
+
+    def tokenize(self, chunk) -> Tokens:
+        """Tokens and binned values of a chunk, with ``per_cell["n_genes"]`` (expressed matched genes)."""
+        csr = sparse.csr_matrix(chunk.rows[:, self.cols])
+        csr.eliminate_zeros()
+        csr.sort_indices()  # var order, so the seeded tie-breaks and subsets do not depend on storage order
+        check_nonnegative(csr, chunk.obs_names, self.where)
+        left, right = bin_edges_hits(csr, self.n_bins)
+        n_expr = np.diff(csr.indptr)
+        keep = self.max_tokens - 1
+        genes, values = [], []
+        for i, name in enumerate(chunk.obs_names):
+            lo, hi = csr.indptr[i], csr.indptr[i + 1]
+            rng = np.random.default_rng([self.random_state, zlib.crc32(str(name).encode())])
+            binned = np.ceil(rng.random(hi - lo) * (right[lo:hi] - left[lo:hi]) + left[lo:hi])
+            tok = self.token_ids[csr.indices[lo:hi]]
+            if hi - lo > keep:
+                chosen = np.sort(rng.choice(hi - lo, size=keep, replace=False))
+                tok, binned = tok[chosen], binned[chosen]
+            genes.append(tok)
+            values.append(binned)
+        return _with_cls(genes, values, self.cls_id, self.pad_value, n_genes=n_expr)
+
+
+def _with_cls(genes, values, cls_id: int, pad_value: float, **per_cell) -> Tokens:
+    lengths = np.fromiter((len(g) + 1 for g in genes), dtype=np.int64, count=len(genes))
+    ptr = np.zeros(len(genes) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=ptr[1:])
+    ids = np.full(ptr[-1], cls_id, dtype=np.int64)
+    vals = np.full(ptr[-1], pad_value, dtype=np.float32)
+    body = np.ones(ptr[-1], dtype=bool)
+    body[ptr[:-1]] = False
+    if len(genes):
+        ids[body] = np.concatenate(genes)
+        vals[body] = np.concatenate(values)
+    return Tokens(ids, ptr, vals, per_cell)
+
+
+def match_vocab(names: np.ndarray, vocab: dict[str, int], min_fraction: float, where: str):
+    """Columns of genes found in the vocabulary (var order) and their token ids."""
+    names = np.asarray(names)
+    ids = np.fromiter((vocab.get(g, -1) for g in names), dtype=np.int64, count=len(names))
+    cols = np.flatnonzero(ids >= 0)
+    fraction = len(cols) / max(len(names), 1)
+    if len(cols) == 0 or fraction < min_fraction:
+        raise ValueError(
+            f"Only {len(cols)} of {len(names)} genes in {where} are in the scGPT vocabulary "
+            f"(fraction {fraction:.3f} < min_gene_fraction={min_fraction}). Unmatched names: "
+            f"{format_examples(names[ids < 0])}. scGPT matches exact gene symbols (e.g. 'CD3E'); pass "
+            "gene_col= with the column that holds symbols."
         )
+    if fraction < 0.5:
+        logger.warning("embed_scgpt: only %d of %d genes match the vocabulary.", len(cols), len(names))
+    return cols, ids[cols]
+
+
+def check_nonnegative(csr: sparse.csr_matrix, obs_names, where: str) -> None:
+    """Refuse NaN, infinite and negative values (NaN would hide negatives from a plain ``min() < 0``)."""
+    bad = ~np.isfinite(csr.data) | (csr.data < 0)
+    if bad.any():
+        rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[bad]
+        kinds = sorted({"NaN" if np.isnan(v) else "infinite" if np.isinf(v) else "negative" for v in csr.data[bad]})
+        raise ValueError(
+            f"{where} has {'/'.join(kinds)} values (cells {format_examples(np.asarray(obs_names)[np.unique(rows)])}); "
+            "scGPT needs finite counts or log-normalized expression, not scaled data."
+        )
+
+
+def bin_edges_hits(csr: sparse.csr_matrix, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per non-zero entry, how many of its cell's bin edges are ``<=`` and ``<`` the value.
+
+    The edges are the ``n_bins - 1`` evenly spaced quantiles of the cell's non-zero values, computed
+    by ``np.quantile`` itself in float64 (float32 edges would move values across edges); cells with
+    the same number of values are handled together. Entry ``j`` then falls into a bin drawn uniformly
+    from ``left[j]`` (exclusive) to ``right[j]`` (inclusive), upstream's rule for values on tied edges.
+    """
+    counts = np.diff(csr.indptr)
+    left = np.zeros(csr.nnz, dtype=np.float64)
+    right = np.zeros(csr.nnz, dtype=np.float64)
+    qs = np.linspace(0, 1, n_bins - 1)
+    for n in np.unique(counts[counts > 0]):
+        rows = np.flatnonzero(counts == n)
+        at = csr.indptr[rows][:, None] + np.arange(n)
+        x = csr.data[at].astype(np.float64)
+        edges = np.quantile(x, qs, axis=1).T
+        step = max(1, 2**22 // (n * len(qs)))  # bounds the memory of the comparison below
+        for block in range(0, len(rows), step):
+            sl = slice(block, block + step)
+            xb, eb = x[sl, :, None], edges[sl, None, :]
+            left[at[sl]] = (eb <= xb).sum(-1)
+            right[at[sl]] = (eb < xb).sum(-1)
+    return left, right
 
 
 def _rows(state: dict[str, Any], key: str, default: int | None) -> int | None:

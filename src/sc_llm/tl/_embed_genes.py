@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 
-from .._utils import as_csr, gene_names, get_matrix, maybe_copy, warn_overwrite
+from .._distributed import Scheduler
+from .._sources import MatrixSource
+from .._utils import gene_names, maybe_copy
+from ..models._gene_mode import GeneModeEncoder, GeneModeTokenizer
 from ..models._runtime import Precision, resolve_precision
 from ..models._text import load_text_encoder
-from ..pp._cell_sentences import check_values, rank_csr_rows
+from ._embedding import run_encoder, write_embedding
 
 Weighting = Literal["expression", "rank"]
-WEIGHTINGS = ("expression", "rank")
 
 
 def embed_text_genes(
@@ -30,11 +32,13 @@ def embed_text_genes(
     use_raw: bool = False,
     gene_symbols: str | None = None,
     key_added: str = "X_text_genes",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: Any = None,
     precision: Precision = "auto",
     normalize: bool = True,
     chunk_size: int = 4096,
+    store: str | Path | None = None,
+    scheduler: Scheduler = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed each gene's text once; a cell is the weighted average of its genes' embeddings.
@@ -65,12 +69,20 @@ def embed_text_genes(
         ``obsm`` key of the cell embedding; the gene embedding goes to ``varm[key_added]`` (or to
         ``uns[key_added]["gene_embedding"]`` with ``use_raw=True``), details to ``uns[key_added]``.
     batch_size, device, precision
-        Encoder batch size, device and precision for the gene texts (see :func:`sc_llm.tl.embed_text`).
+        Batch size, device and precision for the gene texts (see :func:`sc_llm.tl.embed_text`); the
+        weighted means are computed in fp32.
     normalize
         L2-normalize the cell embeddings (gene embeddings are always L2-normalized, so every gene
         counts by its weight alone). Without it a cell is the weighted mean of its genes.
     chunk_size
-        Cells read at a time.
+        Cells read at a time (the unit of resuming and of distributed work).
+    store
+        Path of a resumable zarr store for the cell embeddings (see :func:`sc_llm.tl.embed_text`);
+        the gene embedding is part of its fingerprint, so a store is only resumed with the same genes,
+        texts and encoder.
+    scheduler
+        Compute the cells' weighted means on a dask.distributed cluster (see :func:`sc_llm.tl.embed_text`);
+        the gene embedding is sent once to every worker.
     copy
         Return a copy instead of writing into ``adata``.
 
@@ -80,46 +92,39 @@ def embed_text_genes(
     ``uns[key_added]`` (model identity, weighting, number of genes described, empty cells).
     Cells with no expressed gene get a zero vector.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
-    if n_genes is not None and n_genes < 1:
-        raise ValueError(f"n_genes must be positive, got {n_genes}.")
     adata = maybe_copy(adata, copy)
-    X, var = get_matrix(adata, layer=layer, use_raw=use_raw)
-    names = gene_names(var, gene_symbols)
+    source = MatrixSource(adata, layer=layer, use_raw=use_raw)
+    names = gene_names(source.var, gene_symbols)
+    tokenizer = GeneModeTokenizer(names, weighting, n_genes)
     texts, n_described = gene_texts(names, descriptions)
-    encoder = load_text_encoder(model, device)
-    used_precision = resolve_precision(precision, encoder.device)
-    genes = encoder.encode(texts, batch_size=batch_size, precision=used_precision, normalize=True, desc="genes")
-    cells = np.zeros((adata.n_obs, encoder.dim), dtype=np.float32)
-    for start in range(0, adata.n_obs, chunk_size):
-        stop = min(start + chunk_size, adata.n_obs)
-        block = as_csr(X[start:stop])
-        check_values(block, adata.obs_names[start:stop])
-        cells[start:stop] = weighted_mean(cell_weights(block, weighting, n_genes), genes)
-    empty = ~cells.any(axis=1)
-    if normalize:
-        norms = np.linalg.norm(cells, axis=1, keepdims=True)
-        cells = np.divide(cells, norms, out=np.zeros_like(cells), where=norms > 0)
-    warn_overwrite(adata.obsm, key_added, "adata.obsm")
-    adata.obsm[key_added] = cells
-    adata.uns[key_added] = {
-        "model": encoder.identity(),
+    text_encoder = load_text_encoder(model, device)
+    used = resolve_precision(precision, text_encoder.device)
+    genes = text_encoder.encode(texts, batch_size=batch_size or 64, precision=used, normalize=True)
+    encoder = GeneModeEncoder(genes, text_encoder.identity(), text_encoder.device)
+    run = run_encoder(
+        adata, encoder, tokenizer, source, function="embed_text_genes", spec=encoder, device=device,
+        precision=used, batch_size=batch_size, options={"normalize": normalize}, chunk_size=chunk_size,
+        store=store, scheduler=scheduler, params={"gene_symbols": gene_symbols},
+    )  # fmt: skip
+    cells = np.nan_to_num(run.embedding, nan=0.0)  # cells with no expressed gene: a zero vector
+    info = {
+        "model": text_encoder.identity(),
         "mode": "gene",
         "weighting": weighting,
         "n_genes": n_genes,
         "layer": layer,
         "use_raw": use_raw,
         "gene_symbols": gene_symbols,
-        "precision": used_precision,
+        "precision": used,
         "normalize": normalize,
         "n_genes_described": n_described,
-        "n_empty_cells": int(empty.sum()),
+        "n_empty_cells": int((~cells.any(axis=1)).sum()),
     }
     if use_raw:
-        adata.uns[key_added]["gene_embedding"] = genes
+        info["gene_embedding"] = genes
     else:
         adata.varm[key_added] = genes
+    write_embedding(adata, key_added, cells, info, store)
     return adata if copy else None
 
 
@@ -136,30 +141,3 @@ def gene_texts(names: np.ndarray, descriptions: Mapping[str, str] | pd.Series | 
             "index the descriptions by the names in use (var_names or `gene_symbols`)."
         )
     return texts, n_described
-
-
-def cell_weights(block: sparse.csr_matrix, weighting: str, n_genes: int | None) -> sparse.csr_matrix:
-    """Per-cell gene weights as CSR (same shape as ``block``)."""
-    if weighting == "expression" and n_genes is None:
-        block = block.copy()
-        block.eliminate_zeros()
-        return block.astype(np.float32)
-    cols, indptr = rank_csr_rows(block, n_genes)
-    if weighting == "rank":
-        rank = np.arange(cols.size) - np.repeat(indptr[:-1], np.diff(indptr))
-        data = (1.0 / (rank + 1)).astype(np.float32)
-    else:
-        data = _values_at(block, cols, indptr).astype(np.float32)
-    return sparse.csr_matrix((data, cols, indptr), shape=block.shape)
-
-
-def _values_at(block: sparse.csr_matrix, cols: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    rows = np.repeat(np.arange(block.shape[0]), np.diff(indptr))
-    return np.asarray(block[rows, cols]).ravel()
-
-
-def weighted_mean(weights: sparse.csr_matrix, genes: np.ndarray) -> np.ndarray:
-    """Row-wise weighted mean of gene embeddings; rows without weight stay zero."""
-    total = np.asarray(weights.sum(axis=1)).ravel()
-    summed = np.asarray(weights @ genes, dtype=np.float32)
-    return np.divide(summed, total[:, None], out=np.zeros_like(summed), where=total[:, None] > 0)

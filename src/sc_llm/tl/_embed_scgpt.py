@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
-from .._distributed import Scheduler, run_embedding, worker_model
-from .._progress import progress
-from .._store import ChunkedResults, names_digest
-from .._utils import as_csr, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
-from ..models._runtime import Precision, resolve_precision
+from .._distributed import Scheduler
+from .._sources import MatrixSource
+from .._utils import gene_names, maybe_copy
+from ..models._runtime import Precision
+from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 
 logger = logging.getLogger("sc_llm")
 
@@ -28,7 +27,7 @@ def embed_scgpt(
     gene_col: str | None = None,
     layer: str | None = None,
     max_length: int = 1200,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: Any = None,
     precision: Precision = "auto",
     random_state: int = 0,
@@ -68,7 +67,8 @@ def embed_scgpt(
     max_length
         Maximum tokens per cell including ``<cls>`` (upstream default 1200).
     batch_size
-        Cells per forward pass (batches group cells of similar length).
+        Cells per forward pass at ``max_length`` tokens; batches group cells of similar length and are
+        capped at ``batch_size × max_length`` tokens. ``None``: 512 on CUDA, 64 elsewhere.
     device
         Torch device; ``None`` picks CUDA, then MPS, then CPU.
     precision
@@ -100,136 +100,37 @@ def embed_scgpt(
     """
     from ..models._scgpt import load_scgpt
 
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (<cls> and one gene), got {max_length}.")
     adata = maybe_copy(adata, copy)
     encoder = load_scgpt(model_dir, device)
-    used_precision = resolve_precision(precision, encoder.device)
-    X, var = get_matrix(adata, layer=layer)
-    cols, token_ids = _match_genes(gene_names(var, gene_col), encoder.vocab, gene_col, min_gene_fraction)
-
-    names = np.asarray(adata.obs_names.astype(str))
-    params = {"precision": used_precision, "max_length": max_length, "random_state": random_state}
-    fingerprint = {"function": "embed_scgpt", "model": encoder.identity(), **params, "layer": layer}
-    if store is not None:
-        fingerprint |= {"cells": names_digest(names), "genes": names_digest(gene_names(var, gene_col)[cols])}
-    results = ChunkedResults(
-        adata.n_obs,
-        chunk_size,
-        {"embedding": ((encoder.dim,), np.float32), "n_genes": ((), np.int64)},
-        store=store,
-        fingerprint=fingerprint,
-    )
-
-    def tokenize(start: int, stop: int):
-        chunk = as_csr(X[start:stop])[:, cols]
-        genes, values, n = _tokenize_chunk(chunk, token_ids, names[start:stop], encoder, max_length, random_state, layer)
-        return (genes, values), {"n_genes": n}
-
-    with progress(adata.n_obs, "embed_scgpt", unit="cell") as bar:
-        run_embedding(
-            results,
-            tokenize,
-            encode_scgpt_chunk,
-            shared=(worker_model(model_dir, encoder, scheduler), device, batch_size, precision),
-            scheduler=scheduler,
-            bar=bar,
-        )
-    emb, n_genes = results.array("embedding"), results.array("n_genes")
-
+    source = MatrixSource(adata, layer=layer)
+    where = f"var[{gene_col!r}]" if gene_col else "var_names"
+    tokenizer = encoder.tokenizer_for(
+        gene_names(source.var, gene_col), max_length=max_length, random_state=random_state,
+        min_gene_fraction=min_gene_fraction, where=where,
+    )  # fmt: skip
+    run = run_encoder(
+        adata, encoder, tokenizer, source, function="embed_scgpt",
+        spec=worker_spec("scgpt", model_dir, encoder, scheduler), device=device, precision=precision,
+        batch_size=batch_size, per_cell={"n_genes": np.int64}, chunk_size=chunk_size, store=store,
+        scheduler=scheduler,
+    )  # fmt: skip
+    n_genes = run.per_cell["n_genes"]
     n_empty = int((n_genes == 0).sum())
     if n_empty:
         logger.warning(
             "embed_scgpt: %d cells express no vocabulary gene; they get the <cls>-only embedding.", n_empty
         )
-    warn_overwrite(adata.obsm, key_added, "adata.obsm")
-    adata.obsm[key_added] = emb
-    adata.uns[key_added] = {
+    info = {
         "model": encoder.identity(),
-        "precision": used_precision,
+        "precision": run.precision,
         "max_length": max_length,
         "random_state": random_state,
         "gene_col": gene_col or "var_names",
-        "n_genes_matched": len(cols),
-        "fraction_genes_matched": len(cols) / max(len(var), 1),
-        "genes_per_cell": _stats(np.minimum(n_genes, max_length - 1)),
+        "n_genes_matched": len(tokenizer.cols),
+        "fraction_genes_matched": len(tokenizer.cols) / max(len(source.var), 1),
+        "genes_per_cell": count_stats(np.minimum(n_genes, max_length - 1)),
         "n_cells_subsampled": int((n_genes > max_length - 1).sum()),
         "n_cells_without_genes": n_empty,
     }
+    write_embedding(adata, key_added, run.embedding, info, store)
     return adata if copy else None
-
-
-def encode_scgpt_chunk(model_dir, device, batch_size, precision, genes, values, bar=None) -> np.ndarray:
-    """One chunk's forward passes; runs here or on a dask worker (which loads the model once)."""
-    from ..models._scgpt import load_scgpt
-
-    encoder = load_scgpt(model_dir, device)
-    used = resolve_precision(precision, encoder.device)  # on a worker: that worker's device
-    return encoder.encode(genes, values, batch_size=batch_size, precision=used, bar=bar)
-
-
-def _match_genes(names: np.ndarray, vocab: dict[str, int], gene_col, min_fraction: float):
-    """Columns of genes found in the vocabulary (var order) and their token ids."""
-    ids = np.fromiter((vocab.get(g, -1) for g in names), dtype=np.int64, count=len(names))
-    cols = np.flatnonzero(ids >= 0)
-    fraction = len(cols) / max(len(names), 1)
-    if len(cols) == 0 or fraction < min_fraction:
-        where = f"var[{gene_col!r}]" if gene_col else "var_names"
-        unmatched = names[ids < 0]
-        raise ValueError(
-            f"Only {len(cols)} of {len(names)} genes in {where} are in the scGPT vocabulary "
-            f"(fraction {fraction:.3f} < min_gene_fraction={min_fraction}). Unmatched names: "
-            f"{format_examples(unmatched)}. scGPT matches exact gene symbols (e.g. 'CD3E'); pass "
-            "gene_col= with the column that holds symbols."
-        )
-    if fraction < 0.5:
-        logger.warning("embed_scgpt: only %d of %d genes match the vocabulary.", len(cols), len(names))
-    return cols, ids[cols]
-
-
-def _tokenize_chunk(csr, token_ids, names, encoder, max_length, random_state, layer):
-    """Per cell: ``<cls>`` + expressed genes and ``pad_value`` + binned values; also expressed-gene counts."""
-    csr.eliminate_zeros()
-    csr.sort_indices()  # var order, so the seeded tie-breaks and subsets do not depend on storage order
-    if csr.nnz and csr.data.min() < 0:
-        bad = names[np.unique(np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[csr.data < 0])]
-        where = f"layer {layer!r}" if layer else "adata.X"
-        raise ValueError(
-            f"{where} has negative values (cells {format_examples(bad)}); scGPT needs counts or "
-            "log-normalized expression, not scaled data."
-        )
-    keep = max_length - 1
-    genes, values = [], []
-    n_expr = np.diff(csr.indptr)
-    for i in range(csr.shape[0]):
-        lo, hi = csr.indptr[i], csr.indptr[i + 1]
-        rng = np.random.default_rng([random_state, zlib.crc32(names[i].encode())])
-        binned = bin_values(csr.data[lo:hi], encoder.n_bins, rng)
-        tok = token_ids[csr.indices[lo:hi]]
-        if hi - lo > keep:
-            chosen = np.sort(rng.choice(hi - lo, size=keep, replace=False))
-            tok, binned = tok[chosen], binned[chosen]
-        genes.append(np.concatenate(([encoder.cls_id], tok)))
-        values.append(np.concatenate(([encoder.pad_value], binned)).astype(np.float32))
-    return genes, values, n_expr
-
-
-def bin_values(x: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
-    """Bin one cell's positive values into ``1..n_bins-1`` by its own quantiles (scGPT's binning).
-
-    Edges are the ``n_bins - 1`` evenly spaced quantiles. A value lying on several equal edges
-    gets a uniformly random bin among those edges, as upstream does; ``rng`` makes it reproducible.
-    """
-    if x.size == 0:
-        return np.zeros(0, dtype=np.float64)
-    x = np.asarray(x, dtype=np.float64)  # float32 quantile edges would move values across edges
-    edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
-    left = np.digitize(x, edges)
-    right = np.digitize(x, edges, right=True)
-    return np.ceil(rng.random(x.size) * (right - left) + left).astype(np.float64)
-
-
-def _stats(n: np.ndarray) -> dict[str, float]:
-    if n.size == 0:
-        return {"mean": 0.0, "min": 0, "max": 0}
-    return {"mean": float(n.mean()), "min": int(n.min()), "max": int(n.max())}
