@@ -37,7 +37,9 @@ def test_fit_counts_tokens_exactly(text_encoder, pbmc_embedded, prefix):
         words = s.split()
         assert row == tok((prefix or "") + " ".join(words[:k]))["input_ids"]
         assert len(row) <= 256
-        assert len(tok((prefix or "") + " ".join(words[: k + 1]))["input_ids"]) > 256  # one more gene would not fit
+        assert (
+            len(tok((prefix or "") + " ".join(words[: k + 1]))["input_ids"]) > 256
+        )  # one more gene would not fit
 
 
 def test_short_sentences_are_kept_whole(text_encoder):
@@ -124,5 +126,82 @@ def test_local_path_loads_the_same_model(text_encoder, pbmc_embedded):
     assert by_path.identity()["name"] == str(default_model_path())
     sentences = list(pbmc_embedded.obs["cell_sentence"][:3])
     np.testing.assert_allclose(
-        by_path.encode(sentences, precision="fp32"), text_encoder.encode(sentences, precision="fp32"), atol=1e-6
+        by_path.encode(sentences, precision="fp32"),
+        text_encoder.encode(sentences, precision="fp32"),
+        atol=1e-6,
     )
+
+
+# -- genes tokenized once: embed_text through tokenizers of other families, and the fallback -------
+def _sentence_transformer(tokenizer, folder):
+    """A 1-layer random BERT behind ``tokenizer``, loaded as a SentenceTransformer from disk."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return SentenceTransformer(modules=[Transformer(str(folder), max_seq_length=48), Pooling(16, "mean")])
+
+
+@pytest.mark.parametrize("family", ["byte_level_bpe", "unigram", "bpe_across_spaces"])
+def test_other_tokenizer_families_equal_tokenizing_each_fitted_sentence(pbmc, tmp_path, caplog, family):
+    import _tokenizers
+
+    genes = list(pbmc.var_names)
+    model = _sentence_transformer(getattr(_tokenizers, family)(genes[::2]), tmp_path / family)
+    enc = TextEncoder(model)
+    sub = pbmc[:24].copy()
+    with caplog.at_level("INFO", logger="sc_llm"):
+        scl.tl.embed_text(sub, enc, precision="fp32", prefix=PREFIX, batch_size=5)
+    assert ("tokenizing whole sentences instead" in caplog.text) == (family == "bpe_across_spaces")
+    scl.pp.cell_sentences(sub)
+    ids, n_fit = enc.fit(list(sub.obs["cell_sentence"]), PREFIX)
+    if (
+        family != "bpe_across_spaces"
+    ):  # across spaces even fit's offset cut is approximate: the fallback is fit
+        for s, row, k in zip(sub.obs["cell_sentence"], ids, n_fit, strict=True):
+            assert row == enc.tokenizer(PREFIX + " ".join(s.split()[:k]))["input_ids"]
+    np.testing.assert_allclose(sub.obsm["X_text"], enc.encode_ids(ids, precision="fp32"), atol=1e-6)
+    assert sub.uns["X_text"]["genes_in_context"]["mean"] == pytest.approx(n_fit.mean())
+
+
+@pytest.mark.parametrize("bad", ["CD3E\tLYZ", "CD3E\nLYZ"])
+def test_sentences_with_tabs_or_newlines_are_refused(text_encoder, pbmc_embedded, bad):
+    sub = pbmc_embedded[:3].copy()
+    sub.obs["cell_sentence"] = sub.obs["cell_sentence"].astype(str)
+    sub.obs.loc[sub.obs_names[1], "cell_sentence"] = bad
+    with pytest.raises(ValueError, match="tabs or line breaks.*sentence 1"):
+        scl.tl.embed_text(sub, text_encoder)
+
+
+def test_model_objects_are_identified_by_their_weights(text_encoder):
+    import copy
+
+    import torch
+
+    other = copy.deepcopy(text_encoder.model)
+    a = TextEncoder(text_encoder.model).identity()["weights_sha256"]
+    assert a == TextEncoder(text_encoder.model).identity()["weights_sha256"]
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert TextEncoder(other).identity()["weights_sha256"] != a
+
+
+def test_reduced_copy_is_made_once_and_remade_after_an_in_place_edit(text_encoder):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(text_encoder.model)
+    enc = TextEncoder(model)
+    first = enc.model_in("bf16")
+    assert TextEncoder(model).model_in("bf16") is first  # another wrapper of the same model reuses it
+    assert next(first.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)
+    assert enc.model_in("bf16") is not first

@@ -86,7 +86,9 @@ def test_dask_x_matches_in_memory(small, reference, text_encoder, kind):
     np.testing.assert_array_equal(lazy.obsm["X_text"], reference.obsm["X_text"])
 
 
-def test_embed_text_resumes_after_kill_without_recomputing(backed, reference, text_encoder, monkeypatch, tmp_path):
+def test_embed_text_resumes_after_kill_without_recomputing(
+    backed, reference, text_encoder, monkeypatch, tmp_path
+):
     store = tmp_path / "emb.zarr"
     first = counting(monkeypatch, _embedding, "encode_chunk", fail_after=2)
     with pytest.raises(Interrupt):
@@ -103,7 +105,9 @@ def test_embed_text_resumes_after_kill_without_recomputing(backed, reference, te
         ChunkStore(store, n_obs=N_CELLS, chunk_size=CHUNK, fingerprint={}, arrays={})
 
     third = counting(monkeypatch, _embedding, "encode_chunk")
-    scl.tl.embed_text(backed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store, key_added="X_again")
+    scl.tl.embed_text(
+        backed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store, key_added="X_again"
+    )
     assert len(third) == 0  # a finished store is read back, nothing recomputed
     np.testing.assert_array_equal(backed.obsm["X_again"], reference.obsm["X_text"])
 
@@ -112,7 +116,9 @@ def test_store_refuses_another_computation(small, text_encoder, tmp_path):
     store = tmp_path / "emb.zarr"
     scl.tl.embed_text(small[:8].copy(), text_encoder, precision="fp32", chunk_size=4, store=store)
     with pytest.raises(ValueError, match=r"another computation \(differs in \['prefix'\]"):
-        scl.tl.embed_text(small[:8].copy(), text_encoder, precision="fp32", chunk_size=4, store=store, prefix="Cell: ")
+        scl.tl.embed_text(
+            small[:8].copy(), text_encoder, precision="fp32", chunk_size=4, store=store, prefix="Cell: "
+        )
     with pytest.raises(ValueError, match=r"differs in \['cells', 'n_obs'\]"):
         scl.tl.embed_text(small[:9].copy(), text_encoder, precision="fp32", chunk_size=4, store=store)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -160,7 +166,9 @@ def _rank_reference(dense: np.ndarray, n_genes: int | None) -> np.ndarray:
 @pytest.mark.parametrize(("weighting", "n_genes"), [("expression", None), ("expression", 30), ("rank", 50)])
 def test_gene_mode_equals_weighted_average_of_gene_embeddings(small, text_encoder, weighting, n_genes):
     small.X.data[small.X.indptr[3] : small.X.indptr[4]] = 0  # one cell without expression (explicit zeros)
-    scl.tl.embed_text_genes(small, text_encoder, precision="fp32", weighting=weighting, n_genes=n_genes, chunk_size=CHUNK)
+    scl.tl.embed_text_genes(
+        small, text_encoder, precision="fp32", weighting=weighting, n_genes=n_genes, chunk_size=CHUNK
+    )
     genes = text_encoder.model.encode(list(small.var_names), normalize_embeddings=True, convert_to_numpy=True)
     np.testing.assert_allclose(small.varm["X_text_genes"], genes, atol=1e-5)
     dense = small.X.toarray().astype(np.float64)
@@ -178,7 +186,10 @@ def test_gene_mode_equals_weighted_average_of_gene_embeddings(small, text_encode
 
 
 def test_gene_mode_descriptions_unnormalized_backed_and_raw(backed, small, text_encoder):
-    desc = {"CD3E": "T cell receptor CD3 epsilon subunit", "LYZ": "lysozyme, an antimicrobial enzyme of monocytes"}
+    desc = {
+        "CD3E": "T cell receptor CD3 epsilon subunit",
+        "LYZ": "lysozyme, an antimicrobial enzyme of monocytes",
+    }
     scl.tl.embed_text_genes(small, text_encoder, descriptions=desc, precision="fp32", normalize=False)
     assert small.uns["X_text_genes"]["n_genes_described"] == 2
     pos = list(small.var_names).index("LYZ")
@@ -301,3 +312,90 @@ def test_foundation_models_backed_and_resumed(which, small, foundation_models, m
     np.testing.assert_allclose(on_disk.obsm[key], small.obsm[key], atol=1e-5)
     counts = "genes_per_cell"
     assert on_disk.uns[key][counts] == small.uns[key][counts]
+
+
+# -- a store is never resumed over other data, other weights or damaged chunks ---------------------
+def test_cell_sentences_store_refuses_changed_values(small, tmp_path):
+    store = tmp_path / "cs.zarr"
+    scl.pp.cell_sentences(small.copy(), store=store, chunk_size=CHUNK)
+    changed = small.copy()
+    changed.X = changed.layers["log1p"].copy()
+    changed.X.data = changed.X.data[::-1].copy()
+    with pytest.raises(ValueError, match=r"computed from other input data: cells 0–15 \(chunk 0\)"):
+        scl.pp.cell_sentences(changed, store=store, chunk_size=CHUNK)
+
+
+def test_embed_text_store_refuses_data_changed_after_a_kill(small, text_encoder, monkeypatch, tmp_path):
+    store = tmp_path / "emb.zarr"
+    counting(monkeypatch, _embedding, "encode_chunk", fail_after=1)
+    with pytest.raises(Interrupt):
+        scl.tl.embed_text(small.copy(), text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    monkeypatch.undo()
+    changed = small.copy()
+    changed.X = changed.X.copy()
+    changed.X[0, 0] += 5  # a cell of the finished first chunk
+    with pytest.raises(ValueError, match="other input data"):
+        scl.tl.embed_text(changed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    scl.tl.embed_text(
+        small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store
+    )  # same data resumes
+
+
+def test_deleted_chunk_file_is_recomputed_not_read_as_zeros(small, reference, text_encoder, tmp_path, caplog):
+    store = tmp_path / "emb.zarr"
+    scl.tl.embed_text(small.copy(), text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    (store / "embedding" / "c" / "1" / "0").unlink()
+    calls = []
+    with caplog.at_level("WARNING", logger="sc_llm"):
+        inner = _embedding.encode_chunk
+        _embedding.encode_chunk = lambda *a, **k: calls.append(1) or inner(*a, **k)
+        try:
+            scl.tl.embed_text(small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+        finally:
+            _embedding.encode_chunk = inner
+    assert "missing or damaged" in caplog.text and len(calls) == 1
+    np.testing.assert_array_equal(small.obsm["X_text"], reference.obsm["X_text"])
+
+
+def test_store_refuses_another_model_object(small, text_encoder, tmp_path):
+    import copy
+
+    import torch
+
+    store = tmp_path / "emb.zarr"
+    scl.tl.embed_text(small[:8].copy(), text_encoder.model, precision="fp32", chunk_size=4, store=store)
+    other = copy.deepcopy(text_encoder.model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match=r"differs in \['model'\]"):
+        scl.tl.embed_text(small[:8].copy(), other, precision="fp32", chunk_size=4, store=store)
+
+
+def test_store_from_0_1_0_is_refused_with_a_clear_message(small, text_encoder, tmp_path):
+    import zarr
+
+    store = tmp_path / "old.zarr"
+    group = zarr.open_group(str(store), mode="w")
+    group.attrs["sc_llm"] = {
+        "function": "embed_text",
+        "n_obs": 8,
+        "chunk_size": 4,
+        "arrays": ["embedding", "n_fit"],
+    }
+    group.create_array("done", shape=(2,), dtype=bool, fill_value=False)
+    with pytest.raises(ValueError, match="written by sc_llm 0.1.0"):
+        scl.tl.embed_text(small[:8].copy(), text_encoder, precision="fp32", chunk_size=4, store=store)
+
+
+def test_gene_mode_store_resumes_and_equals_in_memory(small, text_encoder, monkeypatch, tmp_path):
+    scl.tl.embed_text_genes(small, text_encoder, precision="fp32", key_added="mem")
+    store = tmp_path / "genes.zarr"
+    counting(monkeypatch, _embedding, "encode_chunk", fail_after=1)
+    with pytest.raises(Interrupt):
+        scl.tl.embed_text_genes(small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    monkeypatch.undo()
+    calls = counting(monkeypatch, _embedding, "encode_chunk")
+    scl.tl.embed_text_genes(small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    assert len(calls) == 2
+    np.testing.assert_allclose(small.obsm["X_text_genes"], small.obsm["mem"], atol=1e-6)
+    assert small.uns["X_text_genes"]["store"] == str(store)

@@ -39,7 +39,9 @@ def require_zarr():
     try:
         import zarr
     except ImportError as e:  # pragma: no cover - zarr ships with the scale extra
-        raise ImportError("Writing results to an on-disk store needs zarr: pip install 'sc-llm[scale]'") from e
+        raise ImportError(
+            "Writing results to an on-disk store needs zarr: pip install 'sc-llm[scale]'"
+        ) from e
     return zarr
 
 
@@ -84,7 +86,12 @@ class ChunkStore:
         self.path = Path(path)
         self.n_obs, self.chunk_size = int(n_obs), int(chunk_size)
         self.n_chunks = -(-self.n_obs // self.chunk_size)
-        full = {**_jsonable(fingerprint), "n_obs": self.n_obs, "chunk_size": self.chunk_size, "arrays": sorted(arrays)}
+        full = {
+            **_jsonable(fingerprint),
+            "n_obs": self.n_obs,
+            "chunk_size": self.chunk_size,
+            "arrays": sorted(arrays),
+        }
         self.group = zarr.open_group(str(self.path), mode="a")
         self._check_fingerprint(full)
         for name, (trailing, dtype) in arrays.items():
@@ -102,7 +109,11 @@ class ChunkStore:
         for name, (dtype, fill) in per_chunk.items():
             if name not in self.group:
                 self.group.create_array(
-                    name, shape=(self.n_chunks,), chunks=(max(self.n_chunks, 1),), dtype=dtype, fill_value=fill
+                    name,
+                    shape=(self.n_chunks,),
+                    chunks=(max(self.n_chunks, 1),),
+                    dtype=dtype,
+                    fill_value=fill,
                 )
         self.done = self.group["done"]
         self._done = np.asarray(self.done[:], dtype=bool)
@@ -110,7 +121,9 @@ class ChunkStore:
         self._outputs = np.asarray(self.group["output_digest"][:], dtype=object)
         if self._done.any():
             self._recheck_outputs()
-            logger.info("Resuming %s: %d of %d chunks already done.", self.path, self._done.sum(), self.n_chunks)
+            logger.info(
+                "Resuming %s: %d of %d chunks already done.", self.path, self._done.sum(), self.n_chunks
+            )
 
     def _check_fingerprint(self, full: dict[str, Any]) -> None:
         full = {**full, "store_format": STORE_FORMAT}
@@ -179,7 +192,9 @@ class ChunkStore:
         try:
             out = self.group[name][start : self.n_obs if stop is None else stop]
         except Exception as e:  # zarr/numcodecs raise many types for a damaged chunk file
-            raise OSError(f"Cannot read rows {start}:{stop} of {name!r} from the store {str(self.path)!r}: {e}") from e
+            raise OSError(
+                f"Cannot read rows {start}:{stop} of {name!r} from the store {str(self.path)!r}: {e}"
+            ) from e
         if out.dtype.kind in "TU":
             out = out.astype(object)
         return out
@@ -188,7 +203,10 @@ class ChunkStore:
         from .models._encoder import array_digest
 
         return array_digest(
-            *(np.asarray(values[n], dtype=object if self._dtypes[n] is str else self._dtypes[n]) for n in sorted(values))
+            *(
+                np.asarray(values[n], dtype=object if self._dtypes[n] is str else self._dtypes[n])
+                for n in sorted(values)
+            )
         )
 
     def _recheck_outputs(self) -> None:

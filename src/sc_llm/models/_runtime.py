@@ -142,3 +142,12 @@ def file_digest(path: str, n_hex: int = 16) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()[:n_hex]
+
+
+def pad_batch(seqs, pad_id: int, device):
+    """Right-padded ``(ids, attention_mask)`` tensors on ``device`` for a list of token sequences."""
+    from ._encoder import Tokens
+
+    tokens = Tokens.from_lists(list(seqs))
+    ids, mask, _ = tokens.padded(np.arange(len(tokens)), pad_id)
+    return to_device(ids, device), to_device(mask, device)

