@@ -165,11 +165,5 @@ def run_embedding(
 
     bar.update(results.n_done_cells)
     run_chunks(
-        results.todo(),
-        make_input,
-        encode,
-        on_result,
-        shared=shared,
-        scheduler=scheduler,
-        local_kwargs={"bar": bar},
+        results.todo(), make_input, encode, on_result, shared=shared, scheduler=scheduler, local_kwargs={"bar": bar}
     )

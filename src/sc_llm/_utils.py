@@ -48,9 +48,7 @@ def gene_names(var: pd.DataFrame, gene_symbols: str | None) -> np.ndarray:
     missing = col.isna().to_numpy()
     if missing.any():
         examples = list(var.index[missing][:5])
-        raise ValueError(
-            f"var[{gene_symbols!r}] has {int(missing.sum())} missing names (e.g. for {examples})."
-        )
+        raise ValueError(f"var[{gene_symbols!r}] has {int(missing.sum())} missing names (e.g. for {examples}).")
     return np.asarray(col.astype(str))
 
 

@@ -13,13 +13,9 @@ DEMO_LABELS = "cell_type"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sc-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="sentences → text embedding → split → kNN → metrics on bundled pbmc68k"
-    )
+    demo = sub.add_parser("demo", help="sentences → text embedding → split → kNN → metrics on bundled pbmc68k")
     demo.add_argument("--out", default="results/demo", help="folder for the figure, metrics and h5ad")
-    demo.add_argument(
-        "--model", default=None, help="sentence-transformers name or path (default: bundled MiniLM)"
-    )
+    demo.add_argument("--model", default=None, help="sentence-transformers name or path (default: bundled MiniLM)")
     demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     demo.add_argument("--n-cells", type=int, default=None, help="use a seeded subsample of this many cells")
     demo.add_argument("--seed", type=int, default=0)
@@ -63,21 +59,11 @@ def _demo(args) -> int:
         key = f"knn_{rep}"
         scl.tl.knn_annotate(adata, rep, DEMO_LABELS, key_added=key)
         clusters = scl.tl.cluster_metrics(adata, rep, DEMO_LABELS, random_state=args.seed)
-        rows[rep] = {
-            **adata.uns[key]["metrics"],
-            "kmeans_ari": clusters["ari"],
-            "kmeans_ami": clusters["ami"],
-        }
-    table = pd.DataFrame(rows).T[
-        ["accuracy", "precision", "recall", "f1", "top3_accuracy", "kmeans_ari", "kmeans_ami"]
-    ]
+        rows[rep] = {**adata.uns[key]["metrics"], "kmeans_ari": clusters["ari"], "kmeans_ami": clusters["ami"]}
+    table = pd.DataFrame(rows).T[["accuracy", "precision", "recall", "f1", "top3_accuracy", "kmeans_ari", "kmeans_ami"]]
     info = adata.uns["X_text"]
-    print(
-        f"\nEncoder: {info['model']['name']} ({info['dim']}-d, {info['max_tokens']} tokens, {info['precision']});"
-    )
-    print(
-        f"genes in context per cell: mean {info['genes_in_context']['mean']:.1f}, min {info['genes_in_context']['min']}"
-    )
+    print(f"\nEncoder: {info['model']['name']} ({info['dim']}-d, {info['max_tokens']} tokens, {info['precision']});")
+    print(f"genes in context per cell: mean {info['genes_in_context']['mean']:.1f}, min {info['genes_in_context']['min']}")
     print(f"10-NN annotation on {rows['X_text']['n_cells']} held-out cells (X_pca shown for reference):\n")
     print(table.round(3).to_string())
     _step("UMAP of the text embedding")

@@ -34,11 +34,7 @@ def pbmc68k() -> AnnData:
     adata.layers["log1p"] = log
     adata.obsm["X_pca"] = np.asarray(ref.obsm["X_pca"], dtype=np.float32)
     adata.obsm["X_umap"] = np.asarray(ref.obsm["X_umap"], dtype=np.float32)
-    adata.uns["dataset"] = {
-        "name": "pbmc68k_reduced",
-        "source": "scanpy.datasets.pbmc68k_reduced",
-        "counts": "recovered",
-    }
+    adata.uns["dataset"] = {"name": "pbmc68k_reduced", "source": "scanpy.datasets.pbmc68k_reduced", "counts": "recovered"}
     return adata
 
 

@@ -246,9 +246,7 @@ def match_dictionaries(ids: np.ndarray, tokens_of: Mapping, medians: Mapping, wh
     token_ids = np.array([tokens_of[g] for g in unique], dtype=np.int64)
     inv_median = np.array([1.0 / float(medians[g]) for g in unique])
     if len(unique) / len(ids) < 0.5:
-        logger.warning(
-            "embed_geneformer: only %d of %d genes are in the dictionaries.", len(unique), len(ids)
-        )
+        logger.warning("embed_geneformer: only %d of %d genes are in the dictionaries.", len(unique), len(ids))
     return cols, collapse, token_ids, inv_median, unique.astype(str)
 
 

@@ -418,9 +418,7 @@ def check_nonnegative(csr: sparse.csr_matrix, obs_names, where: str) -> None:
     bad = ~np.isfinite(csr.data) | (csr.data < 0)
     if bad.any():
         rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[bad]
-        kinds = sorted(
-            {"NaN" if np.isnan(v) else "infinite" if np.isinf(v) else "negative" for v in csr.data[bad]}
-        )
+        kinds = sorted({"NaN" if np.isnan(v) else "infinite" if np.isinf(v) else "negative" for v in csr.data[bad]})
         raise ValueError(
             f"{where} has {'/'.join(kinds)} values (cells {format_examples(np.asarray(obs_names)[np.unique(rows)])}); "
             "scGPT needs finite counts or log-normalized expression, not scaled data."

@@ -13,12 +13,8 @@ from ..tl._ablate import column_label
 from ._utils import finish
 
 _ROW_LABELS = {
-    "accuracy": "Accuracy",
-    "precision": "Precision",
-    "recall": "Recall",
-    "f1": "F1",
-    "kmeans_ari": "k-means ARI",
-    "kmeans_ami": "k-means AMI",
+    "accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1",
+    "kmeans_ari": "k-means ARI", "kmeans_ami": "k-means AMI",
 }
 
 
@@ -71,9 +67,7 @@ def ablation(
     columns = list(columns) if columns is not None else list(table.columns)
     missing = [m for m in metrics if m not in table.index] + [c for c in columns if c not in table.columns]
     if missing:
-        raise KeyError(
-            f"{missing} not in the ablation table (rows {list(table.index)}, columns {list(table.columns)})."
-        )
+        raise KeyError(f"{missing} not in the ablation table (rows {list(table.index)}, columns {list(table.columns)}).")
     own_ax = ax is None
     if own_ax:
         _, ax = plt.subplots(figsize=(2 + 1.3 * len(metrics), 4), constrained_layout=True)
@@ -134,14 +128,10 @@ def sentence_length(
     table, kinds = _study(data, key)
     fractions = _truncation_points(table, kinds, include_full)
     if not fractions:
-        raise ValueError(
-            "The ablation table has no 'truncate' columns; run ablation_study with ('truncate', f) kinds."
-        )
+        raise ValueError("The ablation table has no 'truncate' columns; run ablation_study with ('truncate', f) kinds.")
     own = axes is None
     if own:
-        _, axes = plt.subplots(
-            len(metrics), 1, figsize=(5, 2.6 * len(metrics)), squeeze=False, constrained_layout=True
-        )
+        _, axes = plt.subplots(len(metrics), 1, figsize=(5, 2.6 * len(metrics)), squeeze=False, constrained_layout=True)
         axes = list(axes[:, 0])
     xs = sorted(fractions)
     for ax, metric in zip(axes, metrics, strict=True):

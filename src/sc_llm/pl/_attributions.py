@@ -67,22 +67,13 @@ def attributions(
     matched = _match_groups(groups, list(marker_sets), mapping)
     ncols = max(1, min(ncols, len(groups)))
     nrows = math.ceil(len(groups) / ncols)
-    fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=(3.4 * ncols, 0.28 * table.groupby("group").size().max() * nrows + 1.2 * nrows),
-        squeeze=False,
-        constrained_layout=True,
-    )
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 0.28 * table.groupby("group").size().max() * nrows + 1.2 * nrows),
+                             squeeze=False, constrained_layout=True)
     for ax, group in zip(axes.ravel(), groups, strict=False):
         rows = table[table["group"].astype(str) == group].sort_values("rank")
         known = {m.upper() for m in marker_sets.get(matched.get(group, ""), [])}
         is_marker = [g.upper() in known for g in rows["gene"]]
-        ax.barh(
-            range(len(rows)),
-            rows["attribution"],
-            color=[marker_color if m else other_color for m in is_marker],
-        )
+        ax.barh(range(len(rows)), rows["attribution"], color=[marker_color if m else other_color for m in is_marker])
         ax.set_yticks(range(len(rows)), list(rows["gene"]))
         for label, m in zip(ax.get_yticklabels(), is_marker, strict=True):
             if m:
@@ -91,7 +82,7 @@ def attributions(
         ax.invert_yaxis()
         ax.set_title(group, fontsize="medium")
         ax.set_xlabel("summed attribution", fontsize="small")
-    for ax in axes.ravel()[len(groups) :]:
+    for ax in axes.ravel()[len(groups):]:
         ax.set_visible(False)
     method = str(table["method"].iloc[0]) if "method" in table and len(table) else ""
     fig.suptitle(method.replace("_", " ") + (" (markers in bold)" if marker_sets else ""), fontsize="medium")

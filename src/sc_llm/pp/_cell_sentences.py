@@ -98,9 +98,7 @@ def cell_sentences(
         results.put(i, digest, cell_sentence=join_ranked(names, cols, indptr))
     n_empty = _count_empty(results)
     if n_empty:
-        warnings.warn(
-            f"{n_empty} cells have no expressed gene; their sentence is empty.", UserWarning, stacklevel=2
-        )
+        warnings.warn(f"{n_empty} cells have no expressed gene; their sentence is empty.", UserWarning, stacklevel=2)
     if in_obs:
         warn_overwrite(adata.obs, key_added, "adata.obs")
         adata.obs[key_added] = results.array("cell_sentence")
@@ -145,9 +143,7 @@ def checked_gene_names(
         )
     spaced = [n for n in names if not n or any(c.isspace() for c in n)]
     if spaced:
-        raise ValueError(
-            f"Gene names in {source} must be non-empty without whitespace: {format_examples(spaced)}."
-        )
+        raise ValueError(f"Gene names in {source} must be non-empty without whitespace: {format_examples(spaced)}.")
     n_ens = sum(1 for n in names[:2000] if _ENSEMBL.match(n))
     if n_ens > 0.5 * min(len(names), 2000):
         warnings.warn(

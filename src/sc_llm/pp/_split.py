@@ -61,10 +61,7 @@ def train_test_split(
         )
     strat = labelled[~labels.iloc[labelled].isin(singletons).to_numpy()]
     _, test_idx = _sk_split(
-        strat,
-        test_size=test_size,
-        random_state=random_state,
-        stratify=labels.iloc[strat].astype(str).to_numpy(),
+        strat, test_size=test_size, random_state=random_state, stratify=labels.iloc[strat].astype(str).to_numpy()
     )
     split = np.full(adata.n_obs, "train", dtype=object)
     split[test_idx] = "test"

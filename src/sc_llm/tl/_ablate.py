@@ -133,9 +133,7 @@ def ablate(
     adata = maybe_copy(adata, copy)
     sentences = _sentences(adata, sentence_key)
     key_added = key_added or default_key(sentence_key, kind, fraction)
-    ablated, info = ablate_sentences(
-        sentences, kind, fraction=fraction, model=model, random_state=random_state
-    )
+    ablated, info = ablate_sentences(sentences, kind, fraction=fraction, model=model, random_state=random_state)
     warn_overwrite(adata.obs, key_added, "adata.obs")
     adata.obs[key_added] = pd.Series(ablated, index=adata.obs_names, dtype=object)
     adata.uns[key_added] = {
@@ -183,11 +181,7 @@ def ablate_sentences(
             kept = n_top(n_fit, fraction)
             words = [w[:k] for w, k in zip(words, kept, strict=True)]
             if kept.size:
-                info["genes_kept"] = {
-                    "mean": float(kept.mean()),
-                    "min": int(kept.min()),
-                    "max": int(kept.max()),
-                }
+                info["genes_kept"] = {"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max())}
         else:
             counts = n_top(n_fit, fraction) if kind == "shuffle_top" else n_fit
             words = [_permute_prefix(w, int(k), rng) for w, k in zip(words, counts, strict=True)]
@@ -247,9 +241,7 @@ def _in_context(words: list[list[str]], model: Any) -> tuple[np.ndarray, dict[st
 
     encoder = load_text_encoder(model)
     _, n_fit = encoder.fit([" ".join(w) for w in words])
-    stats = (
-        {"mean": float(n_fit.mean()), "min": int(n_fit.min()), "max": int(n_fit.max())} if n_fit.size else {}
-    )
+    stats = {"mean": float(n_fit.mean()), "min": int(n_fit.min()), "max": int(n_fit.max())} if n_fit.size else {}
     return n_fit, {"model": encoder.identity(), "genes_in_context": stats}
 
 
@@ -318,9 +310,7 @@ def ablation_study(
 
     get_labels(adata, labels_key)
     if split_key not in adata.obs:
-        raise KeyError(
-            f"Column {split_key!r} not found in adata.obs; create one with sc_llm.pp.train_test_split."
-        )
+        raise KeyError(f"Column {split_key!r} not found in adata.obs; create one with sc_llm.pp.train_test_split.")
     specs = _study_specs(kinds)
     sentences = _sentences(adata, sentence_key)
     base_obs = adata.obs[[labels_key, split_key]].copy()
@@ -329,27 +319,14 @@ def ablation_study(
         if kind is None:
             text, info = sentences, {}
         else:
-            text, info = ablate_sentences(
-                sentences, kind, fraction=fraction, model=model, random_state=random_state
-            )
+            text, info = ablate_sentences(sentences, kind, fraction=fraction, model=model, random_state=random_state)
         logger.info("ablation_study: embedding %s", name)
         scratch = AnnData(obs=base_obs.assign(_sentence=text))
-        embed_text(
-            scratch,
-            model,
-            sentence_key="_sentence",
-            key_added="_X",
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-        )
-        knn_annotate(
-            scratch, "_X", labels_key, split_key=split_key, train_value=train_value, k=k, key_added="_knn"
-        )
+        embed_text(scratch, model, sentence_key="_sentence", key_added="_X", batch_size=batch_size, device=device,
+                   precision=precision)
+        knn_annotate(scratch, "_X", labels_key, split_key=split_key, train_value=train_value, k=k, key_added="_knn")
         metrics = dict(scratch.uns["_knn"]["metrics"])
-        clusters = cluster_metrics(
-            scratch, "_X", labels_key, random_state=random_state, key_added="_clusters"
-        )
+        clusters = cluster_metrics(scratch, "_X", labels_key, random_state=random_state, key_added="_clusters")
         columns[name] = [metrics.get(m, np.nan) for m in METRIC_ROWS[:4]] + [clusters["ari"], clusters["ami"]]
         in_context[name] = scratch.uns["_X"]["genes_in_context"]["mean"]
         kinds_info[name] = {"kind": kind or "baseline", "fraction": fraction, **info}
@@ -359,14 +336,8 @@ def ablation_study(
         "table": table,
         "kinds": kinds_info,
         "genes_in_context": in_context,
-        "params": {
-            "labels_key": labels_key,
-            "sentence_key": sentence_key,
-            "split_key": split_key,
-            "k": k,
-            "random_state": random_state,
-            "model": scratch.uns["_X"]["model"],
-        },
+        "params": {"labels_key": labels_key, "sentence_key": sentence_key, "split_key": split_key, "k": k,
+                   "random_state": random_state, "model": scratch.uns["_X"]["model"]},
     }
     return table
 
@@ -378,10 +349,8 @@ def _study_specs(kinds) -> list[tuple[str, str | None, float | None]]:
         if kind not in KINDS:
             raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
         fraction = _check_fraction(kind, fraction)
-        name = (
-            kind
-            if fraction is None or (kind == "shuffle_top" and fraction == DEFAULT_FRACTION)
-            else (f"{kind}_{fraction:g}")
+        name = kind if fraction is None or (kind == "shuffle_top" and fraction == DEFAULT_FRACTION) else (
+            f"{kind}_{fraction:g}"
         )
         if any(name == s[0] for s in specs):
             raise ValueError(f"Ablation {name!r} is listed twice.")

@@ -128,9 +128,7 @@ def embed_text_genes(
     return adata if copy else None
 
 
-def gene_texts(
-    names: np.ndarray, descriptions: Mapping[str, str] | pd.Series | None
-) -> tuple[list[str], int]:
+def gene_texts(names: np.ndarray, descriptions: Mapping[str, str] | pd.Series | None) -> tuple[list[str], int]:
     """The text to embed per gene (its description if given, else its name) and how many were described."""
     if descriptions is None:
         return [str(n) for n in names], 0

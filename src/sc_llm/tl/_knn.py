@@ -88,10 +88,7 @@ def knn_annotate(
         raise ValueError(f"No training cell has a label in obs[{labels_key!r}].")
     train_idx = np.flatnonzero(train)
     if train_idx.size <= k:
-        warnings.warn(
-            f"Only {train_idx.size} training cells for k={k}; using k={train_idx.size - 1 or 1}.",
-            stacklevel=2,
-        )
+        warnings.warn(f"Only {train_idx.size} training cells for k={k}; using k={train_idx.size - 1 or 1}.", stacklevel=2)
         k = max(train_idx.size - 1, 1)
     classes, codes = np.unique(labels.iloc[train_idx].astype(str).to_numpy(), return_inverse=True)
     use_approx = bool(train_idx.size >= approx_threshold) if approx is None else bool(approx)
@@ -106,13 +103,7 @@ def knn_annotate(
         in_top = (classes[ranked[eval_mask, :N_CANDIDATES]] == y_true[:, None]) & (fractions[eval_mask] > 0)
         metrics["top3_accuracy"] = float(in_top.any(axis=1).mean())
     adata.uns[key_added] = {
-        "params": {
-            "use_rep": use_rep,
-            "labels_key": labels_key,
-            "split_key": split_key,
-            "k": k,
-            "metric": metric,
-        },
+        "params": {"use_rep": use_rep, "labels_key": labels_key, "split_key": split_key, "k": k, "metric": metric},
         "index": "pynndescent (approximate)" if use_approx else "exact",
         "tie_rule": TIE_RULE,
         "metrics": metrics,
@@ -144,9 +135,7 @@ def _neighbours(
     return idx[keep].reshape(idx.shape[0], k)
 
 
-def _approx_kneighbors(
-    X: np.ndarray, train_idx: np.ndarray, n: int, metric: str, random_state: int
-) -> np.ndarray:
+def _approx_kneighbors(X: np.ndarray, train_idx: np.ndarray, n: int, metric: str, random_state: int) -> np.ndarray:
     try:
         from pynndescent import NNDescent
     except ImportError as e:  # pragma: no cover - pynndescent comes with scanpy

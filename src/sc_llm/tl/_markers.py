@@ -72,9 +72,7 @@ def _find_column(df: pd.DataFrame, candidates: Sequence[str], what: str) -> str:
     for c in candidates:
         if c in lower:
             return lower[c]
-    raise KeyError(
-        f"No {what} column in the marker table (tried {list(candidates)}); columns: {list(df.columns)}."
-    )
+    raise KeyError(f"No {what} column in the marker table (tried {list(candidates)}); columns: {list(df.columns)}.")
 
 
 def _read_gmt(path: Path) -> dict[str, list[str]]:
@@ -160,8 +158,7 @@ def marker_overlap(
         )
     upper = {g: {m.upper() for m in marker_sets[t]} for g, t in matched.items()}
     genes["is_marker"] = [
-        gene.upper() in upper.get(group, ())
-        for group, gene in zip(genes["group"], genes["gene"], strict=True)
+        gene.upper() in upper.get(group, ()) for group, gene in zip(genes["group"], genes["gene"], strict=True)
     ]
     rows, shared_pairs = [], set()
     for g in groups:
@@ -176,9 +173,7 @@ def marker_overlap(
         row["shared"] = [x for x in row[methods[0]] if x.upper() in shared] if methods else []
         shared_pairs |= {(g, x) for x in shared}
         rows.append(row)
-    genes["shared"] = [
-        (g, x.upper()) in shared_pairs for g, x in zip(genes["group"], genes["gene"], strict=True)
-    ]
+    genes["shared"] = [(g, x.upper()) in shared_pairs for g, x in zip(genes["group"], genes["gene"], strict=True)]
     summary = pd.DataFrame(rows).set_index("group")
     warn_overwrite(adata.uns, key_added, "adata.uns")
     # Lists are stored as comma-joined strings in uns so the result can be written to h5ad.
@@ -243,19 +238,11 @@ def marker_similarity(
         top, own = sets[t][0], set(sets[t])
         others = [g for u in chosen if u != t for g in sets[u] if g not in own]
         sim = emb @ emb[row_of[top]]
-        rows.append(
-            {
-                "cell_type": t,
-                "top_marker": top,
-                "intra": float(np.mean([sim[row_of[g]] for g in sets[t][1:]])),
-                "inter": float(np.mean([sim[row_of[g]] for g in others])) if others else np.nan,
-                "n_intra": len(sets[t]) - 1,
-                "n_inter": len(others),
-            }
-        )
+        rows.append({
+            "cell_type": t, "top_marker": top,
+            "intra": float(np.mean([sim[row_of[g]] for g in sets[t][1:]])),
+            "inter": float(np.mean([sim[row_of[g]] for g in others])) if others else np.nan,
+            "n_intra": len(sets[t]) - 1, "n_inter": len(others),
+        })
     per_type = pd.DataFrame(rows).set_index("cell_type")
-    return {
-        "intra": float(per_type["intra"].mean()),
-        "inter": float(per_type["inter"].mean()),
-        "per_type": per_type,
-    }
+    return {"intra": float(per_type["intra"].mean()), "inter": float(per_type["inter"].mean()), "per_type": per_type}

@@ -41,9 +41,7 @@ def get_rep(adata: AnnData, use_rep: str) -> np.ndarray:
         raise ValueError(f"adata.obsm[{use_rep!r}] must be 2-D, got shape {X.shape}.")
     bad = ~np.isfinite(X).all(axis=1)
     if bad.any():
-        raise ValueError(
-            f"adata.obsm[{use_rep!r}] has NaN/inf for cells {format_examples(adata.obs_names[bad])}."
-        )
+        raise ValueError(f"adata.obsm[{use_rep!r}] has NaN/inf for cells {format_examples(adata.obs_names[bad])}.")
     return X
 
 
@@ -62,9 +60,7 @@ def train_mask(adata: AnnData, split_key: str, train_value: str) -> np.ndarray:
     split = adata.obs[split_key].astype(str).to_numpy()
     mask = split == str(train_value)
     if not mask.any():
-        raise ValueError(
-            f"No cell has obs[{split_key!r}] == {train_value!r}; values: {sorted(set(split))[:10]}."
-        )
+        raise ValueError(f"No cell has obs[{split_key!r}] == {train_value!r}; values: {sorted(set(split))[:10]}.")
     return mask
 
 

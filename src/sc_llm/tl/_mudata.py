@@ -132,9 +132,7 @@ def _modality_names(adata, use_reps, mod_names, expression_mod) -> dict[str, str
         raise ValueError(f"Modality names must be unique; repeated: {format_examples(dupes)}.")
     bad = [n for n in taken if not n or "/" in n or ":" in n]
     if bad:
-        raise ValueError(
-            f"Modality names cannot be empty or contain '/' or ':' (h5mu paths): {format_examples(bad)}."
-        )
+        raise ValueError(f"Modality names cannot be empty or contain '/' or ':' (h5mu paths): {format_examples(bad)}.")
     return names
 
 
@@ -165,9 +163,7 @@ def _shared_obs(adata: AnnData, obs_keys: Sequence[str] | None) -> pd.DataFrame:
         return adata.obs.copy()
     missing = [k for k in obs_keys if k not in adata.obs]
     if missing:
-        raise KeyError(
-            f"obs columns not found: {format_examples(missing)}; available: {list(adata.obs.columns)}."
-        )
+        raise KeyError(f"obs columns not found: {format_examples(missing)}; available: {list(adata.obs.columns)}.")
     return adata.obs[list(obs_keys)].copy()
 
 
