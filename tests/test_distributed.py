@@ -109,3 +109,29 @@ def test_foundation_models_on_cluster_equal_single_process(client, cells, tmp_pa
     scl.tl.embed_geneformer(cells, gf_dir, **gf, scheduler=client, key_added="dask_gf")
     np.testing.assert_allclose(cells.obsm["dask_gf"], cells.obsm["one_gf"], atol=1e-5)
     assert cells.uns["dask_gf"]["genes_per_cell"] == cells.uns["one_gf"]["genes_per_cell"]
+
+
+def test_gene_mode_on_cluster_equals_single_process(client, cells, text_encoder):
+    scl.tl.embed_text_genes(cells, text_encoder, precision="fp32", chunk_size=CHUNK, key_added="one")
+    scl.tl.embed_text_genes(cells, precision="fp32", chunk_size=CHUNK, scheduler=client, key_added="dask")
+    np.testing.assert_allclose(cells.obsm["dask"], cells.obsm["one"], atol=1e-6)
+
+
+def test_gpu_cluster_pins_one_gpu_per_worker():
+    """Without GPUs here, the pinning itself is checked: two workers, each seeing only its own index."""
+    import os
+
+    from sc_llm._distributed import gpu_cluster
+
+    with gpu_cluster(n_gpus=2) as cluster, distributed.Client(cluster) as c:
+        c.wait_for_workers(2)
+        seen = sorted(c.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")).values())
+    assert seen == ["0", "1"]
+
+
+def test_cuda_scheduler_without_gpus_says_so(cells, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="needs at least one CUDA GPU"):
+        scl.tl.embed_text(cells, scheduler="cuda")

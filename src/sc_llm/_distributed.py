@@ -33,8 +33,9 @@ def client_for(scheduler: Scheduler) -> Iterator[Any]:
     """A ``distributed.Client`` for ``scheduler``; clusters and clients made here are closed on exit.
 
     ``"local"`` starts a ``LocalCluster`` of single-threaded worker processes (one per core, each
-    model forward then uses one core); a string is a scheduler address; a ``Client`` is used as is;
-    a cluster object gets a client of its own.
+    model forward then uses one core); ``"cuda"`` starts one worker per visible GPU, each pinned to
+    its GPU by ``CUDA_VISIBLE_DEVICES`` (see :func:`gpu_cluster`); a string is a scheduler address;
+    a ``Client`` is used as is; a cluster object gets a client of its own.
     """
     distributed = require_distributed()
     if isinstance(scheduler, distributed.Client):
@@ -44,6 +45,8 @@ def client_for(scheduler: Scheduler) -> Iterator[Any]:
         if isinstance(scheduler, str) and scheduler == "local":
             cluster = stack.enter_context(distributed.LocalCluster(processes=True, threads_per_worker=1))
             client = stack.enter_context(distributed.Client(cluster))
+        elif isinstance(scheduler, str) and scheduler == "cuda":
+            client = stack.enter_context(distributed.Client(stack.enter_context(gpu_cluster())))
         elif isinstance(scheduler, str):
             client = stack.enter_context(distributed.Client(scheduler))
         elif hasattr(scheduler, "scheduler_address"):
@@ -53,6 +56,35 @@ def client_for(scheduler: Scheduler) -> Iterator[Any]:
                 f"scheduler must be None, 'local', a scheduler address or a distributed.Client, got {scheduler!r}."
             )
         yield client
+
+
+def gpu_cluster(n_gpus: int | None = None):
+    """A local cluster with one single-threaded worker process per GPU, each seeing only its own GPU.
+
+    Uses dask-cuda's ``LocalCUDACluster`` when it is installed; otherwise each worker's nanny sets
+    ``CUDA_VISIBLE_DEVICES`` to one GPU index, so ``device=None`` (``"cuda"``) in a worker is that GPU.
+    Models named by path are loaded once per worker; the client process reads and tokenizes chunks.
+    """
+    distributed = require_distributed()
+    if n_gpus is None:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    if n_gpus < 1:
+        raise ValueError("scheduler='cuda' needs at least one CUDA GPU, and none is visible; use scheduler='local'.")
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        workers = {
+            f"gpu-{i}": {
+                "cls": distributed.Nanny,
+                "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}},
+            }
+            for i in range(n_gpus)
+        }
+        scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+        return distributed.SpecCluster(workers=workers, scheduler=scheduler)
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=list(range(n_gpus)), threads_per_worker=1)
 
 
 def share(client, obj: Any) -> Any:
