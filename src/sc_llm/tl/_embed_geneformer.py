@@ -11,6 +11,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._distributed import Scheduler
+from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource
 from .._utils import format_examples, gene_names, maybe_copy
 from ..models._runtime import Precision
@@ -21,6 +22,7 @@ logger = logging.getLogger("sc_llm")
 _CELL_CHUNK = 1024
 
 
+@doc_params(doc_device_precision=doc_device_precision, doc_chunks=doc_chunks, doc_copy=doc_copy)
 def embed_geneformer(
     adata: AnnData,
     model_dir: str | Path | Any,
@@ -81,23 +83,11 @@ def embed_geneformer(
     batch_size
         Cells per forward pass at the model's input size; batches group cells of similar length and
         are capped at ``batch_size × input size`` tokens. ``None``: 512 on CUDA, 64 elsewhere.
-    device
-        Torch device; ``None`` picks CUDA, then MPS, then CPU.
-    precision
-        ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` (used on CPUs with native
-        bf16, else fp32) or ``"fp16"`` (CUDA).
+    {doc_device_precision}
     key_added
         ``obsm`` key for the embedding; details go to ``uns[key_added]``.
-    chunk_size
-        Cells read and tokenized at a time (the unit of resuming and of distributed work).
-    store
-        Path of a resumable zarr store for the embeddings (see :func:`sc_llm.tl.embed_text`).
-    scheduler
-        Run the forward passes on a dask.distributed cluster (``"local"``, an address or a
-        ``Client``, see :func:`sc_llm.tl.embed_text`); this process reads and tokenizes the
-        chunks. Workers load ``model_dir`` once each, so the folder must be readable there.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_chunks}
+    {doc_copy}
 
     Returns
     -------

@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._distributed import Scheduler
+from .._docs import doc_chunks, doc_copy, doc_params
 from .._sources import MatrixSource
 from .._utils import gene_names, maybe_copy
 from ..models._gene_mode import GeneModeEncoder, GeneModeTokenizer
@@ -21,6 +22,7 @@ from ._embedding import run_encoder, write_embedding
 Weighting = Literal["expression", "rank"]
 
 
+@doc_params(doc_chunks=doc_chunks, doc_copy=doc_copy)
 def embed_text_genes(
     adata: AnnData,
     model: Any = None,
@@ -74,17 +76,8 @@ def embed_text_genes(
     normalize
         L2-normalize the cell embeddings (gene embeddings are always L2-normalized, so every gene
         counts by its weight alone). Without it a cell is the weighted mean of its genes.
-    chunk_size
-        Cells read at a time (the unit of resuming and of distributed work).
-    store
-        Path of a resumable zarr store for the cell embeddings (see :func:`sc_llm.tl.embed_text`);
-        the gene embedding is part of its fingerprint, so a store is only resumed with the same genes,
-        texts and encoder.
-    scheduler
-        Compute the cells' weighted means on a dask.distributed cluster (see :func:`sc_llm.tl.embed_text`);
-        the gene embedding is sent once to every worker.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_chunks}
+    {doc_copy}
 
     Returns
     -------

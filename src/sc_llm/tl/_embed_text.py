@@ -9,6 +9,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._distributed import Scheduler
+from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource, SentenceSource
 from .._utils import maybe_copy
 from ..models._runtime import Precision
@@ -19,6 +20,7 @@ from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 _CELL_CHUNK = 2048
 
 
+@doc_params(doc_device_precision=doc_device_precision, doc_chunks=doc_chunks, doc_copy=doc_copy)
 def embed_text(
     adata: AnnData,
     model: Any = None,
@@ -65,12 +67,7 @@ def embed_text(
         Cells per forward pass at the encoder's full token length; batches are capped at
         ``batch_size × max_tokens`` tokens, so batches of shorter cells hold more of them.
         ``None``: 512 on CUDA, 64 elsewhere.
-    device
-        Torch device; ``None`` picks CUDA, then MPS, then CPU.
-    precision
-        ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` (a bf16 copy of the weights,
-        made once; on CPUs with AMX/AVX512-BF16 about 3× faster, cosine to fp32 ≥ 0.9999 on
-        pbmc68k; elsewhere fp32 is used) or ``"fp16"`` (CUDA).
+    {doc_device_precision}
     normalize
         L2-normalize the embeddings.
     prefix
@@ -80,22 +77,8 @@ def embed_text(
         Expression source and names for on-the-fly sentences (see :func:`sc_llm.pp.cell_sentences`).
     store_sentences
         When sentences are built on the fly, also store the full sentences in ``obs[sentence_key]``.
-    chunk_size
-        Cells read, ranked and embedded at a time (the unit of resuming and of distributed work).
-        Memory besides the result is proportional to one chunk.
-    store
-        Path of a zarr store (``"X_text.zarr"``): each finished chunk's embeddings are written there
-        with a done flag, and a rerun with the same store, model, cells, sentences and parameters
-        computes only the chunks left (a killed run resumes). A store holding another computation
-        is refused. Needs ``sc-llm[scale]``.
-    scheduler
-        Run the chunks on a dask.distributed cluster: ``"local"`` (a ``LocalCluster`` started and
-        closed here), a scheduler address (``"tcp://host:8786"``) or a ``distributed.Client``. This
-        process reads the data and sends each worker a chunk of sentences; a model given by name is
-        loaded once per worker, a model object is sent once to each worker. Results equal a
-        single-process run. ``None`` (default) runs here.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_chunks}
+    {doc_copy}
 
     Returns
     -------
