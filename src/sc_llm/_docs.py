@@ -24,7 +24,8 @@ precision
 doc_chunks = """\
 chunk_size
     Cells read and tokenized at a time: the unit of resuming and of distributed work. Memory besides the
-    result is proportional to two chunks (the next one is prepared while the current one runs).
+    result is proportional to two chunks (on an accelerator the next one is prepared while the current
+    one runs).
 store
     Path of a zarr store (``"X_emb.zarr"``, needs ``sc-llm[scale]``). Each finished chunk's rows are
     written there with a done flag and digests of its input data and of its rows; a rerun with the same

@@ -42,13 +42,17 @@ class GeneModeEncoder:
         return self.genes
 
     def forward(self, model, ids, mask, values, *, normalize: bool = True):
+        """Weighted means of gene embeddings for a padded batch, as one sparse × dense product
+        (gathering ``model[ids]`` would hold cells × genes × dim numbers at once)."""
         torch = require_torch()
-        weights = values * mask
-        summed = torch.einsum("bl,bld->bd", weights, model[ids])
-        total = weights.sum(1, keepdim=True)
-        mean = torch.where(
-            total > 0, summed / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(summed)
+        keep = mask.bool()
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[keep]
+        weights = torch.sparse_coo_tensor(
+            torch.stack((rows, ids[keep])), values[keep], (ids.shape[0], model.shape[0])
         )
+        summed = torch.sparse.mm(weights, model)
+        total = (values * mask).sum(1, keepdim=True)
+        mean = torch.where(total > 0, summed / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(summed))
         return torch.nn.functional.normalize(mean, dim=-1) if normalize else mean
 
 

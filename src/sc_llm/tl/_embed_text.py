@@ -90,7 +90,7 @@ def embed_text(
     -----
     Out of core: with a backed AnnData (``read_h5ad(..., backed="r")``) or a dask-array ``X``, rows
     are read one chunk at a time. Kept in memory: the result (cells × dim float32, e.g. 300 MB for
-    200,000 cells at 384 dimensions), ``obs``, and two chunks of rows and token ids (the next chunk
+    200,000 cells at 384 dimensions), ``obs``, and up to two chunks of rows and token ids (on an accelerator the next chunk
     is read and tokenized while the current one runs on the device).
     """
     adata = maybe_copy(adata, copy)

@@ -6,8 +6,8 @@ builds the encoder's host tokenizer for the AnnData's genes, says where a chunk'
 
 Per chunk, the runner reads the input (only those rows), digests it when a store is used (a resumed
 store must have been computed from the same data), tokenizes it on the host, and encodes it on the
-device, here or on a dask worker. Locally, the next chunk is read and tokenized in a background thread
-while the current one runs on the device.
+device, here or on a dask worker. On an accelerator, the next chunk is read and tokenized in a
+background thread while the current one runs on the device (on a CPU both would share the same cores).
 """
 
 from __future__ import annotations
@@ -137,14 +137,22 @@ def _pending_inputs(results: ChunkedResults, source, tokenizer, bar) -> Iterator
 
 
 def _run_here(results, inputs, encoder, precision, batch_size, max_tokens, options, bar) -> None:
-    # One thread reads and tokenizes the next chunk while this one runs on the device.
+    def encode(item) -> None:
+        i, digest, tokens = item
+        emb = encode_chunk(encoder, tokens, precision, batch_size, max_tokens, options, bar=bar)
+        results.put(i, digest, embedding=emb, **tokens.per_cell)
+
+    if encoder.device.type == "cpu":
+        # Host work and the forward share the same cores (and the GIL): overlapping them is slower.
+        for item in inputs:
+            encode(item)
+        return
+    # On an accelerator, one thread reads and tokenizes the next chunk while this one runs on the device.
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead = pool.submit(next, inputs, None)
         while (item := ahead.result()) is not None:
             ahead = pool.submit(next, inputs, None)
-            i, digest, tokens = item
-            emb = encode_chunk(encoder, tokens, precision, batch_size, max_tokens, options, bar=bar)
-            results.put(i, digest, embedding=emb, **tokens.per_cell)
+            encode(item)
 
 
 def _run_on_cluster(
