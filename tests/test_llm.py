@@ -1,6 +1,7 @@
 """llm_annotate / llm_marker_matching against a real HTTP chat server on 127.0.0.1 (tests/_chat_server.py)."""
 
 import json
+import re
 import time
 
 import anndata as ad
@@ -165,19 +166,19 @@ def test_explicit_labels_and_template(toy, tmp_path):
     assert toy.uns["llm"]["metrics"]["accuracy_mean"] == 0.0
 
 
-def test_server_rejecting_json_schema_gets_json_in_the_prompt(toy, server, tmp_path):
-    server.reject_json_schema = True
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, max_concurrency=1)
-    first, second = server.requests[:2]
-    assert "response_format" in first and "response_format" not in second  # 400, then plain text
-    assert all("response_format" not in b for b in server.requests[1:])
-    assert server.n_requests == 5
-    assert (
-        "JSON schema" in second["messages"][0]["content"]
-        and '"enum": ["B", "T", "NK"]' in second["messages"][0]["content"]
-    )
+def test_server_rejecting_json_schema_and_json_object_gets_json_in_the_prompt(toy, server, tmp_path):
+    server.reject_format("json_schema")
+    server.reject_format("json_object", status=422)
+    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    kinds = [(b.get("response_format") or {}).get("type") for b in server.requests]
+    # Negotiated once, by the first request alone: json_schema (400), json_object (422), then text.
+    assert kinds == ["json_schema", "json_object"] + [None] * 4
+    third = server.requests[2]["messages"][0]["content"]
+    assert "JSON schema" in third and '"enum": ["B", "T", "NK"]' in third
     assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
-    assert toy.uns["llm"]["structured_output"] is False
+    uns = toy.uns["llm"]
+    assert uns["structured_output"] is False and uns["response_format"] == "text"
+    assert uns["usage"]["rejected"] == 2 and uns["usage"]["retries"] == 0 and uns["usage"]["requests"] == 6
 
 
 def test_429_then_success_honours_retry_after(toy, server, tmp_path):
@@ -193,23 +194,30 @@ def test_429_then_success_honours_retry_after(toy, server, tmp_path):
     assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
 
 
-def test_persistent_500_names_the_cell_and_a_rerun_resumes_from_cache(toy, server, tmp_path):
+def test_persistent_500_flags_the_cell_and_a_rerun_asks_only_it(toy, server, tmp_path, caplog):
     server.fail(500, match=sentence(toy, "c2"))
     c = client(server, tmp_path, max_retries=2, max_concurrency=1)
-    with pytest.raises(
-        ChatError, match=r"'c2'.*HTTP 500.*after 3 attempts.*2/4 answered, cached in .*rerun to resume"
-    ):
-        scl.tl.llm_annotate(toy, model=c)
-    assert "llm" not in toy.obs and "llm" not in toy.uns
-    # c0, c1 answered (cached); c2 failed three times; c3 never started.
-    assert server.n_requests == 2 + 3
-    assert len(list((tmp_path / "cache").rglob("*.json"))) == 2
+    scl.tl.llm_annotate(toy, model=c)
+    # c2 failed three times and is flagged with the reason; the others were answered and cached.
+    assert server.n_requests == 3 + 3
+    assert toy.obs["llm_fallback"].iloc[3:].tolist() == ["ok", "ok", "failed", "malformed", "ok"]
+    assert toy.obs.loc["c2", "llm"] == "T"  # its first option, flagged
+    assert (
+        "HTTP 500" in toy.obs.loc["c2", "llm_error"] and "after 3 attempts" in toy.obs.loc["c2", "llm_error"]
+    )
+    assert toy.obs["llm_error"].isna().sum() == 7
+    assert toy.uns["llm"]["outcomes"] == {"ok": 3, "malformed": 1, "out_of_list": 0, "failed": 1}
+    assert toy.uns["llm"]["usage"]["failed"] == 1
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 3
+    assert "1 of 5 answers failed" in caplog.text
 
     server.clear_rules()
     n = server.n_requests
-    scl.tl.llm_annotate(toy, model=client(server, tmp_path))
-    assert server.n_requests - n == 2  # only c2 and c3
-    assert toy.uns["llm"]["usage"]["cached"] == 2
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=client(server, tmp_path))
+    assert server.n_requests - n == 1  # only c2
+    assert toy.uns["llm"]["usage"]["cached"] == 3
+    assert toy.obs.loc["c2", "llm_fallback"] == "out_of_list" and toy.obs["llm_error"].isna().all()
     first = toy.obs[["llm", "llm_fallback"]].copy()
 
     n = server.n_requests
@@ -220,15 +228,49 @@ def test_persistent_500_names_the_cell_and_a_rerun_resumes_from_cache(toy, serve
     pd.testing.assert_frame_equal(toy.obs[["llm", "llm_fallback"]], first)
 
 
+def test_client_raise_mode_names_the_cell_and_resumes(toy, server, tmp_path):
+    """ChatClient.complete_many(errors="raise") keeps the old contract for direct users."""
+    server.fail(500, match=sentence(toy, "c2"))
+    c = client(server, tmp_path, max_retries=2, max_concurrency=1)
+    reqs = [
+        ChatRequest([{"role": "user", "content": f'x """{sentence(toy, n)}"""'}], name=n)
+        for n in ("c0", "c2", "c3")
+    ]
+    with pytest.raises(
+        ChatError, match=r"'c2'.*HTTP 500.*after 3 attempts.*1/3 answered, cached in .*rerun to resume"
+    ):
+        c.complete_many(reqs)
+    assert server.n_requests == 1 + 3  # c3 never started
+
+
+def completion(content, **extra):
+    return json.dumps(
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}], **extra}
+    )
+
+
 def test_slow_response_hits_the_timeout(toy, server, tmp_path):
     server.slow(2.0, match=sentence(toy, "c1"))
     c = client(server, tmp_path, timeout=0.2, max_retries=1, max_concurrency=2)
-    with pytest.raises(ChatError, match=r"'c1'.*Timeout.*after 2 attempts"):
-        scl.tl.llm_annotate(toy, model=c)
+    scl.tl.llm_annotate(toy, model=c)
+    assert toy.obs.loc["c1", "llm_fallback"] == "failed"
+    assert re.search(r"Timeout.*after 2 attempts", toy.obs.loc["c1", "llm_error"])
     server.clear_rules()
     server.slow(0.5, match=sentence(toy, "c1"), times=1)
-    scl.tl.llm_annotate(toy, model=client(server, tmp_path, timeout=0.2, max_retries=1))
-    assert toy.obs.loc["c1", "llm"] == "B"
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=client(server, tmp_path, timeout=0.2, max_retries=1))
+    assert toy.obs.loc["c1", "llm"] == "B" and toy.obs.loc["c1", "llm_fallback"] == "ok"
+
+
+def test_timeout_is_a_deadline_not_a_per_read_limit(toy, server, tmp_path):
+    """B6: a server sending one byte every 0.25 s never lets a per-read timeout of 1 s fire; the
+    attempt must still end at the 1 s deadline (before: the 62-byte answer arrived after 15 s)."""
+    server.reply(completion(answer("B")), match=sentence(toy, "c1"), trickle=0.25)
+    c = client(server, tmp_path, timeout=1.0, max_retries=0)
+    scl.tl.llm_annotate(toy, model=c)
+    assert toy.obs.loc["c1", "llm_fallback"] == "failed"
+    assert "deadline" in toy.obs.loc["c1", "llm_error"]
+    assert toy.obs.loc["c0", "llm"] == "T" and toy.obs.loc["c0", "llm_fallback"] == "ok"
 
 
 def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
