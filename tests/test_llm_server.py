@@ -24,9 +24,12 @@ import pytest
 import sc_llm as scl
 from sc_llm._llm_client import ChatClient
 
-pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")
-pytest.importorskip("gguf", reason="gguf is not installed")
-httpx = pytest.importorskip("httpx")
+try:
+    import gguf  # noqa: F401
+    import httpx
+    import llama_cpp.server.app  # noqa: F401
+except Exception as e:  # not installed, or llama_cpp's RuntimeError when its shared library does not load
+    pytest.skip(f"needs llama-cpp-python[server] and gguf ({type(e).__name__}: {e})", allow_module_level=True)
 
 pytestmark = pytest.mark.server
 MODEL = "tiny-random-llama"
