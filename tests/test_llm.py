@@ -753,3 +753,63 @@ def test_structured_output_argument_forms(server, tmp_path):
     )
     with pytest.raises(ValueError, match="structured_output"):
         ChatClient(MODEL, base_url=server.base_url, structured_output="grammar")
+
+
+def test_marker_matching_flags_a_failed_request(tmp_path):
+    markers = {"B": ["MS4A1", "CD79A"], "NK": ["NKG7", "GNLY"], "T": ["CD3E", "CD3D"]}
+    with ChatServer(lambda p, b: '{"list": "3"}' if "CD3E" in p else '{"list": "1"}') as srv:
+        srv.fail(400, match="NKG7", body=json.dumps({"error": {"message": "bad"}}))
+        result = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path)
+    t = result.table
+    assert t["reason"].tolist() == ["ok", "failed", "ok"] and t["correct"].tolist() == [True, False, True]
+    assert "HTTP 400: bad" in t.loc["NK", "error"] and pd.isna(t.loc["NK", "answer"])
+    assert str(result) == "2/3"
+
+
+def test_a_cache_write_failure_keeps_the_answer(server, tmp_path, caplog):
+    c = client(server, tmp_path)
+    req = ChatRequest([{"role": "user", "content": 'x """G3A G3B G3C"""'}], schema=None)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / c.cache_key(req)[:2]).write_text("a file where the entry's folder should be")
+    assert c.complete(req).content == answer("T")
+    assert "Could not write to the answer cache" in caplog.text
+
+
+def test_deadline_also_bounds_trickled_headers(tmp_path):
+    """The status line and headers, sent one byte per 0.2 s, must not outlive the deadline either."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"a" * 100:  # ~20 s if nobody hangs up
+                if stop.is_set():
+                    break
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    c = ChatClient(
+        MODEL,
+        base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+        cache_dir=False,
+        timeout=1.0,
+        max_retries=0,
+    )
+    try:
+        with pytest.raises(ChatError, match="ReadTimeout: no complete answer within the 1 s deadline"):
+            c.complete(ChatRequest([{"role": "user", "content": "hello"}]))
+    finally:
+        stop.set()
+        c.close()
+        thread.join(5)
+        listener.close()
