@@ -192,7 +192,11 @@ def llm_annotate(
     _check_template(template, ("labels", "sentence"))
     if split_key is not None and not _has_training_cells(adata, split_key, train_value):
         if mode == "rerank" or labels is not None:
-            split_key = None  # a query-only AnnData: nothing to hold out, every cell is a query
+            # A query-only AnnData: nothing was held out, every cell is a query.
+            logger.info(
+                "llm_annotate: no cell has obs[%r] == %r; annotating all cells.", split_key, train_value
+            )
+            split_key = None
     idx = _select_cells(adata, cells, split_key, train_value, n_cells, random_state)
     sentences = _sentences(adata, sentence_key, idx, n_genes)
     options, zero_shot_labels = _options(
