@@ -13,14 +13,18 @@ VENV=.venv
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
 setup() {
-  local stamp="$VENV/.sc_llm-installed" want
-  want=$(cat pyproject.toml ci/constraints.txt | sha256sum | cut -c1-16)
+  local stamp="$VENV/.sc_llm-installed" want extras="all,test,docs" wheel
+  # The real-server LLM test (pytest -m server) needs llama-cpp-python, a ~35 min source build on the
+  # registry: when a prebuilt wheel sits in ../shared/wheels (as in CI), install it with its extra.
+  wheel=$(ls ../shared/wheels/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)
+  [ -n "$wheel" ] && extras="$extras,llm-server"
+  want=$( (cat pyproject.toml ci/constraints.txt; echo "$wheel") | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # torch is pinned here (and only here) so pip takes the local CPU wheel instead of a CUDA build.
   "$VENV/bin/python" -m pip install --quiet -c ci/constraints.txt torch
-  "$VENV/bin/python" -m pip install --quiet -c ci/constraints.txt -e ".[all,test,docs]"
+  "$VENV/bin/python" -m pip install --quiet -c ci/constraints.txt -e ".[$extras]" ${wheel:+"$wheel"}
   echo "$want" > "$stamp"
 }
 

@@ -3,7 +3,8 @@
 Answers come from a table keyed on the prompt (the user messages joined), or on the text between
 triple quotes (the cell sentence of the paper's prompts), or from a callable. Failures are
 programmable: HTTP errors for the next ``times`` matching requests (or forever), ``Retry-After``
-headers, slow responses, and rejection of ``response_format`` json_schema requests.
+headers, slow or trickled responses, raw 200 bodies of any shape, and rejection of
+``response_format`` types the way real servers do it (HTTP 400, or llama.cpp's HTTP 500).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _QUOTED = re.compile(r'"""(.*?)"""', re.DOTALL)
+# What llama-cpp-python 0.3.36's server answers (HTTP 500) to response_format type "json_schema".
+LLAMA_CPP_FORMAT_ERROR = (
+    "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+    "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
+    "'ctx': {'expected': \"'text' or 'json_object'\"}}"
+)
 
 
 @dataclass
@@ -31,6 +38,8 @@ class Rule:
     retry_after: str | None = None
     delay: float = 0.0
     body: str | None = None
+    trickle: float = 0.0
+    headers: dict[str, str] | None = None
 
     def applies(self, prompt: str) -> bool:
         return (self.match is None or self.match in prompt) and (self.times is None or self.times > 0)
@@ -45,7 +54,7 @@ class ChatServer:
 
     def __init__(self, table: Mapping[str, Any] | Callable[[str, dict], str] | None = None):
         self.table = table if table is not None else {}
-        self.reject_json_schema = False
+        self.rejected_formats: dict[str, tuple[int, str]] = {}
         self.requests: list[dict] = []
         self.auth: list[str | None] = []
         self.rules: list[Rule] = []
@@ -74,6 +83,14 @@ class ChatServer:
     def slow(self, seconds: float, *, match=None, times=None) -> None:
         self.rules.append(Rule(match, times, delay=seconds))
 
+    def reply(self, body: str, *, match=None, times=None, headers=None, trickle: float = 0.0) -> None:
+        """Answer HTTP 200 with ``body`` verbatim (any shape), sent one byte per ``trickle`` seconds."""
+        self.rules.append(Rule(match, times, body=body, headers=headers, trickle=trickle))
+
+    def reject_format(self, kind: str, status: int = 400, message: str | None = None) -> None:
+        """Refuse requests whose ``response_format.type`` is ``kind``."""
+        self.rejected_formats[kind] = (status, message or f"response_format type {kind!r} is not supported")
+
     def clear_rules(self) -> None:
         self.rules.clear()
 
@@ -96,16 +113,28 @@ class ChatServer:
             if rule is not None and rule.times is not None:
                 rule.times -= 1
         delay = rule.delay if rule else 0.0
+        headers = dict(rule.headers or {}) if rule else {}
+        if rule is not None and rule.retry_after is not None:
+            headers["Retry-After"] = rule.retry_after
         if rule is not None and rule.status != 200:
-            headers = {"Retry-After": rule.retry_after} if rule.retry_after is not None else {}
             error = rule.body or json.dumps({"error": {"message": f"programmed failure {rule.status}"}})
             return rule.status, headers, error, delay
-        if self.reject_json_schema and "response_format" in body:
-            return 400, {}, json.dumps({"error": {"message": "response_format is not supported"}}), delay
+        if rule is not None and rule.body is not None:
+            return 200, headers, rule.body, delay
+        kind = (body.get("response_format") or {}).get("type")
+        if kind in self.rejected_formats:
+            status, message = self.rejected_formats[kind]
+            return status, {}, json.dumps({"error": {"message": message, "type": "invalid_request"}}), delay
         content = self._answer(prompt, body)
         if content is None:
             return 404, {}, json.dumps({"error": {"message": f"no answer for prompt {prompt[:80]!r}"}}), delay
-        return 200, {}, json.dumps(_completion(body, prompt, content)), delay
+        return 200, headers, json.dumps(_completion(body, prompt, content)), delay
+
+    def trickle_of(self, body: dict) -> float:
+        prompt = _prompt(body)
+        with self._lock:
+            rule = next((r for r in self.rules if r.trickle and (r.match is None or r.match in prompt)), None)
+        return rule.trickle if rule else 0.0
 
     def _answer(self, prompt: str, body: dict) -> str | None:
         if callable(self.table):
@@ -156,12 +185,13 @@ def _handler(server: ChatServer):
             except ValueError:
                 self._send(400, {}, json.dumps({"error": {"message": "body is not JSON"}}))
                 return
+            trickle = server.trickle_of(body)
             status, headers, text, delay = server.respond(body, self.headers.get("Authorization"))
             if delay:
                 time.sleep(delay)
-            self._send(status, headers, text)
+            self._send(status, headers, text, trickle)
 
-        def _send(self, status: int, headers: dict[str, str], text: str) -> None:
+        def _send(self, status: int, headers: dict[str, str], text: str, trickle: float = 0.0) -> None:
             data = text.encode()
             try:
                 self.send_response(status)
@@ -170,7 +200,13 @@ def _handler(server: ChatServer):
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(data)
+                if not trickle:
+                    self.wfile.write(data)
+                    return
+                for i in range(len(data)):  # one byte at a time, each just before a per-read timeout
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(trickle)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (timeout test)
 

@@ -1,13 +1,14 @@
 """llm_annotate / llm_marker_matching against a real HTTP chat server on 127.0.0.1 (tests/_chat_server.py)."""
 
 import json
+import re
 import time
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _chat_server import ChatServer
+from _chat_server import LLAMA_CPP_FORMAT_ERROR, ChatServer
 
 import sc_llm as scl
 from sc_llm._llm_client import ChatClient, ChatError, ChatRequest
@@ -165,19 +166,19 @@ def test_explicit_labels_and_template(toy, tmp_path):
     assert toy.uns["llm"]["metrics"]["accuracy_mean"] == 0.0
 
 
-def test_server_rejecting_json_schema_gets_json_in_the_prompt(toy, server, tmp_path):
-    server.reject_json_schema = True
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, max_concurrency=1)
-    first, second = server.requests[:2]
-    assert "response_format" in first and "response_format" not in second  # 400, then plain text
-    assert all("response_format" not in b for b in server.requests[1:])
-    assert server.n_requests == 5
-    assert (
-        "JSON schema" in second["messages"][0]["content"]
-        and '"enum": ["B", "T", "NK"]' in second["messages"][0]["content"]
-    )
+def test_server_rejecting_json_schema_and_json_object_gets_json_in_the_prompt(toy, server, tmp_path):
+    server.reject_format("json_schema")
+    server.reject_format("json_object", status=422)
+    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    kinds = [(b.get("response_format") or {}).get("type") for b in server.requests]
+    # Negotiated once, by the first request alone: json_schema (400), json_object (422), then text.
+    assert kinds == ["json_schema", "json_object"] + [None] * 4
+    third = server.requests[2]["messages"][0]["content"]
+    assert "JSON schema" in third and '"enum": ["B", "T", "NK"]' in third
     assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
-    assert toy.uns["llm"]["structured_output"] is False
+    uns = toy.uns["llm"]
+    assert uns["structured_output"] is False and uns["response_format"] == "text"
+    assert uns["usage"]["rejected"] == 2 and uns["usage"]["retries"] == 0 and uns["usage"]["requests"] == 6
 
 
 def test_429_then_success_honours_retry_after(toy, server, tmp_path):
@@ -193,23 +194,30 @@ def test_429_then_success_honours_retry_after(toy, server, tmp_path):
     assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
 
 
-def test_persistent_500_names_the_cell_and_a_rerun_resumes_from_cache(toy, server, tmp_path):
+def test_persistent_500_flags_the_cell_and_a_rerun_asks_only_it(toy, server, tmp_path, caplog):
     server.fail(500, match=sentence(toy, "c2"))
     c = client(server, tmp_path, max_retries=2, max_concurrency=1)
-    with pytest.raises(
-        ChatError, match=r"'c2'.*HTTP 500.*after 3 attempts.*2/4 answered, cached in .*rerun to resume"
-    ):
-        scl.tl.llm_annotate(toy, model=c)
-    assert "llm" not in toy.obs and "llm" not in toy.uns
-    # c0, c1 answered (cached); c2 failed three times; c3 never started.
-    assert server.n_requests == 2 + 3
-    assert len(list((tmp_path / "cache").rglob("*.json"))) == 2
+    scl.tl.llm_annotate(toy, model=c)
+    # c2 failed three times and is flagged with the reason; the others were answered and cached.
+    assert server.n_requests == 3 + 3
+    assert toy.obs["llm_fallback"].iloc[3:].tolist() == ["ok", "ok", "failed", "malformed", "ok"]
+    assert toy.obs.loc["c2", "llm"] == "T"  # its first option, flagged
+    assert (
+        "HTTP 500" in toy.obs.loc["c2", "llm_error"] and "after 3 attempts" in toy.obs.loc["c2", "llm_error"]
+    )
+    assert toy.obs["llm_error"].isna().sum() == 7
+    assert toy.uns["llm"]["outcomes"] == {"ok": 3, "malformed": 1, "out_of_list": 0, "failed": 1}
+    assert toy.uns["llm"]["usage"]["failed"] == 1
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 3
+    assert "1 of 5 answers failed" in caplog.text
 
     server.clear_rules()
     n = server.n_requests
-    scl.tl.llm_annotate(toy, model=client(server, tmp_path))
-    assert server.n_requests - n == 2  # only c2 and c3
-    assert toy.uns["llm"]["usage"]["cached"] == 2
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=client(server, tmp_path))
+    assert server.n_requests - n == 1  # only c2
+    assert toy.uns["llm"]["usage"]["cached"] == 3
+    assert toy.obs.loc["c2", "llm_fallback"] == "out_of_list" and toy.obs["llm_error"].isna().all()
     first = toy.obs[["llm", "llm_fallback"]].copy()
 
     n = server.n_requests
@@ -220,15 +228,49 @@ def test_persistent_500_names_the_cell_and_a_rerun_resumes_from_cache(toy, serve
     pd.testing.assert_frame_equal(toy.obs[["llm", "llm_fallback"]], first)
 
 
+def test_client_raise_mode_names_the_cell_and_resumes(toy, server, tmp_path):
+    """ChatClient.complete_many(errors="raise") keeps the old contract for direct users."""
+    server.fail(500, match=sentence(toy, "c2"))
+    c = client(server, tmp_path, max_retries=2, max_concurrency=1)
+    reqs = [
+        ChatRequest([{"role": "user", "content": f'x """{sentence(toy, n)}"""'}], name=n)
+        for n in ("c0", "c2", "c3")
+    ]
+    with pytest.raises(
+        ChatError, match=r"'c2'.*HTTP 500.*after 3 attempts.*1/3 answered, cached in .*rerun to resume"
+    ):
+        c.complete_many(reqs)
+    assert server.n_requests == 1 + 3  # c3 never started
+
+
+def completion(content, **extra):
+    return json.dumps(
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}], **extra}
+    )
+
+
 def test_slow_response_hits_the_timeout(toy, server, tmp_path):
     server.slow(2.0, match=sentence(toy, "c1"))
     c = client(server, tmp_path, timeout=0.2, max_retries=1, max_concurrency=2)
-    with pytest.raises(ChatError, match=r"'c1'.*Timeout.*after 2 attempts"):
-        scl.tl.llm_annotate(toy, model=c)
+    scl.tl.llm_annotate(toy, model=c)
+    assert toy.obs.loc["c1", "llm_fallback"] == "failed"
+    assert re.search(r"Timeout.*after 2 attempts", toy.obs.loc["c1", "llm_error"])
     server.clear_rules()
     server.slow(0.5, match=sentence(toy, "c1"), times=1)
-    scl.tl.llm_annotate(toy, model=client(server, tmp_path, timeout=0.2, max_retries=1))
-    assert toy.obs.loc["c1", "llm"] == "B"
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=client(server, tmp_path, timeout=0.2, max_retries=1))
+    assert toy.obs.loc["c1", "llm"] == "B" and toy.obs.loc["c1", "llm_fallback"] == "ok"
+
+
+def test_timeout_is_a_deadline_not_a_per_read_limit(toy, server, tmp_path):
+    """B6: a server sending one byte every 0.25 s never lets a per-read timeout of 1 s fire; the
+    attempt must still end at the 1 s deadline (before: the 62-byte answer arrived after 15 s)."""
+    server.reply(completion(answer("B")), match=sentence(toy, "c1"), trickle=0.25)
+    c = client(server, tmp_path, timeout=1.0, max_retries=0)
+    scl.tl.llm_annotate(toy, model=c)
+    assert toy.obs.loc["c1", "llm_fallback"] == "failed"
+    assert "deadline" in toy.obs.loc["c1", "llm_error"]
+    assert toy.obs.loc["c0", "llm"] == "T" and toy.obs.loc["c0", "llm_fallback"] == "ok"
 
 
 def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
@@ -389,3 +431,385 @@ def test_retry_after_header_forms():
     assert 8 < _retry_after(httpx.Headers({"Retry-After": formatdate(time.time() + 10, usegmt=True)})) <= 10
     assert _retry_after(httpx.Headers({"Retry-After": "soon"})) is None
     assert _retry_after(httpx.Headers({})) is None
+
+
+# --- issue 14: reliability --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "headers", "reason", "needle"),
+    [
+        # B7: shapes a 200 can take; each ends as an answer or a per-cell failure, never a crash.
+        (json.dumps({"choices": [{"message": "B"}]}), None, "failed", "message is not an object"),
+        (completion(answer("B"), usage="lots"), None, "ok", None),
+        (completion(answer("B"), usage={"prompt_tokens": "many", "completion_tokens": -3}), None, "ok", None),
+        (
+            completion([{"type": "text", "text": '{"cell_type": '}, {"type": "text", "text": '"B"}'}]),
+            None,
+            "ok",
+            None,
+        ),
+        (
+            completion([{"type": "image_url", "image_url": {"url": "x"}}]),
+            None,
+            "failed",
+            "without text content",
+        ),
+        (json.dumps({"choices": []}), None, "failed", "without choices"),
+        (
+            json.dumps({"choices": [{"message": {"role": "assistant", "refusal": "no"}}]}),
+            None,
+            "failed",
+            "refusal",
+        ),
+        (
+            json.dumps({"choices": [{"message": {"role": "assistant"}}]}),
+            None,
+            "failed",
+            "without text content",
+        ),
+        (json.dumps(["not", "an", "object"]), None, "failed", "without choices"),
+        ("<html>proxy error</html>", None, "failed", "not JSON"),
+        (completion(answer("B")), {"Retry-After": "nan"}, "ok", None),
+    ],
+)
+def test_unexpected_200_shapes_give_an_answer_or_a_flag(toy, server, tmp_path, raw, headers, reason, needle):
+    server.reply(raw, match=sentence(toy, "c1"), times=1, headers=headers)
+    c = client(server, tmp_path, max_concurrency=1)
+    scl.tl.llm_annotate(toy, model=c)
+    assert toy.obs.loc["c1", "llm_fallback"] == reason
+    assert toy.obs.loc["c1", "llm"] == "B"  # the right answer, or the first option when flagged
+    if needle is not None:
+        assert needle in toy.obs.loc["c1", "llm_error"]
+    assert toy.obs.loc["c0", "llm_fallback"] == "ok" and server.n_requests == 4  # a 200 is never retried
+    assert c.usage.retries == 0
+    # Nothing is cached before it parses: a rerun asks again only for a failed cell, and reads the
+    # joined list of parts back as text.
+    n = server.n_requests
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=client(server, tmp_path))
+    assert server.n_requests - n == (reason == "failed")
+    assert toy.obs.loc["c1", "llm"] == "B" and toy.obs.loc["c1", "llm_fallback"] == "ok"
+
+
+def test_retry_after_nan_and_inf_fall_back_to_backoff(toy, server, tmp_path):
+    server.fail(429, times=1, retry_after="nan")
+    server.fail(503, times=1, retry_after="inf")
+    c = client(server, tmp_path, backoff=0.5, max_concurrency=1)
+    scl.tl.llm_annotate(toy, model=c)
+    assert len(c.sleeps) == 2 and all(0.25 * 2**i <= w <= 0.5 * 2**i for i, w in enumerate(c.sleeps))
+    assert toy.obs["llm_fallback"].iloc[3:].tolist() == ["ok", "ok", "out_of_list", "malformed", "ok"]
+
+
+def test_usage_counts_of_odd_types_are_read_or_zero():
+    from sc_llm._llm_client import _parse_completion
+
+    data = json.loads(
+        completion(
+            "x", usage={"prompt_tokens": 7.0, "completion_tokens": "12", "completion_tokens_details": "?"}
+        )
+    )
+    assert _parse_completion(data, "text").usage == {
+        "prompt_tokens": 7,
+        "completion_tokens": 12,
+        "reasoning_tokens": 0,
+    }
+    data = json.loads(completion("x", usage={"prompt_tokens": True, "completion_tokens": float("nan")}))
+    assert _parse_completion(data, "text").usage == {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "reasoning_tokens": 0,
+    }
+
+
+def test_non_retryable_4xx_on_one_cell_flags_only_that_cell(toy, server, tmp_path):
+    """B8: before, one 400 aborted llm_annotate for every cell."""
+    server.fail(400, match=sentence(toy, "c3"), body=json.dumps({"error": {"message": "prompt too long"}}))
+    c = client(server, tmp_path, max_concurrency=1)
+    scl.tl.llm_annotate(toy, model=c)
+    assert toy.obs["llm_fallback"].iloc[3:].tolist() == ["ok", "ok", "out_of_list", "failed", "ok"]
+    assert "HTTP 400: prompt too long" in toy.obs.loc["c3", "llm_error"]
+    # The 400 is not about the response format: the next form is tried once for that cell, and the
+    # client stays on json_schema for the others.
+    kinds = [(b.get("response_format") or {}).get("type") for b in server.requests]
+    assert kinds == ["json_schema", "json_schema", "json_schema", "json_schema", "json_object", None]
+    assert toy.uns["llm"]["response_format"] == "json_schema" and c.usage.retries == 0
+    flagged = toy.uns["llm"]["fallbacks"].set_index("cell")
+    assert flagged.loc["c3", "reason"] == "failed" and "prompt too long" in flagged.loc["c3", "error"]
+    toy.write_h5ad(tmp_path / "out.h5ad")
+    back = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert (
+        back.obs.loc["c3", "llm_error"] == toy.obs.loc["c3", "llm_error"]
+        and back.obs["llm_error"].isna().sum() == 7
+    )
+
+
+def test_every_request_failing_stops_early_and_raises(toy, server, tmp_path):
+    server.fail(401, body=json.dumps({"error": {"message": "invalid api key"}}))
+    c = client(server, tmp_path, max_concurrency=1, max_consecutive_failures=2)
+    with pytest.raises(
+        ChatError, match=r"HTTP 401: invalid api key.*first 2 requests all failed.*0/4 answered"
+    ):
+        scl.tl.llm_annotate(toy, model=c)
+    assert server.n_requests == 2 and "llm" not in toy.obs
+
+
+def test_failures_in_a_row_after_answers_leave_the_rest_flagged_not_sent(toy, server, tmp_path):
+    server.fail(503, match=sentence(toy, "c1"))
+    server.fail(503, match=sentence(toy, "c2"))
+    c = client(server, tmp_path, max_concurrency=1, max_retries=0, max_consecutive_failures=2)
+    scl.tl.llm_annotate(toy, model=c)
+    assert server.n_requests == 3  # c0 answered, c1 and c2 failed, c3 not sent
+    assert toy.obs["llm_fallback"].iloc[3:].tolist() == ["ok", "failed", "failed", "failed", "ok"]
+    assert toy.obs.loc["c3", "llm_error"].startswith("not sent: 2 requests in a row failed")
+    assert c.usage.failed == 3
+    server.clear_rules()
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=client(server, tmp_path))
+    assert server.n_requests == 3 + 3 and toy.obs["llm_error"].isna().all()
+
+
+def test_retry_flagged_asks_again_only_for_flagged_cached_answers(toy, server, tmp_path, table):
+    scl.tl.llm_annotate(toy, model=client(server, tmp_path))
+    assert toy.obs["llm_fallback"].iloc[3:].tolist() == ["ok", "ok", "out_of_list", "malformed", "ok"]
+    table[sentence(toy, "c2")] = answer("NK")
+    table[sentence(toy, "c3")] = answer("B")
+    n = server.n_requests
+    kw = dict(model=MODEL, base_url=server.base_url, cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, **kw)
+    assert server.n_requests == n  # by default a flagged answer is an answer: not paid for again
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, retry_flagged=True, **kw)
+    assert sorted(server.prompts()[n:]) == sorted(p for p in server.prompts()[:4] if "G5" in p or "G6" in p)
+    assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "NK", "B", "NK"]
+    assert (toy.obs["llm_fallback"].iloc[3:] == "ok").all()
+    n = server.n_requests
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, retry_flagged=True, **kw)
+    assert server.n_requests == n  # the new answers replaced the flagged ones in the cache
+
+
+def test_cache_key_includes_the_server(toy, tmp_path):
+    """B13: a second server with the same model name got the first one's answers."""
+    s = {c: sentence(toy, c) for c in toy.obs_names}
+    with (
+        ChatServer(dict.fromkeys(s.values(), answer("B"))) as one,
+        ChatServer(dict.fromkeys(s.values(), answer("T"))) as two,
+    ):
+        scl.tl.llm_annotate(toy, model=MODEL, base_url=one.base_url, cache_dir=tmp_path, key_added="one")
+        scl.tl.llm_annotate(toy, model=MODEL, base_url=two.base_url, cache_dir=tmp_path, key_added="two")
+        assert one.n_requests == 4 and two.n_requests == 4
+    assert (toy.obs["one"].iloc[3:7] == "B").all() and toy.obs.loc["c0", "two"] == "T"
+
+
+def test_unwritable_cache_fails_before_any_request(toy, server, tmp_path):
+    """B14: answers were paid for, then the cache write failed."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match=r"answer cache .*file/cache is not writable.*cache_dir=False"):
+        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=blocker / "cache")
+    assert server.n_requests == 0 and "llm" not in toy.obs
+
+
+def test_cache_entry_without_content_is_asked_again(toy, server, tmp_path):
+    """B15: an entry without "content" raised KeyError."""
+    c = client(server, tmp_path)
+    scl.tl.llm_annotate(toy, model=c)
+    entries = sorted((tmp_path / "cache").rglob("*.json"))
+    for path, broken in zip(
+        entries, [{"model": MODEL, "structured": True}, ["a list"], {"content": 3}], strict=False
+    ):
+        path.write_text(json.dumps(broken))
+    n = server.n_requests
+    with pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=client(server, tmp_path))
+    assert server.n_requests - n == 3
+    assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
+
+
+def test_error_bodies_and_logs_are_redacted(toy, server, tmp_path, caplog):
+    """B15: a proxy echoing the Authorization header leaked the key into ChatError and the logs."""
+    key = "sk-proj-abcdefghijklmnop0123456789"
+    echo = json.dumps(
+        {"error": {"message": f"bad request, headers: {{'Authorization': 'Bearer {key}'}} api_key={key}"}}
+    )
+    server.fail(502, match=sentence(toy, "c0"), times=1, body=echo)
+    server.fail(400, match=sentence(toy, "c1"), body=echo)
+    c = client(server, tmp_path, api_key=key, max_concurrency=1)
+    caplog.set_level("DEBUG", logger="sc_llm")
+    scl.tl.llm_annotate(toy, model=c)
+    assert server.auth[0] == f"Bearer {key}"  # the key is sent…
+    error = toy.obs.loc["c1", "llm_error"]
+    assert "HTTP 400" in error and "[REDACTED]" in error
+    assert key not in error and key not in caplog.text and key[-12:] not in caplog.text  # …and never echoed
+    assert "retry 1" in caplog.text
+    with pytest.raises(ChatError) as info:
+        c.complete(ChatRequest([{"role": "user", "content": f'"""{sentence(toy, "c1")}"""'}]))
+    assert key not in str(info.value) and "[REDACTED]" in str(info.value)
+
+
+def test_redact_patterns():
+    from sc_llm._llm_client import _redact
+
+    text = (
+        'Authorization: Bearer abc.def-123 {"api_key": "k-9876543210"} x-api-key=zzzzzzzz '
+        "https://user:pw123456@example.org/v1 token sk-ABCDEFGH12345678 keep this"
+    )
+    out = _redact(text, ["k-9876543210"])
+    for secret in ("abc.def-123", "9876543210", "zzzzzzzz", "pw123456", "sk-ABCDEFGH12345678"):
+        assert secret not in out
+    assert out.endswith("keep this") and "example.org/v1" in out
+
+
+def test_key_in_base_url_userinfo_is_sent_but_never_stored(toy, server, tmp_path):
+    """B15: a key in base_url userinfo was stored in uns and the h5ad."""
+    url = server.base_url.replace("http://", "http://me:sk-userinfo-secret-42@")
+    scl.tl.llm_annotate(toy, model=MODEL, base_url=url, cache_dir=tmp_path)
+    assert toy.uns["llm"]["params"]["base_url"] == server.base_url
+    assert server.auth[0].startswith("Basic ")  # sent as basic auth
+    toy.write_h5ad(tmp_path / "out.h5ad")
+    assert b"sk-userinfo-secret-42" not in (tmp_path / "out.h5ad").read_bytes()
+    assert not any(b"sk-userinfo-secret-42" in p.read_bytes() for p in tmp_path.rglob("*.json"))
+    assert "sk-userinfo-secret-42" not in repr(ChatClient(MODEL, base_url=url, cache_dir=False))
+
+
+def test_template_with_braces_is_filled_safely(toy, server, tmp_path):
+    """B20: a JSON example in the template raised KeyError (str.format)."""
+    template = 'Answer like {"cell_type": "X"} with one of {labels}; {{kept}} {other}\n"""{sentence}"""'
+    scl.tl.llm_annotate(
+        toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, template=template, max_concurrency=1
+    )
+    assert server.prompts()[0] == (
+        f'Answer like {{"cell_type": "X"}} with one of [\'B\', \'T\', \'NK\']; {{{{kept}}}} {{other}}\n"""{sentence(toy, "c0")}"""'
+    )
+    assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
+
+
+def test_sentence_with_braces_is_not_substituted_again(tmp_path):
+    from sc_llm.tl._llm import _render
+
+    assert _render("{labels}|{sentence}", labels="['a']", sentence="{labels} {x}") == "['a']|{labels} {x}"
+
+
+@pytest.mark.parametrize("template", ["{labels} only", "no fields", '"""{sentence}"""'])
+def test_template_without_required_fields_is_refused(toy, server, template):
+    """B21: a template without {sentence} was accepted (every prompt lacked the cell)."""
+    with pytest.raises(ValueError, match=r"template lacks .*must contain \{labels\} and \{sentence\}"):
+        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, template=template)
+    with pytest.raises(ValueError, match=r"template lacks \{gene\}"):
+        scl.tl.llm_marker_matching(
+            {"B": ["A", "B"], "T": ["C", "D"]}, model=MODEL, base_url=server.base_url, template="{lists}"
+        )
+    assert server.n_requests == 0
+
+
+@pytest.mark.parametrize("split", ["all_test", "no_column"])
+def test_rerank_on_query_cells_only(toy, server, tmp_path, split):
+    """Re-ranking needs no training cells: before, "No cell has obs['split'] == 'train'"."""
+    query = toy[3:].copy()
+    if split == "no_column":
+        del query.obs["split"]
+    scl.tl.llm_annotate(query, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    assert query.obs["llm"].tolist() == ["T", "B", "T", "Mono", "NK"]
+    with pytest.raises((KeyError, ValueError), match="split"):  # zero-shot without labels still needs them
+        scl.tl.llm_annotate(
+            query, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, mode="zero_shot"
+        )
+
+
+def test_llama_cpp_style_500_negotiates_json_object_once_without_retries(toy, server, tmp_path):
+    """The real-server failure: llama.cpp answers json_schema with HTTP 500; every cell used to be
+    retried 7 times and the call ended with 0 answers."""
+    server.reject_format("json_schema", status=500, message=LLAMA_CPP_FORMAT_ERROR)
+    c = client(server, tmp_path, max_concurrency=8)
+    scl.tl.llm_annotate(toy, model=c)
+    kinds = [b["response_format"]["type"] for b in server.requests]
+    assert kinds == ["json_schema"] + ["json_object"] * 4  # negotiated once, before the others start
+    assert all(b["response_format"]["schema"]["required"] == ["cell_type"] for b in server.requests[1:])
+    assert c.usage.retries == 0 and c.usage.rejected == 1 and c.sleeps == []
+    assert toy.uns["llm"]["response_format"] == "json_object" and toy.uns["llm"]["structured_output"] is True
+    assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
+    # The client remembers: a second call with the same client asks json_object straight away.
+    n = server.n_requests
+    scl.tl.llm_annotate(toy, model=c, key_added="again", n_runs=2)
+    assert {b["response_format"]["type"] for b in server.requests[n:]} == {"json_object"}
+
+
+def test_an_ordinary_500_is_still_retried(toy, server, tmp_path):
+    server.fail(500, times=1, body=json.dumps({"error": {"message": "CUDA out of memory"}}))
+    c = client(server, tmp_path, max_concurrency=1)
+    scl.tl.llm_annotate(toy, model=c)
+    assert (
+        c.usage.retries == 1 and c.usage.rejected == 0 and toy.uns["llm"]["response_format"] == "json_schema"
+    )
+
+
+def test_structured_output_argument_forms(server, tmp_path):
+    assert ChatClient(MODEL, base_url=server.base_url, structured_output=False).response_format == "text"
+    assert (
+        ChatClient(MODEL, base_url=server.base_url, structured_output="json_object").response_format
+        == "json_object"
+    )
+    with pytest.raises(ValueError, match="structured_output"):
+        ChatClient(MODEL, base_url=server.base_url, structured_output="grammar")
+
+
+def test_marker_matching_flags_a_failed_request(tmp_path):
+    markers = {"B": ["MS4A1", "CD79A"], "NK": ["NKG7", "GNLY"], "T": ["CD3E", "CD3D"]}
+    with ChatServer(lambda p, b: '{"list": "3"}' if "CD3E" in p else '{"list": "1"}') as srv:
+        srv.fail(400, match="NKG7", body=json.dumps({"error": {"message": "bad"}}))
+        result = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path)
+    t = result.table
+    assert t["reason"].tolist() == ["ok", "failed", "ok"] and t["correct"].tolist() == [True, False, True]
+    assert "HTTP 400: bad" in t.loc["NK", "error"] and pd.isna(t.loc["NK", "answer"])
+    assert str(result) == "2/3"
+
+
+def test_a_cache_write_failure_keeps_the_answer(server, tmp_path, caplog):
+    c = client(server, tmp_path)
+    req = ChatRequest([{"role": "user", "content": 'x """G3A G3B G3C"""'}], schema=None)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / c.cache_key(req)[:2]).write_text("a file where the entry's folder should be")
+    assert c.complete(req).content == answer("T")
+    assert "Could not write to the answer cache" in caplog.text
+
+
+def test_deadline_also_bounds_trickled_headers(tmp_path):
+    """The status line and headers, sent one byte per 0.2 s, must not outlive the deadline either."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"a" * 100:  # ~20 s if nobody hangs up
+                if stop.is_set():
+                    break
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    c = ChatClient(
+        MODEL,
+        base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+        cache_dir=False,
+        timeout=1.0,
+        max_retries=0,
+    )
+    try:
+        with pytest.raises(ChatError, match="ReadTimeout: no complete answer within the 1 s deadline"):
+            c.complete(ChatRequest([{"role": "user", "content": "hello"}]))
+    finally:
+        stop.set()
+        c.close()
+        thread.join(5)
+        listener.close()

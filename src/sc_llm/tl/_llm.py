@@ -42,10 +42,11 @@ MARKER_TEMPLATE = (
     "Output ONLY the number of that list.\n{lists}"
 )
 ANSWER_FIELD = "cell_type"
-REASONS = ("ok", "malformed", "out_of_list")
+REASONS = ("ok", "malformed", "out_of_list", "failed")
 N_CANDIDATES = 3
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
+_FIELD = re.compile(r"\{(\w+)\}")
 
 
 def llm_annotate(
@@ -74,6 +75,7 @@ def llm_annotate(
     timeout: float = 120.0,
     max_retries: int = 6,
     cache_dir: str | bool | None = None,
+    retry_flagged: bool = False,
     price_per_1m_tokens: tuple[float, float] | None = None,
     key_added: str = "llm",
     copy: bool = False,
@@ -84,13 +86,15 @@ def llm_annotate(
     a list: the three most voted labels of its nearest neighbours (``mode="rerank"``, the paper's
     Figure 5, written by :func:`sc_llm.tl.knn_annotate`; "if uncertain, pick the first"), or all
     training labels (``mode="zero_shot"``, Figure 4). The answer is requested as a JSON object
-    ``{"cell_type": …}`` constrained by a ``json_schema`` enum of the allowed labels; servers that
-    reject structured output get the schema in the prompt instead, and the answer is validated.
-    An answer that is not JSON or not an allowed label is never written: the cell gets the first
-    option of its list and is flagged in ``obs[f"{key_added}_fallback"]``.
+    ``{"cell_type": …}`` constrained by a JSON schema enum of the allowed labels; the client
+    negotiates the form once (``json_schema``, else ``json_object`` with the schema, else the
+    schema in the prompt) and every answer is validated. An answer that is not JSON or not an
+    allowed label is never written, and neither is a request that failed for good: the cell gets
+    the first option of its list and is flagged in ``obs[f"{key_added}_fallback"]`` (with the
+    error in ``obs[f"{key_added}_error"]``). One failing cell never stops the others.
 
     Every answer is cached on disk as it arrives, so an interrupted or failed run resumes where it
-    stopped when called again, without paying twice.
+    stopped when called again: failed cells are asked again, answered ones are never paid twice.
 
     Parameters
     ----------
@@ -117,7 +121,10 @@ def llm_annotate(
         Keep only the first ``n_genes`` genes of each sentence (``None``: the whole sentence).
     split_key, train_value
         Default cells are those with ``obs[split_key] != train_value`` (held-out cells); with
-        ``split_key=None`` all cells.
+        ``split_key=None`` all cells. Re-ranking needs no training cells: when ``obs`` has no
+        ``split_key`` column or no cell in it equals ``train_value`` (an AnnData of query cells
+        whose candidates are already in ``obs``), all cells are annotated; so are they in
+        zero-shot mode when ``labels`` is given.
     cells
         Explicit cells instead (obs names or a boolean mask).
     n_cells
@@ -126,8 +133,9 @@ def llm_annotate(
     random_state
         Seed of the ``n_cells`` draw.
     template
-        Prompt template with ``{labels}`` and ``{sentence}`` fields; ``None`` uses the paper's
-        (:data:`RERANK_TEMPLATE` or :data:`ZERO_SHOT_TEMPLATE`).
+        Prompt template with ``{labels}`` and ``{sentence}`` fields (both required); ``None`` uses
+        the paper's (:data:`RERANK_TEMPLATE` or :data:`ZERO_SHOT_TEMPLATE`). Only these two
+        fields are filled in; any other braces (a JSON example, say) stay as written.
     base_url
         API root, e.g. ``"http://localhost:8000/v1"`` for vLLM; ``None``: OpenAI.
     api_key, api_key_env
@@ -141,7 +149,12 @@ def llm_annotate(
         Independent runs per cell (separate requests and cache entries); the paper reports mean
         (sample sd) accuracy over 3 runs.
     max_concurrency, timeout, max_retries, cache_dir
-        Client settings (see :class:`sc_llm.tl.ChatClient`).
+        Client settings (see :class:`sc_llm.tl.ChatClient`); ``timeout`` is a deadline for each
+        attempt as a whole.
+    retry_flagged
+        Ask again for cells whose cached answer was flagged (``"malformed"`` or ``"out_of_list"``)
+        and replace it. Cells whose request failed are always asked again on a rerun; valid
+        answers never are.
     price_per_1m_tokens
         ``(input, output)`` price per million tokens, to add a ``"cost"`` to the usage summary.
     key_added
@@ -155,13 +168,19 @@ def llm_annotate(
 
     - ``obs[key_added]``: the label of run 1 for annotated cells (NaN elsewhere);
     - ``obs[f"{key_added}_fallback"]``: ``"ok"``, or why the first option was used instead
-      (``"malformed"``: no JSON/label could be read; ``"out_of_list"``: a label not offered);
-    - with ``n_runs > 1`` also ``obs[f"{key_added}_run{r}"]`` and ``obs[f"{key_added}_run{r}_fallback"]``;
-    - ``uns[key_added]``: ``params`` (model, mode, template, …), ``labels`` (zero-shot list),
-      ``metrics`` (per-run accuracy and macro P/R/F1, ``accuracy_mean``, ``accuracy_sd``
-      (ddof=1), the candidates' top-1 ``baseline_accuracy`` on the same cells in re-rank mode),
-      ``fallbacks`` (table of flagged answers), ``usage`` (requests, retries, cache hits, tokens)
-      and ``structured_output`` (whether json_schema was used).
+      (``"malformed"``: no JSON/label could be read; ``"out_of_list"``: a label not offered;
+      ``"failed"``: no answer, the request failed for good);
+    - ``obs[f"{key_added}_error"]``: for failed cells, the reason (HTTP status and the server's
+      message, credentials redacted); NaN elsewhere;
+    - with ``n_runs > 1`` also ``obs[f"{key_added}_run{r}"]``, ``…_run{r}_fallback`` and ``…_run{r}_error``;
+    - ``uns[key_added]``: ``params`` (model, mode, template, base URL without credentials, …),
+      ``labels`` (zero-shot list), ``metrics`` (per-run accuracy and macro P/R/F1,
+      ``accuracy_mean``, ``accuracy_sd`` (ddof=1), the candidates' top-1 ``baseline_accuracy``
+      on the same cells in re-rank mode; flagged cells count with their first option),
+      ``outcomes`` (answers per reason over all runs), ``fallbacks`` (table of flagged answers
+      with the error of failed ones), ``usage`` (requests, retries, rejected, failed, cache
+      hits, tokens), ``response_format`` (the form the server accepted) and
+      ``structured_output`` (whether the server constrained the answers).
     """
     if mode not in ("rerank", "zero_shot"):
         raise ValueError(f"mode must be 'rerank' or 'zero_shot', got {mode!r}.")
@@ -169,12 +188,20 @@ def llm_annotate(
         raise ValueError(f"n_runs must be at least 1, got {n_runs}.")
     adata = maybe_copy(adata, copy)
     labels_key = _labels_key(adata, labels_key, candidates_key)
+    template = template or (RERANK_TEMPLATE if mode == "rerank" else ZERO_SHOT_TEMPLATE)
+    _check_template(template, ("labels", "sentence"))
+    if split_key is not None and not _has_training_cells(adata, split_key, train_value):
+        if mode == "rerank" or labels is not None:
+            # A query-only AnnData: nothing was held out, every cell is a query.
+            logger.info(
+                "llm_annotate: no cell has obs[%r] == %r; annotating all cells.", split_key, train_value
+            )
+            split_key = None
     idx = _select_cells(adata, cells, split_key, train_value, n_cells, random_state)
     sentences = _sentences(adata, sentence_key, idx, n_genes)
     options, zero_shot_labels = _options(
         adata, idx, mode, candidates_key, labels, labels_key, split_key, train_value
     )
-    template = template or (RERANK_TEMPLATE if mode == "rerank" else ZERO_SHOT_TEMPLATE)
     extra = {**({} if temperature is None else {"temperature": temperature}), **(params or {})}
 
     client_kwargs = dict(
@@ -183,10 +210,12 @@ def llm_annotate(
     )  # fmt: skip
     with _client_for(model, client_kwargs) as client:
         before = dataclasses.replace(client.usage)
-        answers = _ask(client, adata.obs_names[idx], sentences, options, template, extra, n_runs)
+        answers, errors = _ask(
+            client, adata.obs_names[idx], sentences, options, template, extra, n_runs, retry_flagged
+        )
 
-    preds, reasons, flagged = _decide(answers, options, adata.obs_names[idx])
-    _write_obs(adata, key_added, idx, preds, reasons, options)
+    preds, reasons, flagged = _decide(answers, errors, options, adata.obs_names[idx])
+    _write_obs(adata, key_added, idx, preds, reasons, errors, options)
     adata.uns[key_added] = {
         "params": {
             "mode": mode, "model": client.model, "base_url": client.base_url, "template": template,
@@ -196,10 +225,18 @@ def llm_annotate(
         },
         "labels": zero_shot_labels if zero_shot_labels is not None else [],
         "metrics": _metrics(adata, labels_key, idx, preds, options, mode),
+        "outcomes": {r: int(sum(run.count(r) for run in reasons)) for r in REASONS},
         "fallbacks": flagged,
         "usage": client.usage.since(before).summary(price_per_1m_tokens),
-        "structured_output": bool(client.structured_output),
+        "response_format": client.response_format,
+        "structured_output": client.response_format != "text",
     }  # fmt: skip
+    n_failed = adata.uns[key_added]["outcomes"]["failed"]
+    if n_failed:
+        logger.warning(
+            "llm_annotate: %d of %d answers failed (see obs[%r]); call again to ask for them again.",
+            n_failed, len(idx) * n_runs, f"{key_added}_error",
+        )  # fmt: skip
     n_flag = len(flagged)
     logger.info("llm_annotate: %d cells × %d runs, %d answers flagged.", len(idx), n_runs, n_flag)
     return adata if copy else None
@@ -213,6 +250,27 @@ def _labels_key(adata: AnnData, labels_key: str | None, candidates_key: str) -> 
     recorded = adata.uns.get(candidates_key, {})
     recorded = recorded.get("params", {}).get("labels_key") if isinstance(recorded, Mapping) else None
     return recorded if recorded in adata.obs else None
+
+
+def _has_training_cells(adata: AnnData, split_key: str, train_value: str) -> bool:
+    return split_key in adata.obs and bool((adata.obs[split_key].astype(str) == str(train_value)).any())
+
+
+def _check_template(template: str, required: Sequence[str]) -> None:
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a string, got {type(template).__name__}.")
+    missing = ["{" + f + "}" for f in required if "{" + f + "}" not in template]
+    if missing:
+        need = " and ".join("{" + f + "}" for f in required)
+        raise ValueError(
+            f"The template lacks {', '.join(missing)}: it must contain {need}, got {template!r}."
+        )
+
+
+def _render(template: str, **fields: str) -> str:
+    """Fill ``{name}`` fields in one pass; other braces (JSON examples) and braces inside the
+    values are left alone, unlike ``str.format``."""
+    return _FIELD.sub(lambda m: fields[m.group(1)] if m.group(1) in fields else m.group(0), template)
 
 
 def _select_cells(adata, cells, split_key, train_value, n_cells, random_state) -> np.ndarray:
@@ -294,14 +352,15 @@ def _schema(options: Sequence[str], field: str = ANSWER_FIELD) -> dict[str, Any]
     }
 
 
-def _ask(client, names, sentences, options, template, extra, n_runs) -> list[list[str | None]]:
-    """Answers as ``answers[run][cell]`` (``None`` where a single option needs no request)."""
+def _ask(client, names, sentences, options, template, extra, n_runs, retry_flagged=False):
+    """Answers and errors as ``answers[run][cell]``, ``errors[run][cell]`` (answers are ``None``
+    where a single option needs no request or the request failed; errors are ``None`` unless it failed)."""
     requests, where = [], []
     for r in range(n_runs):
         for i, (name, sentence, opts) in enumerate(zip(names, sentences, options, strict=True)):
             if len(opts) < 2:
                 continue
-            prompt = template.format(labels=str(list(opts)), sentence=sentence)
+            prompt = _render(template, labels=str(list(opts)), sentence=sentence)
             requests.append(
                 ChatRequest(
                     messages=[{"role": "user", "content": prompt}],
@@ -312,11 +371,27 @@ def _ask(client, names, sentences, options, template, extra, n_runs) -> list[lis
                 )
             )
             where.append((r, i))
-    results = client.complete_many(requests, desc="LLM annotation")
+    results = client.complete_many(requests, desc="LLM annotation", errors="return")
+    if retry_flagged:
+        again = [
+            k for k, (res, (_, i)) in enumerate(zip(results, where, strict=True))
+            if res.ok and res.cached and parse_answer(res.content, options[i])[0] is None
+        ]  # fmt: skip
+        if again:
+            logger.info("llm_annotate: asking again for %d flagged cached answers.", len(again))
+            retried = [dataclasses.replace(requests[k], refresh=True) for k in again]
+            for k, res in zip(
+                again, client.complete_many(retried, desc="LLM annotation", errors="return"), strict=True
+            ):
+                results[k] = res
     answers: list[list[str | None]] = [[None] * len(names) for _ in range(n_runs)]
+    errors: list[list[str | None]] = [[None] * len(names) for _ in range(n_runs)]
     for (r, i), res in zip(where, results, strict=True):
-        answers[r][i] = res.content
-    return answers
+        if res.ok:
+            answers[r][i] = res.content
+        else:
+            errors[r][i] = res.error
+    return answers, errors
 
 
 def parse_answer(content: str, allowed: Sequence[str], field: str = ANSWER_FIELD) -> tuple[str | None, str]:
@@ -363,28 +438,34 @@ def _match(value: str, allowed: Sequence[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _decide(answers, options, names):
-    """Per-run predictions and reasons; a bad answer becomes the cell's first option, flagged."""
+def _decide(answers, errors, options, names):
+    """Per-run predictions and reasons; a bad answer or a failed request becomes the cell's first
+    option, flagged."""
     preds, reasons, rows = [], [], []
-    for r, run in enumerate(answers):
+    for r, (run, run_errors) in enumerate(zip(answers, errors, strict=True)):
         p, why = [], []
-        for name, content, opts in zip(names, run, options, strict=True):
-            if content is None:
+        for name, content, error, opts in zip(names, run, run_errors, options, strict=True):
+            if error is not None:
+                label, reason = None, "failed"
+            elif content is None:
                 label, reason = opts[0], "ok"
             else:
                 label, reason = parse_answer(content, opts)
             if label is None:
                 label = opts[0]
-                rows.append({"cell": str(name), "run": r + 1, "reason": reason, "answer": content[:500]})
+                rows.append({
+                    "cell": str(name), "run": r + 1, "reason": reason,
+                    "answer": (content or "")[:500], "error": error or "",
+                })  # fmt: skip
             p.append(label)
             why.append(reason)
         preds.append(p)
         reasons.append(why)
-    flagged = pd.DataFrame(rows, columns=["cell", "run", "reason", "answer"])
+    flagged = pd.DataFrame(rows, columns=["cell", "run", "reason", "answer", "error"])
     return preds, reasons, flagged
 
 
-def _write_obs(adata, key, idx, preds, reasons, options) -> None:
+def _write_obs(adata, key, idx, preds, reasons, errors, options) -> None:
     cats = list(dict.fromkeys(o for opts in options for o in opts))
     cols = [(key, 0)]
     if len(preds) > 1:
@@ -398,6 +479,11 @@ def _write_obs(adata, key, idx, preds, reasons, options) -> None:
             full = np.full(adata.n_obs, None, dtype=object)
             full[idx] = values
             adata.obs[name] = pd.Categorical(full, categories=categories)
+        warn_overwrite(adata.obs, f"{col}_error", "adata.obs")
+        full = np.full(adata.n_obs, None, dtype=object)
+        full[idx] = errors[r]
+        # Categorical keeps NaN for the cells without an error (also through write_h5ad).
+        adata.obs[f"{col}_error"] = pd.Categorical(full)
 
 
 def _metrics(adata, labels_key, idx, preds, options, mode) -> dict[str, Any]:
@@ -469,7 +555,8 @@ def llm_marker_matching(
     n_markers
         Markers used per type (the paper: top 5 from PanglaoDB).
     template
-        Prompt with ``{gene}`` and ``{lists}`` fields (``None``: :data:`MARKER_TEMPLATE`).
+        Prompt with ``{gene}`` and ``{lists}`` fields, both required (``None``: :data:`MARKER_TEMPLATE`);
+        other braces stay as written.
     base_url, api_key, api_key_env, params, max_concurrency, timeout, max_retries, cache_dir
         As in :func:`llm_annotate`.
     temperature
@@ -479,18 +566,20 @@ def llm_marker_matching(
     -------
     A :class:`MarkerMatching` with ``n_correct``, ``n_total`` (``str()`` gives ``"7/10"``), the
     per-type ``table`` (held-out gene, true and answered list number, answered type, correct,
-    reason) and the token ``usage``.
+    reason: ``"ok"``, ``"malformed"``, ``"out_of_list"`` or ``"failed"``, and the error of a
+    failed request) and the token ``usage``. A failed request counts as not matched.
     """
     lists = _marker_lists(markers, n_markers)
     types = list(lists)
     numbers = [str(i + 1) for i in range(len(types))]
     rendered = "\n".join(f"{n}. {', '.join(lists[t][1:])}" for n, t in zip(numbers, types, strict=True))
     template = template or MARKER_TEMPLATE
+    _check_template(template, ("gene", "lists"))
     extra = {**({} if temperature is None else {"temperature": temperature}), **(params or {})}
     schema = _schema(numbers, field="list")
     requests = [
         ChatRequest(
-            messages=[{"role": "user", "content": template.format(gene=lists[t][0], lists=rendered)}],
+            messages=[{"role": "user", "content": _render(template, gene=lists[t][0], lists=rendered)}],
             schema=schema,
             name=f"marker {lists[t][0]} ({t})",
             params=extra or None,
@@ -503,14 +592,14 @@ def llm_marker_matching(
     )  # fmt: skip
     with _client_for(model, client_kwargs) as client:
         before = dataclasses.replace(client.usage)
-        results = client.complete_many(requests, desc="Marker matching")
+        results = client.complete_many(requests, desc="Marker matching", errors="return")
     rows = []
     for n, t, res in zip(numbers, types, results, strict=True):
-        answer, reason = parse_answer(res.content, numbers, field="list")
+        answer, reason = parse_answer(res.content, numbers, field="list") if res.ok else (None, "failed")
         rows.append({
             "cell_type": t, "held_out": lists[t][0], "true_list": int(n),
             "answer": int(answer) if answer else pd.NA, "answered_type": types[int(answer) - 1] if answer else None,
-            "correct": answer == n, "reason": reason,
+            "correct": answer == n, "reason": reason, "error": res.error or "",
         })  # fmt: skip
     table = pd.DataFrame(rows).set_index("cell_type")
     table["answer"] = table["answer"].astype("Int64")
