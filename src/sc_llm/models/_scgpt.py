@@ -364,14 +364,18 @@ class ScGPTTokenizer:
         csr.eliminate_zeros()
         csr.sort_indices()  # var order, so the seeded tie-breaks and subsets do not depend on storage order
         check_nonnegative(csr, chunk.obs_names, self.where)
-        left, right = bin_edges_hits(csr, self.n_bins)
+        edges = bin_edges(csr, self.n_bins)
         n_expr = np.diff(csr.indptr)
         keep = self.max_tokens - 1
         genes, values = [], []
         for i, name in enumerate(chunk.obs_names):
             lo, hi = csr.indptr[i], csr.indptr[i + 1]
+            x = csr.data[lo:hi]
+            # A value lying on several equal edges gets a uniformly random bin among them, as upstream.
+            left = np.searchsorted(edges[i], x, side="right")
+            right = np.searchsorted(edges[i], x, side="left")
             rng = np.random.default_rng([self.random_state, zlib.crc32(str(name).encode())])
-            binned = np.ceil(rng.random(hi - lo) * (right[lo:hi] - left[lo:hi]) + left[lo:hi])
+            binned = np.ceil(rng.random(hi - lo) * (right - left) + left)
             tok = self.token_ids[csr.indices[lo:hi]]
             if hi - lo > keep:
                 chosen = np.sort(rng.choice(hi - lo, size=keep, replace=False))
@@ -425,30 +429,20 @@ def check_nonnegative(csr: sparse.csr_matrix, obs_names, where: str) -> None:
         )
 
 
-def bin_edges_hits(csr: sparse.csr_matrix, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per non-zero entry, how many of its cell's bin edges are ``<=`` and ``<`` the value.
+def bin_edges(csr: sparse.csr_matrix, n_bins: int) -> np.ndarray:
+    """Per cell, the ``n_bins - 1`` evenly spaced quantiles of its non-zero values (cells × edges).
 
-    The edges are the ``n_bins - 1`` evenly spaced quantiles of the cell's non-zero values, computed
-    by ``np.quantile`` itself in float64 (float32 edges would move values across edges); cells with
-    the same number of values are handled together. Entry ``j`` then falls into a bin drawn uniformly
-    from ``left[j]`` (exclusive) to ``right[j]`` (inclusive), upstream's rule for values on tied edges.
+    Computed by ``np.quantile`` itself in float64 (float32 edges would move values across edges),
+    for all cells with the same number of values at once. Rows of cells without values are zero.
     """
     counts = np.diff(csr.indptr)
-    left = np.zeros(csr.nnz, dtype=np.float64)
-    right = np.zeros(csr.nnz, dtype=np.float64)
     qs = np.linspace(0, 1, n_bins - 1)
+    edges = np.zeros((csr.shape[0], len(qs)), dtype=np.float64)
     for n in np.unique(counts[counts > 0]):
         rows = np.flatnonzero(counts == n)
-        at = csr.indptr[rows][:, None] + np.arange(n)
-        x = csr.data[at].astype(np.float64)
-        edges = np.quantile(x, qs, axis=1).T
-        step = max(1, 2**22 // (n * len(qs)))  # bounds the memory of the comparison below
-        for block in range(0, len(rows), step):
-            sl = slice(block, block + step)
-            xb, eb = x[sl, :, None], edges[sl, None, :]
-            left[at[sl]] = (eb <= xb).sum(-1)
-            right[at[sl]] = (eb < xb).sum(-1)
-    return left, right
+        x = csr.data[csr.indptr[rows][:, None] + np.arange(n)].astype(np.float64)
+        edges[rows] = np.quantile(x, qs, axis=1).T
+    return edges
 
 
 def _rows(state: dict[str, Any], key: str, default: int | None) -> int | None:
