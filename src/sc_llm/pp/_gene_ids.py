@@ -198,7 +198,9 @@ def _to_symbol(name: str, ensembl_id: str, table: GeneTable) -> tuple[str | None
     return symbol, "exact" if name.upper() == ensembl_id else "version", (symbol,)
 
 
-def _to_ensembl(name: str, ensembl_id: str | None, table: GeneTable) -> tuple[str | None, str, tuple[str, ...]]:
+def _to_ensembl(
+    name: str, ensembl_id: str | None, table: GeneTable
+) -> tuple[str | None, str, tuple[str, ...]]:
     if ensembl_id is not None:  # an unnamed gene listed under its own ID
         return ensembl_id, "exact" if name.upper() == ensembl_id else "version", (ensembl_id,)
     upper = name.upper()
@@ -282,7 +284,9 @@ def map_gene_ids(
         raise KeyError(f"Column {column!r} not found in adata.var; available: {list(adata.var.columns)}.")
     names = adata.var_names if column is None else adata.var[column]
     if pd.isna(names).any():
-        raise ValueError(f"var[{column!r}] has {int(pd.isna(names).sum())} missing names; fill or drop them first.")
+        raise ValueError(
+            f"var[{column!r}] has {int(pd.isna(names).sum())} missing names; fill or drop them first."
+        )
     conv = convert_gene_ids(names, to, species)
     where = "var_names" if column is None else f"var[{column!r}]"
     _check_overlap(conv, where)
@@ -296,7 +300,12 @@ def map_gene_ids(
     adata.var[f"{key_added}_match"] = pd.Categorical(conv.status, categories=list(STATUSES))
     warn_overwrite(adata.uns, key_added, "adata.uns")
     adata.uns[key_added] = {
-        "params": {"to": to, "species": species, "column": column or "var_names", "set_var_names": set_var_names},
+        "params": {
+            "to": to,
+            "species": species,
+            "column": column or "var_names",
+            "set_var_names": set_var_names,
+        },
         "table": dict(_table_summary(species)),
         "counts": counts,
         "n_matched": int(conv.matched.sum()),
@@ -338,7 +347,9 @@ def _warn_case(conv: Conversion) -> None:
 
 
 def _set_var_names(adata: AnnData, conv: Conversion, key_added: str) -> None:
-    new = pd.Index(np.where(conv.matched, conv.converted, np.asarray(adata.var_names, dtype=object)).astype(str))
+    new = pd.Index(
+        np.where(conv.matched, conv.converted, np.asarray(adata.var_names, dtype=object)).astype(str)
+    )
     dup = new[new.duplicated()].unique()
     if len(dup):
         raise ValueError(
@@ -354,5 +365,7 @@ def _table_summary(species: str) -> dict:
     src = load_gene_table(species).source
     versions = {"gencode": src["sources"]["gencode"]["releases"][species]}
     if species == "human":
-        versions["ncbi"] = f"org.Hs.eg.db 3.16.0 (NCBI Gene {src['sources']['org.Hs.eg.db']['ncbi_gene_date']})"
+        versions["ncbi"] = (
+            f"org.Hs.eg.db 3.16.0 (NCBI Gene {src['sources']['org.Hs.eg.db']['ncbi_gene_date']})"
+        )
     return {"species": species, **versions, "file": src["tables"]["file"]}

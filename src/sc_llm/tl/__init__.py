@@ -10,6 +10,7 @@ from ._embed_text import embed_text
 from ._fusion import fuse_predict, fuse_train
 from ._knn import knn_annotate
 from ._llm import ChatClient, MarkerMatching, llm_annotate, llm_marker_matching
+from ._map_labels import map_labels
 from ._markers import marker_overlap, marker_similarity, read_markers
 from ._metrics import classification_metrics, cluster_metrics
 from ._mlp import mlp_annotate
@@ -20,6 +21,7 @@ __all__ += ["embed_geneformer", "embed_scgpt"]
 __all__ += ["embed_text_genes"]
 __all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
 __all__ += ["from_mudata", "to_mudata"]
+__all__ += ["map_labels"]
 __all__ += ["ablate", "ablation_study", "attribute", "marker_overlap", "marker_similarity", "read_markers"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
