@@ -111,3 +111,28 @@ def test_classification_metrics_by_hand():
     assert m["accuracy"] == 0.5
     # precision: a 1/1, b 1/3, c 0 → 4/9; recall: a 1/2, b 1, c 0 → 1/2
     assert m["precision"] == pytest.approx(4 / 9) and m["recall"] == pytest.approx(0.5)
+
+
+def test_one_training_cell_raises_clearly_and_two_work():
+    X = np.array([[1, 0], [1, 0.01], [0, 1]], dtype=np.float32)
+    obs = pd.DataFrame({"y": ["a", "b", "a"], "split": ["train", "test", "test"]}, index=list("xyz"))
+    a = ad.AnnData(obs=obs, obsm={"X": X})
+    with pytest.raises(ValueError, match="at least 2 labelled training cells, found 1 \\('x'\\)"):
+        scl.tl.knn_annotate(a, "X", "y")
+    assert "knn" not in a.obs
+    a.obs["split"] = ["train", "train", "test"]
+    with pytest.warns(UserWarning, match="Only 2 training cells for k=10; using k=1"):
+        scl.tl.knn_annotate(a, "X", "y")
+    assert list(a.obs["knn"]) == ["b", "a", "b"]  # training cells get the other one's vote; z is nearer y
+
+
+def test_unseen_test_labels_warn_like_the_trained_heads():
+    X = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1], [1, 0.05]], dtype=np.float32)
+    obs = pd.DataFrame(
+        {"y": ["a", "a", "b", "b", "c"], "split": ["train", "train", "train", "test", "test"]}, index=list("vwxyz")
+    )
+    a = ad.AnnData(obs=obs, obsm={"X": X})
+    with pytest.warns(UserWarning, match="1 held-out cells carry labels absent from training \\('c'\\)"):
+        scl.tl.knn_annotate(a, "X", "y", k=1)
+    assert a.uns["knn"]["unseen_labels"] == ["c"]
+    assert a.uns["knn"]["metrics"]["accuracy"] == 0.5
