@@ -195,14 +195,14 @@ def _to_symbol(name: str, ensembl_id: str, table: GeneTable) -> tuple[str | None
         return None, "unmatched", ()
     if symbol == "":
         return None, "no_symbol", ()
-    return symbol, "exact" if name.upper() == ensembl_id else "version", (symbol,)
+    return symbol, "exact" if name == ensembl_id else "version", (symbol,)
 
 
 def _to_ensembl(
     name: str, ensembl_id: str | None, table: GeneTable
 ) -> tuple[str | None, str, tuple[str, ...]]:
     if ensembl_id is not None:  # an unnamed gene listed under its own ID
-        return ensembl_id, "exact" if name.upper() == ensembl_id else "version", (ensembl_id,)
+        return ensembl_id, "exact" if name == ensembl_id else "version", (ensembl_id,)
     upper = name.upper()
     for status, found in (
         ("exact", table.by_symbol.get(name)),
@@ -240,7 +240,7 @@ def map_gene_ids(
     in ``uns``. Unnamed genes listed under their own Ensembl ID (GENCODE / CELLxGENE style) keep it.
 
     Ensembl IDs → symbols: version suffixes (``ENSG00000141510.18``), ``_PAR_Y`` and case are
-    ignored (``"version"`` when anything was stripped); IDs missing from GENCODE 48 fall back to
+    ignored (``"version"`` when the name had to be normalized); IDs missing from GENCODE 48 fall back to
     NCBI's link (``"ncbi"``); genes without a name are ``"no_symbol"``.
 
     Parameters
