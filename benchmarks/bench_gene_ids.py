@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +51,9 @@ def round_trip(name: str, symbols: np.ndarray) -> None:
     counts = {k: v for k, v in fwd.counts().items() if v}
     print(f"\n== {name}: {len(symbols)} distinct symbols, converted both ways in {secs:.1f} s")
     print(f"matched {fwd.matched.sum()} ({fwd.matched.mean():.1%}); by kind: {counts}")
-    print(f"round trip returns the original symbol: {same.mean():.2%} of matched, {same[exact].mean():.2%} of exact matches")
+    print(
+        f"round trip returns the original symbol: {same.mean():.2%} of matched, {same[exact].mean():.2%} of exact matches"
+    )
     changed = [(s, b) for s, b in zip(symbols[fwd.matched][~same], back.converted[~same], strict=True)][:8]
     print(f"examples of renamed symbols: {changed}")
 

@@ -32,11 +32,15 @@ def test_pbmc_round_trip_returns_the_original_symbols(pbmc):
     # Outdated symbols come back as today's names, never as something unrelated.
     renamed = dict(zip(orig[~exact], got[~exact], strict=True))
     assert renamed["IGJ"] == "JCHAIN" and renamed["SEPT7"] == "SEPTIN7"
-    assert (pbmc.X != X_before).nnz == 0 and list(pbmc.var_names[:3]) == list(scl.datasets.pbmc68k().var_names[:3])
+    assert (pbmc.X != X_before).nnz == 0 and list(pbmc.var_names[:3]) == list(
+        scl.datasets.pbmc68k().var_names[:3]
+    )
 
 
 def test_versions_case_previous_symbols_and_unnamed_genes():
-    a = with_vars(["ENSG00000141510.18", "ensg00000141510", "ENSG00000141510", "ENSG00000083622", "ENSG00000999999"])
+    a = with_vars(
+        ["ENSG00000141510.18", "ensg00000141510", "ENSG00000141510", "ENSG00000083622", "ENSG00000999999"]
+    )
     with pytest.warns(UserWarning, match="1 symbol identifiers are reached from several genes"):
         scl.pp.map_gene_ids(a, "symbol")
     assert list(a.var["gene_symbol"].iloc[:3]) == ["TP53"] * 3
@@ -45,7 +49,12 @@ def test_versions_case_previous_symbols_and_unnamed_genes():
     b = with_vars(["TP53", "tp53", "SEPT7", "ENSG00000083622", "NOTAGENE1"], column="sym")
     with pytest.warns(UserWarning, match="reached from several genes"):
         scl.pp.map_gene_ids(b, "ensembl", column="sym", key_added="ens")
-    assert list(b.var["ens"].iloc[:4]) == ["ENSG00000141510", "ENSG00000141510", "ENSG00000122545", "ENSG00000083622"]
+    assert list(b.var["ens"].iloc[:4]) == [
+        "ENSG00000141510",
+        "ENSG00000141510",
+        "ENSG00000122545",
+        "ENSG00000083622",
+    ]
     assert list(b.var["ens_match"]) == ["exact", "case", "alias", "exact", "unmatched"]
     many = b.uns["ens"]["many_to_one"]
     assert many.loc[0, "target"] == "ENSG00000141510" and many.loc[0, "names"] == "TP53; tp53"
@@ -55,7 +64,10 @@ def test_versions_case_previous_symbols_and_unnamed_genes():
 def test_one_to_many_is_reported_not_guessed():
     a = with_vars(["C7orf55", "CD3E"])
     scl.pp.map_gene_ids(a, "ensembl")
-    assert pd.isna(a.var.loc["C7orf55", "ensembl_id"]) and a.var.loc["C7orf55", "ensembl_id_match"] == "ambiguous"
+    assert (
+        pd.isna(a.var.loc["C7orf55", "ensembl_id"])
+        and a.var.loc["C7orf55", "ensembl_id_match"] == "ambiguous"
+    )
     amb = a.uns["ensembl_id"]["ambiguous"]
     assert list(amb["name"]) == ["C7orf55"] and amb.loc[0, "n_candidates"] == 2
     assert set(amb.loc[0, "candidates"].split("; ")) == {"ENSG00000164898", "ENSG00000269955"}
@@ -68,13 +80,20 @@ def test_mouse_and_wrong_species():
     with pytest.raises(ValueError, match="not human gene IDs.*species='mouse'"):
         scl.pp.map_gene_ids(with_vars(["ENSMUSG00000032093.3"]), "symbol")
     with pytest.warns(UserWarning, match="found only by ignoring case"):
-        scl.pp.map_gene_ids(with_vars(["Cd3e", "Cd8a", "Ptprc", "Ms4a1", "Lyz2", "Nkg7", "Gzma", "Cd4", "Foxp3", "Il7r", "Ccr7"]), "ensembl")
+        scl.pp.map_gene_ids(
+            with_vars(
+                ["Cd3e", "Cd8a", "Ptprc", "Ms4a1", "Lyz2", "Nkg7", "Gzma", "Cd4", "Foxp3", "Il7r", "Ccr7"]
+            ),
+            "ensembl",
+        )
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="Mixed identifier types: 1 Ensembl IDs and 2 other names"):
         scl.pp.map_gene_ids(with_vars(["ENSG00000141510", "TP53", "CD3E"]), "symbol")
-    with pytest.raises(ValueError, match="Mixed identifier types: 1 Ensembl IDs of named genes among 2 symbols"):
+    with pytest.raises(
+        ValueError, match="Mixed identifier types: 1 Ensembl IDs of named genes among 2 symbols"
+    ):
         scl.pp.map_gene_ids(with_vars(["ENSG00000141510", "TP53", "CD3E"]), "ensembl")
     with pytest.raises(ValueError, match="Ensembl IDs already"):
         scl.pp.map_gene_ids(with_vars(["ENSG00000141510", "ENSG00000167286"]), "ensembl")

@@ -45,7 +45,9 @@ def test_matches_independent_reference(pbmc_embedded):
     a = pbmc_embedded
     scl.tl.knn_annotate(a, "X_text", "cell_type", k=10)
     train = (a.obs["split"] == "train").to_numpy()
-    ref = reference_knn(a.obsm["X_text"].astype(np.float64), a.obs["cell_type"].astype(str).to_numpy(), train, 10)
+    ref = reference_knn(
+        a.obsm["X_text"].astype(np.float64), a.obs["cell_type"].astype(str).to_numpy(), train, 10
+    )
     agree = (ref == a.obs["knn"].astype(str).to_numpy()).mean()
     assert agree > 0.995  # float32 vs float64 distances may reorder exact near-ties
 
@@ -129,7 +131,8 @@ def test_one_training_cell_raises_clearly_and_two_work():
 def test_unseen_test_labels_warn_like_the_trained_heads():
     X = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1], [1, 0.05]], dtype=np.float32)
     obs = pd.DataFrame(
-        {"y": ["a", "a", "b", "b", "c"], "split": ["train", "train", "train", "test", "test"]}, index=list("vwxyz")
+        {"y": ["a", "a", "b", "b", "c"], "split": ["train", "train", "train", "test", "test"]},
+        index=list("vwxyz"),
     )
     a = ad.AnnData(obs=obs, obsm={"X": X})
     with pytest.warns(UserWarning, match="1 held-out cells carry labels absent from training \\('c'\\)"):

@@ -11,7 +11,10 @@ import sc_llm as scl
 
 def halves(adata, held_out=None, seed=0):
     perm = np.random.default_rng(seed).permutation(adata.n_obs)
-    ref, query = adata[np.sort(perm[: adata.n_obs // 2])].copy(), adata[np.sort(perm[adata.n_obs // 2 :])].copy()
+    ref, query = (
+        adata[np.sort(perm[: adata.n_obs // 2])].copy(),
+        adata[np.sort(perm[adata.n_obs // 2 :])].copy(),
+    )
     if held_out is not None:
         ref = ref[ref.obs["cell_type"] != held_out].copy()
     return ref, query
@@ -58,7 +61,9 @@ def test_outputs_match_brute_force_and_knn_annotate_format(pbmc):
     ref, query = halves(pbmc)
     before = query.obsm["X_pca"].copy()
     scl.tl.map_labels(query, ref, "X_pca", "cell_type", min_confidence=None, k=7)
-    expected = brute_force_votes(query.obsm["X_pca"], ref.obsm["X_pca"], ref.obs["cell_type"].astype(str).to_numpy(), 7)
+    expected = brute_force_votes(
+        query.obsm["X_pca"], ref.obsm["X_pca"], ref.obs["cell_type"].astype(str).to_numpy(), 7
+    )
     assert (query.obs["mapped"].astype(str).to_numpy() == expected).mean() > 0.99
     np.testing.assert_array_equal(query.obsm["X_pca"], before)
     # Same columns as knn_annotate, read by llm_annotate.
@@ -68,7 +73,9 @@ def test_outputs_match_brute_force_and_knn_annotate_format(pbmc):
     fr = query.obs[["mapped_top1_frac", "mapped_top2_frac", "mapped_top3_frac"]].to_numpy()
     assert (np.diff(fr, axis=1) <= 0).all() and (fr.sum(1) <= 1 + 1e-6).all()
     assert np.allclose(fr * 7, np.round(fr * 7), atol=1e-5)
-    np.testing.assert_allclose(query.obs["mapped_confidence"], fr[:, 0], rtol=1e-6)  # no rejection: vote share
+    np.testing.assert_allclose(
+        query.obs["mapped_confidence"], fr[:, 0], rtol=1e-6
+    )  # no rejection: vote share
     # Same answer as knn_annotate on the concatenation with a split column.
     both = ad.concat({"train": ref, "test": query}, label="split", index_unique="-")
     scl.tl.knn_annotate(both, "X_pca", "cell_type", k=7)
@@ -86,7 +93,9 @@ def test_float_threshold_and_far_away_cluster():
     q_X = np.concatenate([centres[i] + rng.normal(0, 0.3, (20, 6)) for i in range(3)]).astype(np.float32)
     ref = ad.AnnData(obs=pd.DataFrame({"y": ["a"] * 40 + ["b"] * 40}, index=[f"r{i}" for i in range(80)]))
     ref.obsm["E"] = ref_X
-    query = ad.AnnData(obs=pd.DataFrame({"y": ["a"] * 20 + ["b"] * 20 + ["c"] * 20}, index=[f"q{i}" for i in range(60)]))
+    query = ad.AnnData(
+        obs=pd.DataFrame({"y": ["a"] * 20 + ["b"] * 20 + ["c"] * 20}, index=[f"q{i}" for i in range(60)])
+    )
     query.obsm["E"] = q_X
     scl.tl.map_labels(query, ref, "E", "y", metric="euclidean")
     called = query.obs["mapped"].astype(str).to_numpy()
@@ -105,7 +114,9 @@ def test_float_threshold_and_far_away_cluster():
 def test_query_without_labels_and_reference_label_gaps(pbmc):
     ref, query = halves(pbmc)
     ref.obs["cell_type"] = ref.obs["cell_type"].astype(object)
-    ref.obs.iloc[:10, ref.obs.columns.get_loc("cell_type")] = np.nan  # unlabelled reference cells are not used
+    ref.obs.iloc[:10, ref.obs.columns.get_loc("cell_type")] = (
+        np.nan
+    )  # unlabelled reference cells are not used
     del query.obs["cell_type"]
     scl.tl.map_labels(query, ref, "X_pca", "cell_type")
     assert query.uns["mapped"]["metrics"] == {} and query.uns["mapped"]["n_reference"] == ref.n_obs - 10
