@@ -5,7 +5,7 @@ from scipy import sparse
 
 import sc_llm as scl
 from sc_llm.pp._gene_ids import convert_gene_ids
-from sc_llm.tl._coverage import coverage_summary, warn_low_coverage
+from sc_llm.tl._coverage import CoverageCounter, coverage_summary, warn_low_coverage
 
 
 def dense_reference(X, matched):
@@ -24,6 +24,10 @@ def test_coverage_summary_matches_dense_computation(pbmc):
     assert s["cell_fraction_counts_covered"]["median"] == pytest.approx(med)
     assert s["n_genes_matched"] == matched.sum() and s["n_genes"] == pbmc.n_vars
     assert s["n_expressed_genes"] == int((np.asarray(pbmc.X.sum(0)).ravel() > 0).sum())
+    counter = CoverageCounter(matched, pbmc.n_obs)
+    for start in (600, 0, 300):  # chunks in any order, as an engine's workers finish them
+        counter.add(start, pbmc.X[start : start + 300])
+    assert counter.summary() == s
     with pytest.raises(ValueError, match="one flag per gene"):
         coverage_summary(pbmc.X, matched[:-1])
     with pytest.warns(

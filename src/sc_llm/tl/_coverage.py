@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import gene_names, get_matrix, iter_row_chunks
+from .._utils import as_csr, gene_names, get_matrix, iter_row_chunks
 from ..pp._gene_ids import convert_gene_ids, id_kind
 
 LOW_COVERAGE = 0.5
@@ -64,6 +64,48 @@ def to_model_ids(
     }
 
 
+class CoverageCounter:
+    """Accumulates coverage over row chunks, for engines that already iterate over chunks.
+
+    ``counter = CoverageCounter(matched, n_cells)``; ``counter.add(start, csr_chunk)`` per chunk
+    (any order); ``counter.summary()`` gives the dict of :func:`coverage_summary`.
+    """
+
+    def __init__(self, matched: np.ndarray, n_cells: int):
+        self.matched = np.asarray(matched, dtype=bool)
+        self.gene_totals = np.zeros(self.matched.size)
+        self.per_cell = np.zeros(n_cells)
+
+    def add(self, start: int, chunk) -> None:
+        chunk = abs(as_csr(chunk))  # abs() keeps a log or scaled layer from cancelling out
+        if chunk.shape[1] != self.matched.size:
+            raise ValueError(f"chunk has {chunk.shape[1]} genes, expected {self.matched.size}.")
+        self.gene_totals += np.asarray(chunk.sum(axis=0)).ravel()
+        totals = np.asarray(chunk.sum(axis=1)).ravel()
+        covered = np.asarray(chunk[:, self.matched].sum(axis=1)).ravel()
+        share = np.divide(covered, totals, out=np.zeros_like(covered), where=totals > 0)
+        self.per_cell[start : start + chunk.shape[0]] = share
+
+    def summary(self) -> dict[str, Any]:
+        matched, per_cell, gene_totals = self.matched, self.per_cell, self.gene_totals
+        total = gene_totals.sum()
+        expressed = gene_totals > 0
+        return {
+            "n_genes": int(matched.size),
+            "n_genes_matched": int(matched.sum()),
+            "fraction_genes_matched": float(matched.mean()) if matched.size else 0.0,
+            "n_expressed_genes": int(expressed.sum()),
+            "n_expressed_genes_matched": int((expressed & matched).sum()),
+            "fraction_counts_covered": float(gene_totals[matched].sum() / total) if total > 0 else 0.0,
+            "cell_fraction_counts_covered": {
+                "min": float(per_cell.min()) if per_cell.size else 0.0,
+                "median": float(np.median(per_cell)) if per_cell.size else 0.0,
+                "mean": float(per_cell.mean()) if per_cell.size else 0.0,
+            },
+            "n_cells_without_matched_genes": int((per_cell == 0).sum()),
+        }
+
+
 def coverage_summary(X, matched: np.ndarray, chunk_size: int = _CHUNK) -> dict[str, Any]:
     """Genes matched and the share of expressed counts they hold, over a whole matrix (read in row chunks).
 
@@ -73,6 +115,8 @@ def coverage_summary(X, matched: np.ndarray, chunk_size: int = _CHUNK) -> dict[s
         Cells × genes counts (dense, sparse, backed or dask; never densified whole).
     matched
         Boolean mask over genes: those the model can read.
+    chunk_size
+        Rows read at a time.
 
     Returns
     -------
@@ -84,30 +128,10 @@ def coverage_summary(X, matched: np.ndarray, chunk_size: int = _CHUNK) -> dict[s
     matched = np.asarray(matched, dtype=bool)
     if matched.shape != (X.shape[1],):
         raise ValueError(f"matched has shape {matched.shape}, expected ({X.shape[1]},) (one flag per gene).")
-    gene_totals = np.zeros(X.shape[1])
-    per_cell = np.empty(X.shape[0])
-    for start, stop, chunk in iter_row_chunks(X, chunk_size):
-        chunk = abs(chunk)  # counts; abs() keeps a log or scaled layer from cancelling out
-        gene_totals += np.asarray(chunk.sum(axis=0)).ravel()
-        totals = np.asarray(chunk.sum(axis=1)).ravel()
-        covered = np.asarray(chunk[:, matched].sum(axis=1)).ravel()
-        per_cell[start:stop] = np.divide(covered, totals, out=np.zeros_like(covered), where=totals > 0)
-    total = gene_totals.sum()
-    expressed = gene_totals > 0
-    return {
-        "n_genes": int(X.shape[1]),
-        "n_genes_matched": int(matched.sum()),
-        "fraction_genes_matched": float(matched.mean()) if matched.size else 0.0,
-        "n_expressed_genes": int(expressed.sum()),
-        "n_expressed_genes_matched": int((expressed & matched).sum()),
-        "fraction_counts_covered": float(gene_totals[matched].sum() / total) if total > 0 else 0.0,
-        "cell_fraction_counts_covered": {
-            "min": float(per_cell.min()) if per_cell.size else 0.0,
-            "median": float(np.median(per_cell)) if per_cell.size else 0.0,
-            "mean": float(per_cell.mean()) if per_cell.size else 0.0,
-        },
-        "n_cells_without_matched_genes": int((per_cell == 0).sum()),
-    }
+    counter = CoverageCounter(matched, X.shape[0])
+    for start, _, chunk in iter_row_chunks(X, chunk_size):
+        counter.add(start, chunk)
+    return counter.summary()
 
 
 def warn_low_coverage(
