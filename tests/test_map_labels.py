@@ -160,6 +160,10 @@ def test_refuses_mismatched_embeddings(pbmc):
     query.uns["X_pca"]["prefix"] = ""
     with pytest.raises(ValueError, match="different settings.*prefix"):
         scl.tl.map_labels(query, ref, "X_pca", "cell_type")
+    query.uns["X_pca"] = {"model": {"name": "enc", "dim": 50, "weights_sha256": "aaaa"}, "mode": "gene"}
+    ref.uns["X_pca"] = {"model": {"name": "enc", "dim": 50, "weights_sha256": "aaaa"}}
+    with pytest.raises(ValueError, match="mode 'gene' vs 'sentence'"):
+        scl.tl.map_labels(query, ref, "X_pca", "cell_type")
     query.uns["X_pca"] = {"model": {"name": "other-model", "dim": 50}}
     ref.uns["X_pca"] = {"model": {"name": "enc", "dim": 50}}
     with pytest.raises(ValueError, match="different encoders"):

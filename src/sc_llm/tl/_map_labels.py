@@ -35,7 +35,9 @@ CONFIDENCE_RULE = (
     "neighbours is at least the cell's"
 )
 # Settings of uns[use_rep] that change the embedding besides the model itself.
-_EMBED_SETTINGS = ("prefix", "normalize", "max_length", "emb_layer", "emb_mode", "special_tokens", "n_genes")
+_EMBED_SETTINGS = (
+    "mode", "weighting", "prefix", "normalize", "max_length", "emb_layer", "emb_mode", "special_tokens", "n_genes",
+)  # fmt: skip
 
 
 def map_labels(
@@ -59,7 +61,8 @@ def map_labels(
     (the model identity in ``uns[use_rep]["model"]`` is compared when both record it).
 
     Each query cell gets the majority label of its ``k`` nearest reference cells (ties: {tie_rule})
-    and a confidence in [0, 1]: {confidence_rule}. Cells below ``min_confidence`` are ``"unknown"``;
+    and a confidence in [0, 1]: {confidence_rule} (with ``min_confidence=None`` no reference profile
+    is fitted and the confidence is the top vote fraction). Cells below ``min_confidence`` are ``"unknown"``;
     their candidates stay in the ``_top{{i}}`` columns, so :func:`sc_llm.tl.llm_annotate`
     (``candidates_key=key_added``) can re-rank them.
 
@@ -182,6 +185,8 @@ def check_same_embedding(
             f"obsm[{use_rep!r}] comes from different encoders: query {q_model}, reference {r_model} "
             f"(uns[{use_rep!r}]['model']). Embed the query with the reference's model."
         )
+    # embed_text records no "mode"; embed_text_genes records "gene" (same model, another embedding).
+    q_info, r_info = ({"mode": "sentence", **info} for info in (q_info, r_info))
     differ = [s for s in _EMBED_SETTINGS if s in q_info and s in r_info and str(q_info[s]) != str(r_info[s])]
     if differ:
         raise ValueError(
