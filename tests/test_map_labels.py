@@ -203,3 +203,13 @@ def test_small_reference_caps_k_and_approx_index(pbmc):
     scl.tl.map_labels(query, ref, "X_pca", "cell_type", min_confidence=None, key_added="exact")
     assert query.uns["approx"]["index"].startswith("pynndescent")
     assert (query.obs["approx"] == query.obs["exact"]).mean() > 0.95
+
+
+def test_copy_leaves_the_query_alone(pbmc):
+    ref, query = halves(pbmc)
+    out = scl.tl.map_labels(query, ref, "X_pca", "cell_type", copy=True)
+    assert "mapped" not in query.obs and "mapped" not in query.uns
+    assert (
+        out.n_obs == query.n_obs and "mapped" in out.obs and out.uns["mapped"]["params"]["use_rep"] == "X_pca"
+    )
+    assert "mapped" not in ref.obs and "mapped" not in ref.uns  # the reference is only read
