@@ -43,7 +43,7 @@ def test_held_out_b_cells_become_unknown_on_pbmc(pbmc):
     assert m["novel_labels"] == ["CD19+ B"]
     b = (query.obs["cell_type"] == "CD19+ B").to_numpy()
     assert m["novel"]["n_cells"] == b.sum()
-    # Measured: 0.97 (0.03) of held-out B cells unknown; known accuracy 3.1 (1.1) points lower (bench_map_labels.py).
+    # Measured: 0.93 (0.07) of held-out B cells unknown; known accuracy 2.5 (1.0) points lower (bench_map_labels.py).
     assert (query.obs.loc[b, "mapped"] == "unknown").mean() == pytest.approx(m["novel"]["rejected"])
     assert m["novel"]["rejected"] >= 0.8
     assert m0["known"]["accuracy"] - m["known"]["accuracy"] <= 0.06
@@ -54,7 +54,7 @@ def test_held_out_b_cells_become_unknown_on_pbmc(pbmc):
     assert ((conf >= 0) & (conf <= 1)).all()
     assert (conf[unknown] < query.uns["mapped"]["threshold"]).all()
     assert (conf[~unknown] >= query.uns["mapped"]["threshold"]).all()
-    assert query.uns["mapped"]["threshold_rule"].startswith("auto: the 0.01 quantile")
+    assert query.uns["mapped"]["threshold_rule"].startswith("auto: the 0.03 quantile")
 
 
 def test_outputs_match_brute_force_and_knn_annotate_format(pbmc):

@@ -24,15 +24,15 @@ from ._metrics import classification_metrics, get_rep
 logger = logging.getLogger("sc_llm")
 
 UNKNOWN = "unknown"
-AUTO_QUANTILE = 0.01
+AUTO_QUANTILE = 0.03
 AUTO_RULE = (
     "the {q:g} quantile of the leave-one-out confidences of the reference cells that leave-one-out "
     "classification labels correctly (so about {pct:g} % of such known cells would be rejected)"
 )
 CONFIDENCE_RULE = (
-    "top vote fraction × typicality; typicality = min(1, 2p), p = share of the predicted label's "
-    "reference cells (leave-one-out, correctly classified) whose mean distance to their same-label "
-    "neighbours is at least the cell's"
+    "top vote fraction × typicality; typicality = min(1, 2p), p = the conformal share (1 + m) / (n + 1) "
+    "of the predicted label's n reference cells (leave-one-out, correctly classified) of which m lie "
+    "at least as far from their same-label neighbours (mean distance) as the cell"
 )
 # Settings of uns[use_rep] that change the embedding besides the model itself.
 _EMBED_SETTINGS = (
@@ -254,15 +254,20 @@ class _ReferenceProfile:
         # A label with fewer than 3 correctly classified cells borrows the pooled distribution.
         dists = [np.sort(d[correct & (codes == c)]) for c in range(n_classes)]
         profile = cls([x if x.size >= 3 else pooled for x in dists], np.empty(0), correct)
-        profile.loo_confidence = profile.confidence(ranked, fractions, idx, dist, codes)
+        profile.loo_confidence = profile.confidence(ranked, fractions, idx, dist, codes, in_profile=correct)
         return profile
 
-    def confidence(self, ranked, fractions, idx, dist, codes) -> np.ndarray:
+    def confidence(self, ranked, fractions, idx, dist, codes, in_profile=None) -> np.ndarray:
+        """``in_profile``: cells whose own distance is among the label's (reference cells, leave-one-out)."""
         d = _same_label_distance(ranked, idx, dist, codes)
+        inside = np.zeros(d.size, dtype=bool) if in_profile is None else in_profile
         p = np.empty(d.size)
         for c, ref in enumerate(self.sorted_dists):
             m = ranked[:, 0] == c
-            p[m] = 1 - np.searchsorted(ref, d[m], side="left") / ref.size
+            at_least = ref.size - np.searchsorted(ref, d[m], side="left")
+            # Conformal p-value: a new cell counts itself among the n + 1, so p is never 0 and small
+            # labels (few reference cells) cannot reject on distance alone.
+            p[m] = np.where(inside[m], at_least / ref.size, (at_least + 1) / (ref.size + 1))
         return fractions[:, 0] * np.minimum(1.0, 2 * p)
 
 
