@@ -45,7 +45,9 @@ def test_matches_independent_reference(pbmc_embedded):
     a = pbmc_embedded
     scl.tl.knn_annotate(a, "X_text", "cell_type", k=10)
     train = (a.obs["split"] == "train").to_numpy()
-    ref = reference_knn(a.obsm["X_text"].astype(np.float64), a.obs["cell_type"].astype(str).to_numpy(), train, 10)
+    ref = reference_knn(
+        a.obsm["X_text"].astype(np.float64), a.obs["cell_type"].astype(str).to_numpy(), train, 10
+    )
     agree = (ref == a.obs["knn"].astype(str).to_numpy()).mean()
     assert agree > 0.995  # float32 vs float64 distances may reorder exact near-ties
 
@@ -111,3 +113,29 @@ def test_classification_metrics_by_hand():
     assert m["accuracy"] == 0.5
     # precision: a 1/1, b 1/3, c 0 → 4/9; recall: a 1/2, b 1, c 0 → 1/2
     assert m["precision"] == pytest.approx(4 / 9) and m["recall"] == pytest.approx(0.5)
+
+
+def test_one_training_cell_raises_clearly_and_two_work():
+    X = np.array([[1, 0], [1, 0.01], [0, 1]], dtype=np.float32)
+    obs = pd.DataFrame({"y": ["a", "b", "a"], "split": ["train", "test", "test"]}, index=list("xyz"))
+    a = ad.AnnData(obs=obs, obsm={"X": X})
+    with pytest.raises(ValueError, match="at least 2 labelled training cells, found 1 \\('x'\\)"):
+        scl.tl.knn_annotate(a, "X", "y")
+    assert "knn" not in a.obs
+    a.obs["split"] = ["train", "train", "test"]
+    with pytest.warns(UserWarning, match="Only 2 training cells for k=10; using k=1"):
+        scl.tl.knn_annotate(a, "X", "y")
+    assert list(a.obs["knn"]) == ["b", "a", "b"]  # training cells get the other one's vote; z is nearer y
+
+
+def test_unseen_test_labels_warn_like_the_trained_heads():
+    X = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1], [1, 0.05]], dtype=np.float32)
+    obs = pd.DataFrame(
+        {"y": ["a", "a", "b", "b", "c"], "split": ["train", "train", "train", "test", "test"]},
+        index=list("vwxyz"),
+    )
+    a = ad.AnnData(obs=obs, obsm={"X": X})
+    with pytest.warns(UserWarning, match="1 held-out cells carry labels absent from training \\('c'\\)"):
+        scl.tl.knn_annotate(a, "X", "y", k=1)
+    assert a.uns["knn"]["unseen_labels"] == ["c"]
+    assert a.uns["knn"]["metrics"]["accuracy"] == 0.5

@@ -3,6 +3,7 @@
 from ._ablate import ablate, ablation_study
 from ._attribute import attribute
 from ._compare import compare_annotators
+from ._coverage import to_model_ids, vocab_coverage
 from ._embed_geneformer import embed_geneformer
 from ._embed_genes import embed_text_genes
 from ._embed_scgpt import embed_scgpt
@@ -10,6 +11,7 @@ from ._embed_text import embed_text
 from ._fusion import fuse_predict, fuse_train
 from ._knn import knn_annotate
 from ._llm import ChatClient, MarkerMatching, llm_annotate, llm_marker_matching
+from ._map_labels import map_labels
 from ._markers import marker_overlap, marker_similarity, read_markers
 from ._metrics import classification_metrics, cluster_metrics
 from ._mlp import mlp_annotate
@@ -20,6 +22,7 @@ __all__ += ["embed_geneformer", "embed_scgpt"]
 __all__ += ["embed_text_genes"]
 __all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
 __all__ += ["from_mudata", "to_mudata"]
+__all__ += ["map_labels", "to_model_ids", "vocab_coverage"]
 __all__ += ["ablate", "ablation_study", "attribute", "marker_overlap", "marker_similarity", "read_markers"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.

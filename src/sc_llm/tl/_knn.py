@@ -8,7 +8,7 @@ import numpy as np
 from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
-from .._utils import maybe_copy
+from .._utils import format_examples, maybe_copy
 from ._candidates import N_CANDIDATES, label_categories, write_candidates
 from ._metrics import classification_metrics, get_labels, get_rep, train_mask
 
@@ -71,8 +71,18 @@ def knn_annotate(
       label is never a vote);
     - ``obs[f"{key_added}_top{i}"]`` and ``obs[f"{key_added}_top{i}_frac"]`` for i = 1..3: the
       three most voted labels and their vote fractions (candidates for LLM re-ranking);
-    - ``uns[key_added]``: parameters, tie rule and ``"metrics"`` (accuracy, macro
-      precision/recall/F1, top-3 accuracy, cell count) on the labelled non-training cells.
+    - ``uns[key_added]``: parameters, tie rule, ``"metrics"`` (accuracy, macro
+      precision/recall/F1, top-3 accuracy, cell count) on the labelled non-training cells and
+      ``"unseen_labels"`` (held-out labels no training cell has: warned about, counted as errors).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 labelled training cells (a training cell never votes for itself).
+
+    See Also
+    --------
+    sc_llm.tl.map_labels : the same classifier from a separate labelled reference, with rejection.
 
     Notes
     -----
@@ -87,26 +97,43 @@ def knn_annotate(
     if not train.any():
         raise ValueError(f"No training cell has a label in obs[{labels_key!r}].")
     train_idx = np.flatnonzero(train)
+    if train_idx.size < 2:
+        # Training cells vote for the others, never for themselves: one cell leaves its own vote empty.
+        raise ValueError(
+            f"knn_annotate needs at least 2 labelled training cells, found {train_idx.size} "
+            f"({format_examples(adata.obs_names[train_idx])}); add training cells or use sc_llm.tl.map_labels "
+            "with a labelled reference."
+        )
     if train_idx.size <= k:
-        warnings.warn(f"Only {train_idx.size} training cells for k={k}; using k={train_idx.size - 1 or 1}.", stacklevel=2)
-        k = max(train_idx.size - 1, 1)
+        warnings.warn(
+            f"Only {train_idx.size} training cells for k={k}; using k={train_idx.size - 1}.", stacklevel=2
+        )
+        k = train_idx.size - 1
     classes, codes = np.unique(labels.iloc[train_idx].astype(str).to_numpy(), return_inverse=True)
     use_approx = bool(train_idx.size >= approx_threshold) if approx is None else bool(approx)
     neighbours = _neighbours(X, train_idx, k, metric, approx=use_approx, random_state=random_state)
-    ranked, fractions = _rank_votes(codes[neighbours], len(classes), k)
+    ranked, fractions = rank_votes(codes[neighbours], len(classes), k)
     write_candidates(adata, key_added, classes, ranked, fractions, label_categories(classes, labels))
     eval_mask = ~train & labels.notna().to_numpy()
-    metrics = {}
+    metrics, unseen = {}, []
     if eval_mask.any():
         y_true = labels[eval_mask].astype(str).to_numpy()
+        unseen = warn_unseen(y_true, classes)
         metrics = classification_metrics(y_true, classes[ranked[eval_mask, 0]])
         in_top = (classes[ranked[eval_mask, :N_CANDIDATES]] == y_true[:, None]) & (fractions[eval_mask] > 0)
         metrics["top3_accuracy"] = float(in_top.any(axis=1).mean())
     adata.uns[key_added] = {
-        "params": {"use_rep": use_rep, "labels_key": labels_key, "split_key": split_key, "k": k, "metric": metric},
+        "params": {
+            "use_rep": use_rep,
+            "labels_key": labels_key,
+            "split_key": split_key,
+            "k": k,
+            "metric": metric,
+        },
         "index": "pynndescent (approximate)" if use_approx else "exact",
         "tie_rule": TIE_RULE,
         "metrics": metrics,
+        "unseen_labels": unseen,
     }
     return adata if copy else None
 
@@ -114,40 +141,83 @@ def knn_annotate(
 knn_annotate.__doc__ = knn_annotate.__doc__.replace("{tie_rule}", TIE_RULE)
 
 
+def nearest_reference(
+    Xq: np.ndarray,
+    Xr: np.ndarray,
+    k: int,
+    metric: str,
+    *,
+    approx: bool = False,
+    random_state: int = 0,
+    self_pos: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest reference rows of each query row, nearest first, and their distances.
+
+    ``self_pos[i]`` is query row ``i``'s own position in ``Xr`` (``-1`` when it is not a reference
+    row): a cell never counts as its own neighbour (leave-one-out). Shared by ``knn_annotate``
+    (query and reference are one AnnData) and ``map_labels`` (two AnnData objects).
+    """
+    n = k + (self_pos is not None)
+    if n > Xr.shape[0]:
+        raise ValueError(f"{n} neighbours requested from {Xr.shape[0]} reference cells.")
+    if approx:
+        idx, dist = _approx_kneighbors(Xq, Xr, n, metric, random_state)
+    else:
+        nn = NearestNeighbors(n_neighbors=n, metric=metric, algorithm="brute").fit(Xr)
+        dist, idx = nn.kneighbors(Xq)
+    if self_pos is None:
+        return idx, dist
+    own = idx == np.asarray(self_pos)[:, None]
+    # Drop the cell itself when it is a reference cell; otherwise drop the (k+1)-th neighbour.
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones_like(idx, dtype=bool)
+    keep[np.arange(idx.shape[0]), drop] = False
+    return idx[keep].reshape(idx.shape[0], k), dist[keep].reshape(idx.shape[0], k)
+
+
 def _neighbours(
     X: np.ndarray, train_idx: np.ndarray, k: int, metric: str, *, approx: bool = False, random_state: int = 0
 ) -> np.ndarray:
     """Positions (into ``train_idx``) of each cell's k nearest training cells, nearest first; no self votes."""
-    if approx:
-        idx = _approx_kneighbors(X, train_idx, k + 1, metric, random_state)
-    else:
-        nn = NearestNeighbors(n_neighbors=k + 1, metric=metric, algorithm="brute").fit(X[train_idx])
-        _, idx = nn.kneighbors(X)
-    is_train = np.zeros(X.shape[0], dtype=bool)
-    is_train[train_idx] = True
     pos_of = np.full(X.shape[0], -1)
     pos_of[train_idx] = np.arange(train_idx.size)
-    own = idx == pos_of[:, None]
-    # Drop the cell itself when it is a training cell; otherwise drop the (k+1)-th neighbour.
-    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
-    keep = np.ones_like(idx, dtype=bool)
-    keep[np.arange(idx.shape[0]), drop] = False
-    return idx[keep].reshape(idx.shape[0], k)
+    idx, _ = nearest_reference(
+        X, X[train_idx], k, metric, approx=approx, random_state=random_state, self_pos=pos_of
+    )
+    return idx
 
 
-def _approx_kneighbors(X: np.ndarray, train_idx: np.ndarray, n: int, metric: str, random_state: int) -> np.ndarray:
+def _approx_kneighbors(
+    Xq: np.ndarray, Xr: np.ndarray, n: int, metric: str, random_state: int
+) -> tuple[np.ndarray, np.ndarray]:
     try:
         from pynndescent import NNDescent
     except ImportError as e:  # pragma: no cover - pynndescent comes with scanpy
         raise ImportError("approx=True needs pynndescent: pip install pynndescent") from e
-    data = np.ascontiguousarray(X[train_idx], dtype=np.float32)
+    data = np.ascontiguousarray(Xr, dtype=np.float32)
     # A graph degree of at least 30 keeps recall high for k = 10 (pynndescent's default).
-    index = NNDescent(data, metric=metric, n_neighbors=max(30, n), random_state=random_state)
-    idx, _ = index.query(np.ascontiguousarray(X, dtype=np.float32), k=n)
-    return idx
+    index = NNDescent(
+        data, metric=metric, n_neighbors=min(max(30, n), len(data) - 1), random_state=random_state
+    )
+    idx, dist = index.query(np.ascontiguousarray(Xq, dtype=np.float32), k=n)
+    return idx, dist.astype(np.float64)
 
 
-def _rank_votes(votes: np.ndarray, n_classes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def warn_unseen(y_true: np.ndarray, classes, stacklevel: int = 3) -> list[str]:
+    """Warn (as mlp_annotate and fuse_train do) about held-out labels that no training cell has."""
+    unseen = sorted(set(y_true) - set(map(str, classes)))
+    if unseen:
+        n_unseen = int(np.isin(y_true, unseen).sum())
+        warnings.warn(
+            f"{n_unseen} held-out cells carry labels absent from training ({format_examples(unseen)}); "
+            "they count as errors in the metrics.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return unseen
+
+
+def rank_votes(votes: np.ndarray, n_classes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Classes ordered by votes (ties: nearest first occurrence) and the matching vote fractions."""
     n = votes.shape[0]
     rows = np.repeat(np.arange(n), votes.shape[1])
