@@ -149,10 +149,11 @@ def test_reduced_precision_agrees(cells, tmp_path):
 
 
 # -- errors ---------------------------------------------------------------------------------------
-def test_symbols_instead_of_ensembl_ids(cells, tmp_path):
-    paths = _write(tmp_path, cells)
-    with pytest.raises(ValueError, match=r"var_names.*Ensembl"):
+def test_symbols_that_do_not_reach_the_dictionary_warn_with_the_fix(cells, tmp_path):
+    paths = _write(tmp_path, cells)  # made-up IDs: converted real symbols rarely hit them
+    with pytest.warns(UserWarning, match=r"not Ensembl IDs.*map_gene_ids\(adata, to='ensembl'\)"):
         _embed(cells, paths, ensembl_col=None)
+    assert cells.uns["X_geneformer"]["gene_ids"]["from"] == "symbol"
     with pytest.raises(KeyError, match="gene_ids"):
         _embed(cells, paths, ensembl_col="gene_ids")
 
@@ -239,3 +240,21 @@ def test_checkpoint_without_encoder_weights_is_rejected(cells, tmp_path):
     save_file({k: v for k, v in weights.items() if k not in dropped}, model_dir / "model.safetensors")
     with pytest.raises(ValueError, match=r"layer\.1\.output\.dense"):
         scl.tl.embed_geneformer(cells, model_dir, token_dictionary=tok, gene_median_dictionary=med)
+
+
+def test_symbols_are_converted_when_no_ensembl_column(pbmc, tmp_path):
+    from sc_llm.tl._coverage import to_model_ids
+
+    cells = pbmc[:N_CELLS].copy()
+    ids, _ = to_model_ids(cells.var_names, "ensembl")
+    known = [str(i) for i in ids if i is not None]
+    paths = write_geneformer(tmp_path / "gf", known[:600])
+    with_ids = cells[:, [i is not None for i in ids]].copy()
+    with_ids.var["ensembl_id"] = [str(i) for i in ids if i is not None]
+    _embed(with_ids, paths, precision="fp32")
+    _embed(cells, paths, precision="fp32")  # no ensembl_id column: var_names are symbols, converted
+    assert cells.uns["X_geneformer"]["gene_ids"]["converted"] is True
+    assert cells.uns["X_geneformer"]["ensembl_col"] == "var_names"
+    np.testing.assert_allclose(cells.obsm["X_geneformer"], with_ids.obsm["X_geneformer"], atol=1e-6)
+    cov = cells.uns["X_geneformer"]["coverage"]
+    assert cov["n_genes"] == cells.n_vars and 0 < cov["fraction_counts_covered"] < 1

@@ -255,3 +255,37 @@ def test_non_finite_values_are_refused_and_nan_does_not_hide_negatives(cells, mo
     assert cells.obs_names[0] in str(err.value)
     if -1.0 in values:
         assert "negative" in str(err.value) and "NaN" in str(err.value)
+
+
+def test_ensembl_ids_are_converted_and_coverage_recorded(cells, model_dir):
+    from sc_llm.tl._coverage import to_model_ids
+
+    scl.tl.embed_scgpt(cells, model_dir, precision="fp32", key_added="symbols")
+    info = cells.uns["symbols"]
+    assert info["gene_ids"]["converted"] is False
+    cov = info["coverage"]
+    X = cells.X.toarray()
+    matched = np.isin(cells.var_names, list(json.loads((model_dir / "vocab.json").read_text())))
+    assert cov["n_genes_matched"] == matched.sum()
+    assert cov["fraction_counts_covered"] == pytest.approx(X[:, matched].sum() / X.sum())
+    assert cov["cell_fraction_counts_covered"]["min"] == pytest.approx((X[:, matched].sum(1) / X.sum(1)).min())
+
+    ids, _ = to_model_ids(cells.var_names, "ensembl")
+    ok = np.array([i is not None for i in ids])
+    by_id = cells[:, ok].copy()
+    by_id.var_names = [str(i) for i in ids[ok]]
+    scl.tl.embed_scgpt(by_id, model_dir, precision="fp32")
+    assert by_id.uns["X_scgpt"]["gene_ids"]["converted"] is True
+    back, _ = to_model_ids(by_id.var_names, "symbol")  # what the function read after converting
+    ref = by_id.copy()
+    ref.var_names = [b if b is not None else f"none{i}" for i, b in enumerate(back)]
+    scl.tl.embed_scgpt(ref, model_dir, precision="fp32", key_added="ref")
+    np.testing.assert_array_equal(by_id.obsm["X_scgpt"], ref.obsm["ref"])
+
+
+def test_low_coverage_warns_before_compute_with_the_fix(cells, tmp_path, vocab_genes):
+    few = write_scgpt(tmp_path / "few", vocab_genes[:200])  # the vocabulary holds a quarter of the genes
+    with pytest.warns(UserWarning, match=r"map_gene_ids\(adata, to='symbol'\)") as record:
+        scl.tl.embed_scgpt(cells, few, precision="fp32")
+    assert len([w for w in record if "map_gene_ids" in str(w.message)]) == 1
+    assert cells.uns["X_scgpt"]["coverage"]["fraction_counts_covered"] < 0.5

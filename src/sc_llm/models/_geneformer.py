@@ -159,6 +159,8 @@ class GeneformerTokenizer:
         self.cols, self.collapse, self.token_ids, self.inv_median, self.genes = match_dictionaries(
             ids, tokens_of, medians, where
         )
+        self.matched = np.zeros(len(ids), dtype=bool)
+        self.matched[self.cols] = True
         self.wrap = (int(tokens_of["<cls>"]), int(tokens_of["<eos>"])) if special_tokens else None
         check_token_ids(np.concatenate((self.token_ids, self.wrap or ())), encoder.vocab_size)
         self.max_tokens = encoder.input_size
@@ -178,11 +180,14 @@ class GeneformerTokenizer:
             sparse.diags(scale) @ (counts[:, self.cols] @ self.collapse) @ sparse.diags(self.inv_median)
         )
         norm.eliminate_zeros()
-        n_genes = np.diff(norm.indptr)
+        from ..tl._coverage import cell_counts
+
+        per_cell = {"n_genes": np.diff(norm.indptr), **cell_counts(counts, self.matched)}
+        n_genes = per_cell["n_genes"]
         order, indptr = rank_csr_rows(norm, self.n_keep)
         genes = self.token_ids[order]
         if self.wrap is None:
-            return Tokens(genes, indptr, None, {"n_genes": n_genes})
+            return Tokens(genes, indptr, None, per_cell)
         n_cells = len(indptr) - 1
         ptr = indptr + 2 * np.arange(n_cells + 1)
         ids = np.full(ptr[-1], self.wrap[1], dtype=np.int64)
@@ -194,8 +199,8 @@ class GeneformerTokenizer:
         # A cell without genes gets no tokens at all, so the runner writes NaN for it, as for V1 models.
         empty = n_genes == 0
         if empty.any():
-            return _drop_cells(Tokens(ids, ptr, None, {"n_genes": n_genes}), empty)
-        return Tokens(ids, ptr, None, {"n_genes": n_genes})
+            return _drop_cells(Tokens(ids, ptr, None, per_cell), empty)
+        return Tokens(ids, ptr, None, per_cell)
 
 
 def _drop_cells(tokens: Tokens, empty: np.ndarray) -> Tokens:
@@ -208,6 +213,8 @@ def _drop_cells(tokens: Tokens, empty: np.ndarray) -> Tokens:
 
 def _normalized_id(g: str) -> str:
     """Ensembl ID without version suffix, upper case (``ensg00000167286.12`` → ``ENSG00000167286``)."""
+    if g is None:
+        return ""
     g = str(g).strip().upper()
     return g.split(".", 1)[0] if g.startswith("ENS") else g
 

@@ -326,11 +326,12 @@ class ScGPTEncoder:
 
     def tokenizer_for(
         self, gene_names: np.ndarray, *, max_length: int = 1200, random_state: int = 0, min_gene_fraction: float = 0.1,
-        where: str = "var_names",
+        where: str = "var_names", shown_names=None,
     ) -> ScGPTTokenizer:  # fmt: skip
-        """The host tokenizer for one call over an AnnData with these gene symbols."""
+        """The host tokenizer for one call over an AnnData with these gene symbols (``shown_names``: the
+        names as the user has them, for messages, when they were converted)."""
         return ScGPTTokenizer(self, gene_names, max_length=max_length, random_state=random_state,
-                              min_gene_fraction=min_gene_fraction, where=where)  # fmt: skip
+                              min_gene_fraction=min_gene_fraction, where=where, shown_names=shown_names)  # fmt: skip
 
 
 class ScGPTTokenizer:
@@ -346,11 +347,13 @@ class ScGPTTokenizer:
     """
 
     def __init__(self, encoder: ScGPTEncoder, gene_names: np.ndarray, *, max_length: int, random_state: int,
-                 min_gene_fraction: float, where: str):  # fmt: skip
+                 min_gene_fraction: float, where: str, shown_names=None):  # fmt: skip
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (<cls> and one gene), got {max_length}.")
-        self.cols, self.token_ids = match_vocab(gene_names, encoder.vocab, min_gene_fraction, where)
+        self.cols, self.token_ids = match_vocab(gene_names, encoder.vocab, min_gene_fraction, where, shown_names)
         self.gene_names = np.asarray(gene_names)[self.cols]
+        self.matched = np.zeros(len(gene_names), dtype=bool)
+        self.matched[self.cols] = True
         self.n_bins, self.cls_id, self.pad_value = encoder.n_bins, encoder.cls_id, float(encoder.pad_value)
         self.max_tokens, self.random_state, self.where = max_length, random_state, where
 
@@ -382,7 +385,10 @@ class ScGPTTokenizer:
                 tok, binned = tok[chosen], binned[chosen]
             genes.append(tok)
             values.append(binned)
-        return _with_cls(genes, values, self.cls_id, self.pad_value, n_genes=n_expr)
+        from ..tl._coverage import cell_counts
+
+        return _with_cls(genes, values, self.cls_id, self.pad_value, n_genes=n_expr,
+                         **cell_counts(chunk.rows, self.matched))  # fmt: skip
 
 
 def _with_cls(genes, values, cls_id: int, pad_value: float, **per_cell) -> Tokens:
@@ -399,18 +405,23 @@ def _with_cls(genes, values, cls_id: int, pad_value: float, **per_cell) -> Token
     return Tokens(ids, ptr, vals, per_cell)
 
 
-def match_vocab(names: np.ndarray, vocab: dict[str, int], min_fraction: float, where: str):
-    """Columns of genes found in the vocabulary (var order) and their token ids."""
+def match_vocab(names: np.ndarray, vocab: dict[str, int], min_fraction: float, where: str, shown=None):
+    """Columns of genes found in the vocabulary (var order) and their token ids.
+
+    ``shown`` are the names as the user has them (before any identifier conversion), for messages.
+    """
     names = np.asarray(names)
-    ids = np.fromiter((vocab.get(g, -1) for g in names), dtype=np.int64, count=len(names))
+    shown = names if shown is None else np.asarray(shown)
+    ids = np.fromiter((vocab.get(g, -1) if g is not None else -1 for g in names), dtype=np.int64, count=len(names))
     cols = np.flatnonzero(ids >= 0)
     fraction = len(cols) / max(len(names), 1)
     if len(cols) == 0 or fraction < min_fraction:
         raise ValueError(
             f"Only {len(cols)} of {len(names)} genes in {where} are in the scGPT vocabulary "
             f"(fraction {fraction:.3f} < min_gene_fraction={min_fraction}). Unmatched names: "
-            f"{format_examples(names[ids < 0])}. scGPT matches exact gene symbols (e.g. 'CD3E'); pass "
-            "gene_col= with the column that holds symbols."
+            f"{format_examples(shown[ids < 0])}. scGPT matches exact gene symbols (e.g. 'CD3E'; Ensembl IDs are "
+            "converted to symbols first where the shipped gene table allows); pass gene_col= with the column "
+            "that holds symbols, or convert them with sc_llm.pp.map_gene_ids."
         )
     if fraction < 0.5:
         logger.warning("embed_scgpt: only %d of %d genes match the vocabulary.", len(cols), len(names))

@@ -22,6 +22,7 @@ from .._utils import as_csr, gene_names, get_matrix, iter_row_chunks
 from ..pp._gene_ids import convert_gene_ids, id_kind
 
 LOW_COVERAGE = 0.5
+_KINDS = {"symbol": "gene symbols", "ensembl": "Ensembl IDs"}
 _CHUNK = 4096
 
 
@@ -106,6 +107,42 @@ class CoverageCounter:
         }
 
 
+def coverage_from_cells(covered: np.ndarray, total: np.ndarray, matched: np.ndarray) -> dict[str, Any]:
+    """The coverage record of :func:`coverage_summary` from per-cell counts in matched genes and in all
+    genes (what the embedding functions collect chunk by chunk, also across resumed stores)."""
+    matched = np.asarray(matched, dtype=bool)
+    share = np.divide(covered, total, out=np.zeros_like(covered, dtype=np.float64), where=total > 0)
+    all_counts = float(total.sum())
+    return {
+        "n_genes": int(matched.size),
+        "n_genes_matched": int(matched.sum()),
+        "fraction_genes_matched": float(matched.mean()) if matched.size else 0.0,
+        "fraction_counts_covered": float(covered.sum() / all_counts) if all_counts > 0 else 0.0,
+        "cell_fraction_counts_covered": {
+            "min": float(share.min()) if share.size else 0.0,
+            "median": float(np.median(share)) if share.size else 0.0,
+            "mean": float(share.mean()) if share.size else 0.0,
+        },
+        "n_cells_without_matched_genes": int((covered == 0).sum()),
+    }
+
+
+def cell_counts(rows, matched: np.ndarray) -> dict[str, np.ndarray]:
+    """Per cell of a CSR chunk: absolute counts in matched genes and in all genes."""
+    rows = abs(as_csr(rows))
+    return {
+        "counts_covered": np.asarray(rows[:, matched].sum(axis=1), dtype=np.float64).ravel(),
+        "counts_total": np.asarray(rows.sum(axis=1), dtype=np.float64).ravel(),
+    }
+
+
+def warn_on_first_chunk(source, matched: np.ndarray, chunk_size: int, what: str, ids: str) -> bool:
+    """Coverage of the first chunk of cells, warned about before any compute; returns whether it warned."""
+    rows = source.chunk(0, min(chunk_size, source.X.shape[0])).rows
+    counts = cell_counts(rows, matched)
+    return warn_low_coverage(coverage_from_cells(counts["counts_covered"], counts["counts_total"], matched), what, ids)
+
+
 def coverage_summary(X, matched: np.ndarray, chunk_size: int = _CHUNK) -> dict[str, Any]:
     """Genes matched and the share of expressed counts they hold, over a whole matrix (read in row chunks).
 
@@ -148,7 +185,7 @@ def warn_low_coverage(
     warnings.warn(
         f"{what} covers {summary['n_genes_matched']} of {summary['n_genes']} genes, holding only {frac:.1%} "
         f"of the expressed counts (median cell {summary['cell_fraction_counts_covered']['median']:.1%}). "
-        f"If your genes are not {ids}s, convert them first: sc_llm.pp.map_gene_ids(adata, to={ids!r}) "
+        f"If your genes are not {_KINDS.get(ids, ids)}, convert them first: sc_llm.pp.map_gene_ids(adata, to={ids!r}) "
         "and pass the new column.",
         UserWarning,
         stacklevel=3,

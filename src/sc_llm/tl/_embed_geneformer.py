@@ -15,6 +15,8 @@ from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource
 from .._utils import format_examples, gene_names, maybe_copy
 from ..models._runtime import Precision
+from ._coverage import coverage_from_cells, to_model_ids, warn_low_coverage, warn_on_first_chunk
+from ._embed_scgpt import PER_CELL
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 
 logger = logging.getLogger("sc_llm")
@@ -30,6 +32,7 @@ def embed_geneformer(
     token_dictionary: str | Path | Mapping[str, int],
     gene_median_dictionary: str | Path | Mapping[str, float],
     ensembl_col: str | None = "ensembl_id",
+    species: str = "human",
     counts_layer: str | None = None,
     emb_layer: int = -1,
     emb_mode: Literal["mean", "cls"] = "mean",
@@ -68,8 +71,12 @@ def embed_geneformer(
     gene_median_dictionary
         Ensembl ID → non-zero median expression, as a dict or Geneformer's pickle (same model version).
     ensembl_col
-        ``var`` column with Ensembl gene IDs (Geneformer's convention is ``"ensembl_id"``);
-        ``None`` uses ``var_names``.
+        ``var`` column with gene IDs (Geneformer's convention is ``"ensembl_id"``); ``None`` uses
+        ``var_names``, and so does the default when ``var`` has no ``"ensembl_id"`` column. Ensembl IDs
+        are matched as they are; symbols are first converted to Ensembl IDs with the gene table shipped
+        with sc_llm (see :func:`sc_llm.pp.map_gene_ids`; genes without a unique ID are left out).
+    species
+        ``"human"`` or ``"mouse"``: the gene table used to convert symbols.
     counts_layer
         Layer with raw counts; ``None`` uses ``adata.X``.
     emb_layer
@@ -93,7 +100,9 @@ def embed_geneformer(
     -------
     ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × hidden size, in the
     caller's cell order) and ``adata.uns[key_added]`` with the model identity, layer, special
-    tokens, matched genes and genes per cell.
+    tokens, matched genes, genes per cell, ``coverage`` (genes matched, share of the counts they hold
+    overall and per cell, warned about when under half, first on the first chunk before any compute)
+    and ``gene_ids`` (whether and how identifiers were converted).
     """
     from ..models._geneformer import load_geneformer, read_dictionary
 
@@ -106,17 +115,23 @@ def embed_geneformer(
     encoder = load_geneformer(model_dir, device)
     encoder.hidden_index(emb_layer)
     source = MatrixSource(adata, layer=counts_layer)
+    if ensembl_col == "ensembl_id" and ensembl_col not in source.var.columns:
+        ensembl_col = None  # the default column is absent: read var_names, converting symbols if needed
     where = f"var[{ensembl_col!r}]" if ensembl_col else "var_names"
-    tokenizer = encoder.tokenizer_for(
-        gene_names(source.var, ensembl_col), tokens_of, medians, special_tokens=special_tokens, where=where
-    )
+    ids, id_report = to_model_ids(gene_names(source.var, ensembl_col), "ensembl", species)
+    tokenizer = encoder.tokenizer_for(ids, tokens_of, medians, special_tokens=special_tokens, where=where)
+    what = "embed_geneformer: the Geneformer dictionaries"
+    warned = warn_on_first_chunk(source, tokenizer.matched, chunk_size, what, "ensembl")
     options = {"emb_layer": emb_layer, "special_tokens": bool(special_tokens), "emb_mode": emb_mode}
     run = run_encoder(
         adata, encoder, tokenizer, source, function="embed_geneformer",
         spec=worker_spec("geneformer", model_dir, encoder, scheduler), device=device, precision=precision,
-        batch_size=batch_size, options=options, per_cell={"n_genes": np.int64}, chunk_size=chunk_size,
+        batch_size=batch_size, options=options, per_cell=PER_CELL, chunk_size=chunk_size,
         store=store, scheduler=scheduler,
     )  # fmt: skip
+    coverage = coverage_from_cells(run.per_cell["counts_covered"], run.per_cell["counts_total"], tokenizer.matched)
+    if not warned:
+        warn_low_coverage(coverage, what, "ensembl")
     n_genes = run.per_cell["n_genes"]
     n_empty = int((n_genes == 0).sum())
     if n_empty:
@@ -134,6 +149,8 @@ def embed_geneformer(
         "genes_per_cell": count_stats(np.minimum(n_genes, tokenizer.n_keep)),
         "n_cells_truncated": int((n_genes > tokenizer.n_keep).sum()),
         "n_cells_without_genes": n_empty,
+        "coverage": coverage,
+        "gene_ids": id_report,
     }
     write_embedding(adata, key_added, run.embedding, info, store)
     return adata if copy else None

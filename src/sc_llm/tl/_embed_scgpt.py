@@ -14,11 +14,13 @@ from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource
 from .._utils import gene_names, maybe_copy
 from ..models._runtime import Precision
+from ._coverage import coverage_from_cells, to_model_ids, warn_low_coverage, warn_on_first_chunk
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 
 logger = logging.getLogger("sc_llm")
 
 _CELL_CHUNK = 1024
+PER_CELL = {"n_genes": np.int64, "counts_covered": np.float64, "counts_total": np.float64}
 
 
 @doc_params(doc_device_precision=doc_device_precision, doc_chunks=doc_chunks, doc_copy=doc_copy)
@@ -27,6 +29,7 @@ def embed_scgpt(
     model_dir: str | Path | Any,
     *,
     gene_col: str | None = None,
+    species: str = "human",
     layer: str | None = None,
     max_length: int = 1200,
     batch_size: int | None = None,
@@ -63,7 +66,11 @@ def embed_scgpt(
         Folder with ``args.json``, ``vocab.json`` and ``best_model.pt`` as released
         (e.g. ``scGPT_human/``), or an encoder from :func:`sc_llm.models.load_scgpt`.
     gene_col
-        ``var`` column with gene symbols; ``None`` uses ``var_names``.
+        ``var`` column with gene names; ``None`` uses ``var_names``. Symbols are matched to the
+        vocabulary as they are; Ensembl IDs are first converted to symbols with the gene table shipped
+        with sc_llm (see :func:`sc_llm.pp.map_gene_ids`; genes without a unique symbol are left out).
+    species
+        ``"human"`` or ``"mouse"``: the gene table used to convert Ensembl IDs.
     layer
         Layer with the expression values; ``None`` uses ``adata.X``.
     max_length
@@ -86,7 +93,10 @@ def embed_scgpt(
     -------
     ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × embsize) and
     ``adata.uns[key_added]`` with the model identity, precision, matched genes (count, fraction,
-    column), genes per cell (mean, min, max) and the number of subsampled cells.
+    column), genes per cell (mean, min, max), the number of subsampled cells, ``coverage`` (genes
+    matched, share of the expressed counts they hold overall and per cell; a warning naming
+    :func:`sc_llm.pp.map_gene_ids` when it is under half, checked on the first chunk before any
+    compute) and ``gene_ids`` (whether and how identifiers were converted).
     """
     from ..models._scgpt import load_scgpt
 
@@ -94,16 +104,22 @@ def embed_scgpt(
     encoder = load_scgpt(model_dir, device)
     source = MatrixSource(adata, layer=layer)
     where = f"var[{gene_col!r}]" if gene_col else "var_names"
+    names = gene_names(source.var, gene_col)
+    symbols, id_report = to_model_ids(names, "symbol", species)
     tokenizer = encoder.tokenizer_for(
-        gene_names(source.var, gene_col), max_length=max_length, random_state=random_state,
-        min_gene_fraction=min_gene_fraction, where=where,
+        symbols, max_length=max_length, random_state=random_state, min_gene_fraction=min_gene_fraction,
+        where=where, shown_names=names,
     )  # fmt: skip
+    what = "embed_scgpt: the scGPT vocabulary"
+    warned = warn_on_first_chunk(source, tokenizer.matched, chunk_size, what, "symbol")
     run = run_encoder(
         adata, encoder, tokenizer, source, function="embed_scgpt",
         spec=worker_spec("scgpt", model_dir, encoder, scheduler), device=device, precision=precision,
-        batch_size=batch_size, per_cell={"n_genes": np.int64}, chunk_size=chunk_size, store=store,
-        scheduler=scheduler,
+        batch_size=batch_size, per_cell=PER_CELL, chunk_size=chunk_size, store=store, scheduler=scheduler,
     )  # fmt: skip
+    coverage = coverage_from_cells(run.per_cell["counts_covered"], run.per_cell["counts_total"], tokenizer.matched)
+    if not warned:
+        warn_low_coverage(coverage, what, "symbol")
     n_genes = run.per_cell["n_genes"]
     n_empty = int((n_genes == 0).sum())
     if n_empty:
@@ -121,6 +137,8 @@ def embed_scgpt(
         "genes_per_cell": count_stats(np.minimum(n_genes, max_length - 1)),
         "n_cells_subsampled": int((n_genes > max_length - 1).sum()),
         "n_cells_without_genes": n_empty,
+        "coverage": coverage,
+        "gene_ids": id_report,
     }
     write_embedding(adata, key_added, run.embedding, info, store)
     return adata if copy else None
