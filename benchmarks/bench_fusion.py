@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
+    parser.add_argument("--no-levers", action="store_true", help="only the main table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -179,6 +180,8 @@ def main() -> None:
         best_acc = table.loc[table["model"] == best, "accuracy"].mean()
         verdicts.append((name, fused, best, best_acc))
         print(f"\n(main table {time.perf_counter() - t0:.0f} s)")
+        if args.no_levers:
+            continue
         t0 = time.perf_counter()
         lev = levers(adata, runs)
         print(f"\nLevers on {name} (split 0, seeds 0..{runs - 1}):\n")

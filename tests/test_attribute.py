@@ -119,3 +119,47 @@ def test_predicted_target_and_errors(pbmc_embedded, trained, text_encoder):
         scl.tl.attribute(pbmc_embedded, trained, groupby="cell_type", groups=["Martian"])
     with pytest.raises(KeyError, match="'celltype' not found"):
         scl.tl.attribute(pbmc_embedded, trained, groupby="celltype")
+
+
+def test_exclude_drops_genes_from_the_summary_only(pbmc_embedded, trained, text_encoder):
+    kwargs = dict(groupby="cell_type", groups=["CD14+ Monocyte"], n_cells=1, n_steps=4, top_n=1000,
+                  model=text_encoder)
+    full = scl.tl.attribute(pbmc_embedded, trained, key_added="all", **kwargs)
+    patterns = ("^RP[SL]", "^MT-", "^hla-")  # case-insensitive: the last one matches HLA-DRA etc.
+    kept = scl.tl.attribute(pbmc_embedded, trained, exclude=patterns, key_added="kept", **kwargs)
+    dropped = full["gene"].str.contains("|".join(patterns), case=False, regex=True)
+    assert dropped.any()  # the cell's context holds ribosomal / HLA genes
+    assert not kept["gene"].str.contains("|".join(patterns), case=False, regex=True).any()
+    expected = full[~dropped.to_numpy()].reset_index(drop=True)
+    assert list(kept["gene"]) == list(expected["gene"])
+    assert list(kept["rank"]) == list(range(1, len(kept) + 1))
+    assert kept["attribution"].to_numpy() == pytest.approx(expected["attribution"].to_numpy())
+    # Per-cell attributions (and their completeness) are untouched.
+    cells_all, cells_kept = pbmc_embedded.uns["all"]["cells"], pbmc_embedded.uns["kept"]["cells"]
+    assert cells_kept["attribution_sum"].to_numpy() == pytest.approx(cells_all["attribution_sum"].to_numpy())
+    assert pbmc_embedded.uns["kept"]["params"]["exclude"] == list(patterns)
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        scl.tl.attribute(pbmc_embedded, trained, exclude=("RP[",), **kwargs)
+    with pytest.raises(TypeError, match="sequence of patterns"):
+        scl.tl.attribute(pbmc_embedded, trained, exclude="^MT-", **kwargs)
+
+
+def test_bf16_attributions_agree_with_fp32(pbmc_embedded, trained, text_encoder):
+    from scipy.stats import spearmanr
+
+    from sc_llm.models import resolve_precision
+
+    kwargs = dict(groupby="cell_type", groups=["CD56+ NK"], n_cells=1, n_steps=8, top_n=1000, model=text_encoder)
+    fp32 = scl.tl.attribute(pbmc_embedded, trained, key_added="fp32", **kwargs)
+    bf16 = scl.tl.attribute(pbmc_embedded, trained, precision="bf16", key_added="bf16", **kwargs)
+    used = pbmc_embedded.uns["bf16"]["params"]["precision"]
+    assert used == resolve_precision("bf16", text_encoder.device)
+    # Same genes explained; the positive-attribution genes rank nearly alike.
+    merged = fp32.merge(bf16, on="gene", suffixes=("_32", "_16"))
+    assert len(merged) >= 0.8 * len(fp32)
+    assert spearmanr(merged["attribution_32"], merged["attribution_16"]).statistic > 0.9
+    s32 = pbmc_embedded.uns["fp32"]["cells"]["attribution_sum"].iloc[0]
+    s16 = pbmc_embedded.uns["bf16"]["cells"]["attribution_sum"].iloc[0]
+    assert s16 == pytest.approx(s32, rel=0.1)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        scl.tl.attribute(pbmc_embedded, trained, precision="int8", **kwargs)
