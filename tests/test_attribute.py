@@ -42,7 +42,13 @@ def trained(_pbmc_embedded_session):
 
 def test_integrated_gradients_table_and_completeness(pbmc_embedded, trained, text_encoder):
     genes = scl.tl.attribute(
-        pbmc_embedded, trained, groupby="cell_type", groups=GROUPS, n_cells=2, top_n=5, n_steps=16,
+        pbmc_embedded,
+        trained,
+        groupby="cell_type",
+        groups=GROUPS,
+        n_cells=2,
+        top_n=5,
+        n_steps=16,
         model=text_encoder,
     )
     res = pbmc_embedded.uns["attributions_integrated_gradients"]
@@ -79,8 +85,11 @@ def test_integrated_gradients_table_and_completeness(pbmc_embedded, trained, tex
 
     overlap = scl.tl.marker_overlap(
         pbmc_embedded,
-        {"CD56+ NK": ["NKG7", "GNLY", "GZMA", "GZMB"], "CD19+ B": ["MS4A1", "CD79A", "CD79B", "CD74"],
-         "CD14+ Monocyte": ["CD14", "LYZ", "FCN1", "S100A9"]},
+        {
+            "CD56+ NK": ["NKG7", "GNLY", "GZMA", "GZMB"],
+            "CD19+ B": ["MS4A1", "CD79A", "CD79B", "CD74"],
+            "CD14+ Monocyte": ["CD14", "LYZ", "FCN1", "S100A9"],
+        },
         keys=["attributions_integrated_gradients"],
     )
     # Known markers show up among the top attributions (the paper's Table 1 finding).
@@ -90,8 +99,15 @@ def test_integrated_gradients_table_and_completeness(pbmc_embedded, trained, tex
 def test_lime_fusion_model_is_seeded(pbmc_embedded, text_encoder):
     model = scl.tl.fuse_train(pbmc_embedded, ["X_text"], "cell_type", hidden=32, epochs=5, random_state=0)
     assert isinstance(model, FusionModel)
-    kwargs = dict(groupby="cell_type", groups=["CD56+ NK", "CD19+ B"], method="lime", n_cells=1, top_n=4,
-                  num_samples=40, model=text_encoder)
+    kwargs = dict(
+        groupby="cell_type",
+        groups=["CD56+ NK", "CD19+ B"],
+        method="lime",
+        n_cells=1,
+        top_n=4,
+        num_samples=40,
+        model=text_encoder,
+    )
     first = scl.tl.attribute(pbmc_embedded, model, **kwargs).copy()
     with pytest.warns(UserWarning, match="already exists"):
         second = scl.tl.attribute(pbmc_embedded, model, **kwargs)
@@ -104,8 +120,17 @@ def test_lime_fusion_model_is_seeded(pbmc_embedded, text_encoder):
 
 
 def test_predicted_target_and_errors(pbmc_embedded, trained, text_encoder):
-    scl.tl.attribute(pbmc_embedded, trained, groupby="cell_type", groups=["CD56+ NK"], n_cells=1, n_steps=4,
-                     target="predicted", model=text_encoder, split_key=None)
+    scl.tl.attribute(
+        pbmc_embedded,
+        trained,
+        groupby="cell_type",
+        groups=["CD56+ NK"],
+        n_cells=1,
+        n_steps=4,
+        target="predicted",
+        model=text_encoder,
+        split_key=None,
+    )
     cells = pbmc_embedded.uns["attributions_integrated_gradients"]["cells"]
     assert (cells["target"] == cells["predicted"]).all()
     with pytest.raises(ValueError, match="Unknown attribution method"):
@@ -122,8 +147,9 @@ def test_predicted_target_and_errors(pbmc_embedded, trained, text_encoder):
 
 
 def test_exclude_drops_genes_from_the_summary_only(pbmc_embedded, trained, text_encoder):
-    kwargs = dict(groupby="cell_type", groups=["CD14+ Monocyte"], n_cells=1, n_steps=4, top_n=1000,
-                  model=text_encoder)
+    kwargs = dict(
+        groupby="cell_type", groups=["CD14+ Monocyte"], n_cells=1, n_steps=4, top_n=1000, model=text_encoder
+    )
     full = scl.tl.attribute(pbmc_embedded, trained, key_added="all", **kwargs)
     patterns = ("^RP[SL]", "^MT-", "^hla-")  # case-insensitive: the last one matches HLA-DRA etc.
     kept = scl.tl.attribute(pbmc_embedded, trained, exclude=patterns, key_added="kept", **kwargs)
@@ -149,7 +175,9 @@ def test_bf16_attributions_agree_with_fp32(pbmc_embedded, trained, text_encoder)
 
     from sc_llm.models import resolve_precision
 
-    kwargs = dict(groupby="cell_type", groups=["CD56+ NK"], n_cells=1, n_steps=8, top_n=1000, model=text_encoder)
+    kwargs = dict(
+        groupby="cell_type", groups=["CD56+ NK"], n_cells=1, n_steps=8, top_n=1000, model=text_encoder
+    )
     fp32 = scl.tl.attribute(pbmc_embedded, trained, key_added="fp32", **kwargs)
     bf16 = scl.tl.attribute(pbmc_embedded, trained, precision="bf16", key_added="bf16", **kwargs)
     used = pbmc_embedded.uns["bf16"]["params"]["precision"]

@@ -136,7 +136,9 @@ def test_paired_comparison_of_the_fused_row(compared):
         assert paired.loc[model, "delta_accuracy"] == pytest.approx(diff.mean())
         assert paired.loc[model, "delta_accuracy_sd"] == pytest.approx(np.std(diff, ddof=1))
         assert paired.loc[model, ["wins", "ties", "losses"]].tolist() == [
-            (diff > 0).sum(), (diff == 0).sum(), (diff < 0).sum()
+            (diff > 0).sum(),
+            (diff == 0).sum(),
+            (diff < 0).sum(),
         ]
     # kNN rows are deterministic (no seed): no paired difference.
     assert np.isnan(paired.loc["X_text + kNN", "delta_accuracy"])

@@ -157,10 +157,14 @@ def attribute(
     encoder = load_text_encoder(model, device)
     used_precision = resolve_precision(precision, encoder.device)
     normalize = _resolve_normalize(adata, head, normalize)
-    cells = _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells, random_state, target)
+    cells = _pick_cells(
+        adata, groupby, classes, split_key, split_value, groups, n_cells, random_state, target
+    )
     sentences = adata.obs[sentence_key] if sentence_key in adata.obs else None
     if sentences is None:
-        raise KeyError(f"Column {sentence_key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences.")
+        raise KeyError(
+            f"Column {sentence_key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences."
+        )
     explainer = _Explainer(encoder, head, normalize, used_precision)
     lime_rng = np.random.RandomState(random_state)
     rows, per_cell = [], []
@@ -170,15 +174,24 @@ def attribute(
             predicted = int(np.argmax(explainer.logits([words])[0]))
             tgt = predicted if target == "predicted" else classes.index(group)
             if method == "integrated_gradients":
-                res = explainer.integrated_gradients(words, tgt, n_steps=n_steps, internal_batch_size=internal_batch_size)
+                res = explainer.integrated_gradients(
+                    words, tgt, n_steps=n_steps, internal_batch_size=internal_batch_size
+                )
             else:
                 res = explainer.lime(words, tgt, num_samples=num_samples, batch_size=batch_size, rng=lime_rng)
             rows.append(pd.DataFrame({"group": group, "gene": res.genes, "attribution": res.scores}))
-            per_cell.append({
-                "cell": name, "group": group, "target": classes[tgt], "predicted": classes[predicted],
-                "n_genes_in_context": len(words), "attribution_sum": float(np.sum(res.scores)),
-                "delta": res.delta, "fit_score": res.fit_score,
-            })
+            per_cell.append(
+                {
+                    "cell": name,
+                    "group": group,
+                    "target": classes[tgt],
+                    "predicted": classes[predicted],
+                    "n_genes_in_context": len(words),
+                    "attribution_sum": float(np.sum(res.scores)),
+                    "delta": res.delta,
+                    "fit_score": res.fit_score,
+                }
+            )
             bar.update(1)
     genes = _top_genes(rows, top_n, method, excluded)
     key_added = key_added or f"attributions_{method}"
@@ -187,11 +200,21 @@ def attribute(
         "genes": genes,
         "cells": pd.DataFrame(per_cell).set_index("cell"),
         "params": {
-            "method": method, "groupby": groupby, "sentence_key": sentence_key, "n_cells": n_cells, "top_n": top_n,
-            "target": target, "normalize": normalize, "n_steps": n_steps, "num_samples": num_samples,
-            "random_state": random_state, "model": encoder.identity(), "classes": classes,
+            "method": method,
+            "groupby": groupby,
+            "sentence_key": sentence_key,
+            "n_cells": n_cells,
+            "top_n": top_n,
+            "target": target,
+            "normalize": normalize,
+            "n_steps": n_steps,
+            "num_samples": num_samples,
+            "random_state": random_state,
+            "model": encoder.identity(),
+            "classes": classes,
             "target_score": "logit" if method == "integrated_gradients" else "probability",
-            "exclude": [p.pattern for p in excluded], "precision": used_precision,
+            "exclude": [p.pattern for p in excluded],
+            "precision": used_precision,
         },
     }
     return genes
@@ -231,7 +254,9 @@ def _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells
     keep = labels.notna().to_numpy()
     if split_key is not None:
         if split_key not in adata.obs:
-            raise KeyError(f"Column {split_key!r} not found in adata.obs; pass split_key=None to use all cells.")
+            raise KeyError(
+                f"Column {split_key!r} not found in adata.obs; pass split_key=None to use all cells."
+            )
         keep &= (adata.obs[split_key].astype(str) == str(split_value)).to_numpy()
     labels = labels[keep].astype(str)
     present = list(dict.fromkeys(sorted(labels.unique())))
@@ -241,13 +266,19 @@ def _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells
         chosen = [str(g) for g in groups]
         absent = [g for g in chosen if g not in present]
         if absent:
-            raise ValueError(f"Groups without cells to explain in obs[{groupby!r}]: {format_examples(absent)}.")
+            raise ValueError(
+                f"Groups without cells to explain in obs[{groupby!r}]: {format_examples(absent)}."
+            )
     unknown = [g for g in chosen if g not in classes]
     if unknown and target == "label":
-        warnings.warn(f"Skipping groups the head cannot predict: {format_examples(unknown)}.", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"Skipping groups the head cannot predict: {format_examples(unknown)}.", UserWarning, stacklevel=3
+        )
         chosen = [g for g in chosen if g in classes]
     if not chosen:
-        raise ValueError(f"No group of obs[{groupby!r}] left to explain (head classes: {format_examples(classes)}).")
+        raise ValueError(
+            f"No group of obs[{groupby!r}] left to explain (head classes: {format_examples(classes)})."
+        )
     rng = np.random.default_rng(random_state)
     cells: dict[str, str] = {}
     for g in chosen:
@@ -271,11 +302,15 @@ def _compile_exclude(exclude: Sequence[str]) -> list[re.Pattern]:
         try:
             compiled.append(re.compile(pattern, re.IGNORECASE))
         except re.error as err:
-            raise ValueError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}.") from err
+            raise ValueError(
+                f"exclude pattern {pattern!r} is not a valid regular expression: {err}."
+            ) from err
     return compiled
 
 
-def _top_genes(rows: list[pd.DataFrame], top_n: int, method: str, excluded: Sequence[re.Pattern] = ()) -> pd.DataFrame:
+def _top_genes(
+    rows: list[pd.DataFrame], top_n: int, method: str, excluded: Sequence[re.Pattern] = ()
+) -> pd.DataFrame:
     cols = ["group", "rank", "gene", "attribution", "n_cells", "method"]
     if not rows:
         return pd.DataFrame(columns=cols)
@@ -283,9 +318,11 @@ def _top_genes(rows: list[pd.DataFrame], top_n: int, method: str, excluded: Sequ
     if excluded:
         drop = long["gene"].map(lambda g: any(p.search(g) for p in excluded)).to_numpy(bool)
         long = long[~drop]
-    summed = long.groupby(["group", "gene"], sort=False).agg(
-        attribution=("attribution", "sum"), n_cells=("attribution", "size")
-    ).reset_index()
+    summed = (
+        long.groupby(["group", "gene"], sort=False)
+        .agg(attribution=("attribution", "sum"), n_cells=("attribution", "size"))
+        .reset_index()
+    )
     summed = summed[summed["attribution"] > 0]
     # Sort by group order of first appearance, then attribution (ties: gene name) for a stable table.
     order = {g: i for i, g in enumerate(dict.fromkeys(long["group"]))}
@@ -330,8 +367,9 @@ class _Explainer:
 
         from ..models._runtime import pad_batch
 
-        ids = self.tokenizer([" ".join(w) for w in sentences], truncation=True,
-                             max_length=self.encoder.max_tokens)["input_ids"]
+        ids = self.tokenizer(
+            [" ".join(w) for w in sentences], truncation=True, max_length=self.encoder.max_tokens
+        )["input_ids"]
         out = []
         with torch.inference_mode():
             for start in range(0, len(ids), batch_size):
@@ -345,13 +383,20 @@ class _Explainer:
         import torch
 
         text = " ".join(words)
-        enc = self.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True,
-                             truncation=True, max_length=self.encoder.max_tokens)
+        enc = self.tokenizer(
+            text,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            truncation=True,
+            max_length=self.encoder.max_tokens,
+        )
         starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]]).tolist()
-        gene_of = np.array([
-            -1 if special else bisect.bisect_right(starts, begin) - 1
-            for (begin, _), special in zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
-        ])
+        gene_of = np.array(
+            [
+                -1 if special else bisect.bisect_right(starts, begin) - 1
+                for (begin, _), special in zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
+            ]
+        )
         ids = torch.tensor([enc["input_ids"]], device=self.encoder.device)
         baseline = ids.clone()
         baseline[0, torch.as_tensor(gene_of >= 0, device=ids.device)] = self.pad_id
@@ -371,8 +416,13 @@ class _Explainer:
         layer = _input_embeddings(self.model)
         lig = LayerIntegratedGradients(self.forward, layer)
         attr, delta = lig.attribute(
-            ids, baselines=baseline, target=target, additional_forward_args=(mask,), n_steps=n_steps,
-            internal_batch_size=internal_batch_size, return_convergence_delta=True,
+            ids,
+            baselines=baseline,
+            target=target,
+            additional_forward_args=(mask,),
+            n_steps=n_steps,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
         )
         per_token = attr.float().sum(dim=-1)[0].detach().double().cpu().numpy()
         scores = np.zeros(len(words))
@@ -393,12 +443,17 @@ class _Explainer:
         try:
             from lime.lime_text import LimeTextExplainer
         except ImportError as err:
-            raise ImportError("LIME attributions need the lime package: pip install 'sc-llm[interpret]'.") from err
+            raise ImportError(
+                "LIME attributions need the lime package: pip install 'sc-llm[interpret]'."
+            ) from err
         import torch
 
         explainer = LimeTextExplainer(
-            class_names=list(self.head.classes), split_expression=r"\s+", bow=False,
-            mask_string=self.tokenizer.pad_token or "[PAD]", random_state=rng,
+            class_names=list(self.head.classes),
+            split_expression=r"\s+",
+            bow=False,
+            mask_string=self.tokenizer.pad_token or "[PAD]",
+            random_state=rng,
         )
 
         def predict_proba(texts):
