@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
     parser.add_argument("--no-levers", action="store_true", help="only the main table")
+    parser.add_argument("--levers-only", action="store_true", help="only the levers table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -165,6 +166,9 @@ def main() -> None:
     for name in datasets:
         adata = load(name)
         print(f"\n## {name}: {describe(adata)}\n")
+        if args.levers_only:
+            print(fmt(levers(adata, runs), "variant").to_markdown())
+            continue
         t0 = time.perf_counter()
         table = main_table(adata, runs)
         print(fmt(table, "model").to_markdown())
