@@ -42,7 +42,13 @@ def trained(_pbmc_embedded_session):
 
 def test_integrated_gradients_table_and_completeness(pbmc_embedded, trained, text_encoder):
     genes = scl.tl.attribute(
-        pbmc_embedded, trained, groupby="cell_type", groups=GROUPS, n_cells=2, top_n=5, n_steps=16,
+        pbmc_embedded,
+        trained,
+        groupby="cell_type",
+        groups=GROUPS,
+        n_cells=2,
+        top_n=5,
+        n_steps=16,
         model=text_encoder,
     )
     res = pbmc_embedded.uns["attributions_integrated_gradients"]
@@ -79,8 +85,11 @@ def test_integrated_gradients_table_and_completeness(pbmc_embedded, trained, tex
 
     overlap = scl.tl.marker_overlap(
         pbmc_embedded,
-        {"CD56+ NK": ["NKG7", "GNLY", "GZMA", "GZMB"], "CD19+ B": ["MS4A1", "CD79A", "CD79B", "CD74"],
-         "CD14+ Monocyte": ["CD14", "LYZ", "FCN1", "S100A9"]},
+        {
+            "CD56+ NK": ["NKG7", "GNLY", "GZMA", "GZMB"],
+            "CD19+ B": ["MS4A1", "CD79A", "CD79B", "CD74"],
+            "CD14+ Monocyte": ["CD14", "LYZ", "FCN1", "S100A9"],
+        },
         keys=["attributions_integrated_gradients"],
     )
     # Known markers show up among the top attributions (the paper's Table 1 finding).
@@ -90,8 +99,15 @@ def test_integrated_gradients_table_and_completeness(pbmc_embedded, trained, tex
 def test_lime_fusion_model_is_seeded(pbmc_embedded, text_encoder):
     model = scl.tl.fuse_train(pbmc_embedded, ["X_text"], "cell_type", hidden=32, epochs=5, random_state=0)
     assert isinstance(model, FusionModel)
-    kwargs = dict(groupby="cell_type", groups=["CD56+ NK", "CD19+ B"], method="lime", n_cells=1, top_n=4,
-                  num_samples=40, model=text_encoder)
+    kwargs = dict(
+        groupby="cell_type",
+        groups=["CD56+ NK", "CD19+ B"],
+        method="lime",
+        n_cells=1,
+        top_n=4,
+        num_samples=40,
+        model=text_encoder,
+    )
     first = scl.tl.attribute(pbmc_embedded, model, **kwargs).copy()
     with pytest.warns(UserWarning, match="already exists"):
         second = scl.tl.attribute(pbmc_embedded, model, **kwargs)
@@ -104,8 +120,17 @@ def test_lime_fusion_model_is_seeded(pbmc_embedded, text_encoder):
 
 
 def test_predicted_target_and_errors(pbmc_embedded, trained, text_encoder):
-    scl.tl.attribute(pbmc_embedded, trained, groupby="cell_type", groups=["CD56+ NK"], n_cells=1, n_steps=4,
-                     target="predicted", model=text_encoder, split_key=None)
+    scl.tl.attribute(
+        pbmc_embedded,
+        trained,
+        groupby="cell_type",
+        groups=["CD56+ NK"],
+        n_cells=1,
+        n_steps=4,
+        target="predicted",
+        model=text_encoder,
+        split_key=None,
+    )
     cells = pbmc_embedded.uns["attributions_integrated_gradients"]["cells"]
     assert (cells["target"] == cells["predicted"]).all()
     with pytest.raises(ValueError, match="Unknown attribution method"):
@@ -119,3 +144,51 @@ def test_predicted_target_and_errors(pbmc_embedded, trained, text_encoder):
         scl.tl.attribute(pbmc_embedded, trained, groupby="cell_type", groups=["Martian"])
     with pytest.raises(KeyError, match="'celltype' not found"):
         scl.tl.attribute(pbmc_embedded, trained, groupby="celltype")
+
+
+def test_exclude_drops_genes_from_the_summary_only(pbmc_embedded, trained, text_encoder):
+    kwargs = dict(
+        groupby="cell_type", groups=["CD14+ Monocyte"], n_cells=1, n_steps=4, top_n=1000, model=text_encoder
+    )
+    full = scl.tl.attribute(pbmc_embedded, trained, key_added="all", **kwargs)
+    patterns = ("^RP[SL]", "^MT-", "^hla-")  # case-insensitive: the last one matches HLA-DRA etc.
+    kept = scl.tl.attribute(pbmc_embedded, trained, exclude=patterns, key_added="kept", **kwargs)
+    dropped = full["gene"].str.contains("|".join(patterns), case=False, regex=True)
+    assert dropped.any()  # the cell's context holds ribosomal / HLA genes
+    assert not kept["gene"].str.contains("|".join(patterns), case=False, regex=True).any()
+    expected = full[~dropped.to_numpy()].reset_index(drop=True)
+    assert list(kept["gene"]) == list(expected["gene"])
+    assert list(kept["rank"]) == list(range(1, len(kept) + 1))
+    assert kept["attribution"].to_numpy() == pytest.approx(expected["attribution"].to_numpy())
+    # Per-cell attributions (and their completeness) are untouched.
+    cells_all, cells_kept = pbmc_embedded.uns["all"]["cells"], pbmc_embedded.uns["kept"]["cells"]
+    assert cells_kept["attribution_sum"].to_numpy() == pytest.approx(cells_all["attribution_sum"].to_numpy())
+    assert pbmc_embedded.uns["kept"]["params"]["exclude"] == list(patterns)
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        scl.tl.attribute(pbmc_embedded, trained, exclude=("RP[",), **kwargs)
+    with pytest.raises(TypeError, match="sequence of patterns"):
+        scl.tl.attribute(pbmc_embedded, trained, exclude="^MT-", **kwargs)
+
+
+def test_bf16_attributions_agree_with_fp32(pbmc_embedded, trained, text_encoder):
+    from scipy.stats import spearmanr
+
+    from sc_llm.models import resolve_precision
+
+    kwargs = dict(
+        groupby="cell_type", groups=["CD56+ NK"], n_cells=1, n_steps=8, top_n=1000, model=text_encoder
+    )
+    fp32 = scl.tl.attribute(pbmc_embedded, trained, key_added="fp32", **kwargs)
+    bf16 = scl.tl.attribute(pbmc_embedded, trained, precision="bf16", key_added="bf16", **kwargs)
+    used = pbmc_embedded.uns["bf16"]["params"]["precision"]
+    assert used == resolve_precision("bf16", text_encoder.device)
+    # Same genes explained; the positive-attribution genes rank nearly alike.
+    merged = fp32.merge(bf16, on="gene", suffixes=("_32", "_16"))
+    assert len(merged) >= 0.8 * len(fp32)
+    assert spearmanr(merged["attribution_32"], merged["attribution_16"]).statistic > 0.9
+    s32 = pbmc_embedded.uns["fp32"]["cells"]["attribution_sum"].iloc[0]
+    s16 = pbmc_embedded.uns["bf16"]["cells"]["attribution_sum"].iloc[0]
+    # Completeness holds in both: the sums are F(x) - F(baseline) of the target logit, to bf16 accuracy.
+    assert s16 == pytest.approx(s32, abs=0.1)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        scl.tl.attribute(pbmc_embedded, trained, precision="int8", **kwargs)

@@ -122,3 +122,23 @@ def test_unseen_labels_warn_once(pbmc_embedded):
     with pytest.warns(UserWarning, match="absent from training count as errors.*Novel") as record:
         scl.tl.compare_annotators(adata, REPS, "label", methods=("knn",), n_runs=1)
     assert sum("absent from training" in str(w.message) for w in record) == 1
+
+
+def test_paired_comparison_of_the_fused_row(compared):
+    adata, summary = compared
+    paired = adata.uns["annotator_comparison"]["paired"].set_index("model")
+    runs = adata.uns["annotator_comparison"]["runs"]
+    fused = runs[runs["model"] == "scMPT (X_text + X_pca)"].set_index("seed")
+    assert np.isnan(paired.loc["scMPT (X_text + X_pca)", "delta_accuracy"])
+    for model in ("X_text + MLP", "X_pca + fusion head"):
+        other = runs[runs["model"] == model].set_index("seed")
+        diff = fused["accuracy"] - other.loc[fused.index, "accuracy"]
+        assert paired.loc[model, "delta_accuracy"] == pytest.approx(diff.mean())
+        assert paired.loc[model, "delta_accuracy_sd"] == pytest.approx(np.std(diff, ddof=1))
+        assert paired.loc[model, ["wins", "ties", "losses"]].tolist() == [
+            (diff > 0).sum(),
+            (diff == 0).sum(),
+            (diff < 0).sum(),
+        ]
+    # kNN rows are deterministic (no seed): no paired difference.
+    assert np.isnan(paired.loc["X_text + kNN", "delta_accuracy"])

@@ -17,6 +17,7 @@ from sc_llm.tl._metrics import classification_metrics
 REPS = ["X_text", "X_pca"]
 # Small but real training: a few seconds per fit on two CPU cores.
 FAST = {"hidden": 64, "epochs": 15, "batch_size": 64}
+PAPER = {**FAST, "architecture": "paper"}
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def _held_out(adata):
 
 
 def test_fuse_train_outputs_and_metrics(adata):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", **PAPER)
     classes = sorted(adata.obs.loc[adata.obs["split"] == "train", "cell_type"].astype(str).unique())
     assert model.use_reps == REPS
     assert model.input_dims == [adata.obsm["X_text"].shape[1], adata.obsm["X_pca"].shape[1]]
@@ -41,6 +42,7 @@ def test_fuse_train_outputs_and_metrics(adata):
     assert (adata.obs["fusion"].astype(str).to_numpy() == pred).all()
     assert (adata.obs["fusion_top1"].astype(str).to_numpy() == pred).all()
     np.testing.assert_allclose(adata.obs["fusion_top1_frac"], proba.max(1), rtol=1e-6)
+    np.testing.assert_allclose(adata.obs["fusion_confidence"], proba.max(1), rtol=1e-6)
     assert (adata.obs["fusion_top1_frac"] >= adata.obs["fusion_top2_frac"]).all()
     # Metrics recomputed independently from the written predictions on the held-out cells.
     held = _held_out(adata)
@@ -60,17 +62,77 @@ def test_fuse_train_outputs_and_metrics(adata):
     assert model.hyperparameters["best_epoch"] == hist["epoch"][hist["val_loss"].idxmin()]
 
 
-def test_fused_vs_single_heads(adata):
-    accs = {}
-    for reps in (["X_text"], ["X_pca"], REPS):
-        scl.tl.fuse_train(adata, reps, "cell_type", hidden=256, epochs=30, key_added="f")
-        accs["+".join(reps)] = adata.uns["f"]["metrics"]["accuracy"]
-    # The paper's claim at this scale: the fused head is about as good as the better encoder.
-    assert accs["X_text+X_pca"] >= max(accs["X_text"], accs["X_pca"]) - 0.03
+def test_stacked_fusion_reports_each_input(adata):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=2, hidden=128, epochs=30)
+    uns = adata.uns["fusion"]
+    assert model.architecture == "stacked" and uns["params"]["architecture"] == "stacked"
+    inputs = uns["inputs"]
+    assert list(inputs["model"]) == ["fused", *REPS] * 2 and list(inputs["seed"]) == [0, 0, 0, 1, 1, 1]
+    # Each single-input row is the fused model's own expert: recompute it from the weights.
+    held = _held_out(adata)
+    truth = adata.obs["cell_type"].astype(str).to_numpy()[held]
+    xs = [torch.as_tensor(adata.obsm[k]) for k in REPS]
+    with torch.no_grad():
+        experts = model.expert_log_proba(*xs)
+    for m, key in enumerate(REPS):
+        pred = np.asarray(model.classes)[experts[m].argmax(1).numpy()][held]
+        row = inputs[(inputs["model"] == key) & (inputs["seed"] == 0)].iloc[0]
+        assert row["accuracy"] == pytest.approx((pred == truth).mean())
+    # The fused logits are the mix-weighted sum of the experts' log-probabilities.
+    with torch.no_grad():
+        fused = model(*xs)
+    np.testing.assert_allclose(
+        fused, sum(w * e for w, e in zip(model.mix, experts, strict=True)), rtol=1e-5, atol=1e-5
+    )
+    mix = uns["mix"]
+    assert list(mix["input"]) == REPS and (mix["weight"] >= 0).all()
+    assert list(mix["epochs"]) == model.hyperparameters["expert_epochs"]
+    assert set(uns["history"].columns) == {"epoch", "input", "oof_loss", "oof_accuracy"}
+    for m, key in enumerate(REPS):
+        hist = uns["history"][uns["history"]["input"] == key]
+        assert hist.loc[hist["oof_loss"].idxmin(), "epoch"] == model.hyperparameters["expert_epochs"][m]
+    # Paired comparison: fused minus each input over the two seeds.
+    comp = uns["comparison"]
+    fused_acc = inputs.loc[inputs["model"] == "fused", "accuracy"].to_numpy()
+    for key in REPS:
+        single = inputs.loc[inputs["model"] == key, "accuracy"].to_numpy()
+        assert comp.loc[key, "delta_accuracy"] == pytest.approx((fused_acc - single).mean())
+        assert comp.loc[key, ["wins", "ties", "losses"]].sum() == 2
+    assert comp.loc["fused", "accuracy"] == pytest.approx(uns["metrics_mean"]["accuracy"])
+    best_single = max(comp.loc[k, "accuracy"] for k in REPS)
+    assert comp.loc["fused", "accuracy"] >= best_single - 0.02
+
+
+def test_pure_noise_input_gets_no_weight(adata, rng):
+    adata.obsm["X_noise"] = rng.normal(size=(adata.n_obs, 50)).astype(np.float32)
+    scl.tl.fuse_train(adata, ["X_pca", "X_noise"], "cell_type", hidden=128, epochs=30)
+    uns = adata.uns["fusion"]
+    comp = uns["comparison"]
+    # The issue's bar: the fused model stays within 0.02 of its informative input.
+    assert comp.loc["fused", "accuracy"] >= comp.loc["X_pca", "accuracy"] - 0.02
+    assert comp.loc["X_noise", "accuracy"] < 0.45  # the noise alone is near the majority-class rate
+    weights = uns["mix"].set_index("input")["weight"]
+    assert weights["X_noise"] < 0.1 * weights["X_pca"]
+
+
+def test_paper_architecture_is_the_papers_network(adata):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", architecture="paper", epochs=1, report_inputs=False)
+    n_classes = len(model.classes)
+    assert model.architecture == "paper" and model.hidden == 4096 and not hasattr(model, "mix")
+    for branch, dim in zip(model.branches, model.input_dims, strict=True):
+        assert [type(m).__name__ for m in branch] == ["Linear", "ReLU"]
+        assert (branch[0].in_features, branch[0].out_features) == (dim, 4096)
+    assert (model.head.in_features, model.head.out_features) == (4096 * 2, n_classes)
+    # The paper fed the raw embeddings: no standardization unless asked for.
+    assert all(torch.equal(s.scale, torch.ones_like(s.scale)) and not s.shift.any() for s in model.inputs)
+    params = adata.uns["fusion"]["params"]
+    assert params["standardize"] is False and params["hidden"] == 4096 and "grid" in adata.uns["fusion"]
 
 
 def test_best_weights_restored(adata):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", hidden=64, epochs=40, lr=1e-2, patience=2)
+    model = scl.tl.fuse_train(
+        adata, REPS, "cell_type", architecture="paper", hidden=64, epochs=40, lr=1e-2, patience=2
+    )
     hist = adata.uns["fusion"]["history"]
     assert len(hist) < 40  # stopped early
     assert hist["val_loss"].iloc[-1] > hist["val_loss"].min()
@@ -95,18 +157,25 @@ def test_deterministic_under_seed(adata):
         assert torch.equal(v1, v2), k
     assert np.array_equal(a.obsm["fusion_proba"], b.obsm["fusion_proba"])
     m3 = scl.tl.fuse_train(b, REPS, "cell_type", random_state=4, **FAST)
-    assert not torch.equal(m1.head.weight, m3.head.weight)
+    assert not torch.equal(m1.branches[0][0].weight, m3.branches[0][0].weight)
 
 
-def test_save_load_predict_identical(adata, tmp_path):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+@pytest.mark.parametrize("architecture", ["stacked", "paper"])
+def test_save_load_predict_identical(adata, tmp_path, architecture):
+    model = scl.tl.fuse_train(
+        adata, REPS, "cell_type", architecture=architecture, report_inputs=False, **FAST
+    )
     path = model.save(tmp_path / "m")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((path / "config.json").read_text())
     assert config["use_reps"] == REPS and config["classes"] == model.classes and config["hidden"] == 64
+    assert config["architecture"] == architecture
     assert config["hyperparameters"]["epochs"] == 15 and "sc_llm_version" in config
     loaded = scl.tl.FusionModel.load(path)
     assert loaded.classes == model.classes and loaded.input_dims == model.input_dims
+    assert loaded.architecture == architecture
+    for (k, v1), v2 in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(v1, v2), k  # includes the standardization buffers and the stacked mix weights
     # New AnnData holding only the representations, as a user's new data would.
     new = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsm={k: adata.obsm[k] for k in REPS})
     scl.tl.fuse_predict(new, path, key_added="pred")
@@ -129,8 +198,9 @@ def test_fuse_predict_renamed_keys_and_h5ad_roundtrip(adata, tmp_path):
     assert np.array_equal(back.obsm["p_proba"], adata.obsm["fusion_proba"])
 
 
-def test_n_runs_mean_and_sd(adata):
-    scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=3, random_state=5, **FAST)
+@pytest.mark.parametrize("architecture", ["stacked", "paper"])
+def test_n_runs_mean_and_sd(adata, architecture):
+    scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=3, random_state=5, architecture=architecture, **FAST)
     uns = adata.uns["fusion"]
     runs = uns["runs"]
     assert list(runs["seed"]) == [5, 6, 7]
@@ -139,11 +209,28 @@ def test_n_runs_mean_and_sd(adata):
     assert runs["accuracy"].iloc[0] == pytest.approx(uns["metrics"]["accuracy"])
     # Seeds change initialisation and shuffling (the validation split is shared by all runs).
     assert runs["f1"].nunique() > 1
+    # Each input trained the same way with the same seeds, next to the fused model, in one table.
+    inputs, comp = uns["inputs"], uns["comparison"]
+    assert sorted(inputs["model"].unique()) == sorted(["fused", *REPS]) and len(inputs) == 9
+    np.testing.assert_allclose(inputs.loc[inputs["model"] == "fused", "accuracy"], runs["accuracy"])
+    for key in REPS:
+        single = inputs[inputs["model"] == key]
+        assert list(single["seed"]) == [5, 6, 7]
+        assert comp.loc[key, "accuracy_sd"] == pytest.approx(np.std(single["accuracy"], ddof=1))
 
 
 def test_grid_search_picks_lowest_validation_loss(adata):
     grid = {"lr": [1e-4, 1e-2], "batch_size": [32, 128]}
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", hidden=32, epochs=8, param_grid=grid)
+    model = scl.tl.fuse_train(
+        adata,
+        REPS,
+        "cell_type",
+        architecture="paper",
+        hidden=32,
+        epochs=8,
+        param_grid=grid,
+        report_inputs=False,
+    )
     table = adata.uns["fusion"]["grid"]
     assert len(table) == 4 and set(table["lr"]) == {1e-4, 1e-2}
     best = table.loc[table["val_loss"].idxmin()]
@@ -252,11 +339,19 @@ def test_mlp_annotate_matches_sklearn(adata):
         ({"lr_decay": 1.5}, ValueError, "Invalid lr_decay"),
         ({"validation_fraction": 1.0}, ValueError, "Invalid validation_fraction"),
         ({"n_runs": 0}, ValueError, "Invalid n_runs"),
-        ({"param_grid": {"momentum": [0.9]}}, ValueError, "unknown settings \\['momentum'\\]"),
-        ({"param_grid": {"lr": []}}, ValueError, "no candidate values"),
-        ({"param_grid": "paper"}, ValueError, "param_grid must be"),
-        ({"param_grid": {"lr": [1e-3]}, "validation_fraction": 0}, ValueError, "needs a validation split"),
-        ({"param_grid": {"lr": [-1.0]}}, ValueError, "Invalid lr"),
+        ({"param_grid": {"momentum": [0.9]}, **PAPER}, ValueError, "unknown settings \\['momentum'\\]"),
+        ({"param_grid": {"lr": []}, **PAPER}, ValueError, "no candidate values"),
+        ({"param_grid": "paper", **PAPER}, ValueError, "param_grid must be"),
+        (
+            {"param_grid": {"lr": [1e-3]}, "validation_fraction": 0, **PAPER},
+            ValueError,
+            "needs a validation split",
+        ),
+        ({"param_grid": {"lr": [-1.0]}, **PAPER}, ValueError, "Invalid lr"),
+        ({"param_grid": {"lr": [1e-3]}}, ValueError, "param_grid applies to architecture='paper'"),
+        ({"architecture": "deep"}, ValueError, "architecture must be one of"),
+        ({"n_folds": 1}, ValueError, "Invalid n_folds"),
+        ({"min_confidence": 1.5}, ValueError, "min_confidence must be in"),
     ],
 )
 def test_fuse_train_errors(adata, kwargs, exc, match):
@@ -279,7 +374,9 @@ def test_fuse_train_label_errors(adata):
 
 
 def test_no_validation_trains_all_epochs(adata):
-    scl.tl.fuse_train(adata, REPS, "cell_type", validation_fraction=0, hidden=32, epochs=4)
+    scl.tl.fuse_train(
+        adata, REPS, "cell_type", architecture="paper", validation_fraction=0, hidden=32, epochs=4
+    )
     hist = adata.uns["fusion"]["history"]
     assert len(hist) == 4 and hist["val_loss"].isna().all()
     assert adata.uns["fusion"]["n_validation"] == 0
@@ -336,8 +433,15 @@ def test_fusion_model_contract():
 
 
 def test_standardization_is_part_of_the_model(adata):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    # The stacked default standardizes on all training cells (its folds all use the same scaling).
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", report_inputs=False, **FAST)
     train = (adata.obs["split"] == "train").to_numpy()
+    for std, key in zip(model.inputs, REPS, strict=True):
+        X = adata.obsm[key][train].astype(np.float64)
+        np.testing.assert_allclose(std.shift.numpy(), X.mean(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(std.scale.numpy(), np.sqrt(X.var(0).mean()), rtol=1e-5)
+    # The paper's recipe standardizes only when asked, on the cells left after the validation split.
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", standardize=True, report_inputs=False, **PAPER)
     from sc_llm.tl._fusion import _stratified_split
 
     codes = np.searchsorted(model.classes, adata.obs["cell_type"].astype(str).to_numpy()[train])
@@ -349,3 +453,69 @@ def test_standardization_is_part_of_the_model(adata):
     raw = scl.tl.fuse_train(adata, REPS, "cell_type", standardize=False, key_added="raw", **FAST)
     assert all(torch.equal(s.scale, torch.ones_like(s.scale)) for s in raw.inputs)
     assert adata.uns["raw"]["params"]["standardize"] is False
+
+
+def test_min_confidence_labels_unknown(adata, tmp_path):
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", report_inputs=False, **FAST)
+    proba = adata.obsm["fusion_proba"]
+    threshold = float(np.quantile(proba.max(1), 0.3))  # about 30 % of the cells fall below it
+    scl.tl.fuse_predict(
+        adata, model, labels_key="cell_type", split_key="split", min_confidence=threshold, key_added="p"
+    )
+    conf = adata.obs["p_confidence"].to_numpy()
+    np.testing.assert_allclose(conf, proba.max(1), rtol=1e-6)
+    pred = adata.obs["p"].astype(str).to_numpy()
+    low = conf < threshold
+    assert low.any() and (pred[low] == "unknown").all()
+    assert (pred[~low] == adata.obs["fusion"].astype(str).to_numpy()[~low]).all()
+    # The top-3 candidates keep the model's ranking for re-ranking.
+    assert (adata.obs["p_top1"].astype(str) == adata.obs["fusion"].astype(str)).all()
+    held = _held_out(adata)
+    truth = adata.obs["cell_type"].astype(str).to_numpy()[held]
+    metrics = adata.uns["p"]["metrics"]
+    assert metrics["rejection_rate"] == pytest.approx(low[held].mean())
+    assert metrics["accuracy"] == pytest.approx((pred[held] == truth).mean())
+    assert adata.uns["p"]["params"]["min_confidence"] == pytest.approx(threshold)
+    # None never rejects; the saved model applies the same threshold.
+    scl.tl.fuse_predict(adata, model, key_added="q")
+    assert "unknown" not in set(adata.obs["q"].astype(str))
+    scl.tl.fuse_predict(adata, model.save(tmp_path / "m"), min_confidence=threshold, key_added="r")
+    assert (adata.obs["r"].astype(str).to_numpy() == pred).all()
+    with pytest.raises(ValueError, match="min_confidence must be in"):
+        scl.tl.fuse_predict(adata, model, min_confidence=-0.1)
+
+
+def test_mlp_annotate_n_runs_and_min_confidence(adata):
+    scl.tl.mlp_annotate(adata, "X_pca", "cell_type", n_runs=3, random_state=2, max_iter=30)
+    uns = adata.uns["mlp"]
+    runs = uns["runs"]
+    assert list(runs["seed"]) == [2, 3, 4] and uns["params"]["n_runs"] == 3
+    assert runs["accuracy"].iloc[0] == pytest.approx(uns["metrics"]["accuracy"])
+    assert uns["metrics_mean"]["f1"] == pytest.approx(runs["f1"].mean())
+    assert uns["metrics_sd"]["accuracy"] == pytest.approx(np.std(runs["accuracy"], ddof=1))
+    # Run 2 is the sklearn fit with seed 3.
+    scl.tl.mlp_annotate(adata, "X_pca", "cell_type", random_state=3, max_iter=30, key_added="single")
+    assert runs["accuracy"].iloc[1] == pytest.approx(adata.uns["single"]["metrics"]["accuracy"])
+    scl.tl.mlp_annotate(adata, "X_pca", "cell_type", max_iter=30, min_confidence=0.9, key_added="strict")
+    conf = adata.obs["strict_confidence"].to_numpy()
+    pred = adata.obs["strict"].astype(str).to_numpy()
+    assert ((pred == "unknown") == (conf < 0.9)).all()
+    assert adata.uns["strict"]["metrics"]["rejection_rate"] == pytest.approx(
+        (conf < 0.9)[_held_out(adata)].mean()
+    )
+    with pytest.raises(ValueError, match="Invalid n_runs"):
+        scl.tl.mlp_annotate(adata, "X_pca", "cell_type", n_runs=0)
+
+
+def test_stacked_model_contract():
+    torch.manual_seed(0)
+    model = scl.models.FusionModel(["a", "b"], [3, 2], ["x", "y", "z"], hidden=8, architecture="stacked")
+    assert model.head is None and torch.equal(model.mix, torch.ones(2))
+    xa, xb = torch.randn(4, 3), torch.randn(4, 2)
+    model.mix.copy_(torch.tensor([0.0, 2.0]))
+    with torch.no_grad():
+        # With input a weighted out, the fused logits are twice b's log-probabilities.
+        expected = 2 * torch.log_softmax(model.branches[1](xb), dim=1)
+        torch.testing.assert_close(model(xa, xb), expected)
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        scl.models.FusionModel(["a"], [3], ["x", "y"], architecture="deep")

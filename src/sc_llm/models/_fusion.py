@@ -1,11 +1,23 @@
-"""The scMPT fusion network (paper Figure 1, Appendix A.2) as a plain ``torch.nn.Module``.
+"""Fusion networks over frozen cell embeddings as plain ``torch.nn.Module`` s.
 
-Each representation is centred and divided by one scale (identity unless set from training cells:
-encoders differ by orders of magnitude in scale, e.g. unit-norm text embeddings vs PCA coordinates),
-then goes through its own ``Linear(dim, hidden) + ReLU`` branch; the branch outputs
-are concatenated and a final ``Linear`` gives one logit per class. ``forward`` returns logits so
-that training uses a numerically stable cross-entropy and attribution methods (integrated
-gradients) can pick any target; softmax is applied only in :meth:`FusionModel.predict_proba`.
+Two architectures share one class, :class:`FusionModel`:
+
+``"paper"``
+    scMPT exactly as the paper describes it (Figure 1, Appendix A.2): each representation goes
+    through its own ``Linear(dim, hidden) + ReLU`` branch; the branch outputs are concatenated and a
+    final ``Linear`` gives one logit per class.
+``"stacked"``
+    One small expert per representation (``Linear(dim, hidden) + ReLU + Linear(hidden, n_classes)``);
+    the fused logits are ``sum_m mix[m] * log_softmax(expert_m)``, a weighted product of the experts'
+    class probabilities. The non-negative weights ``mix`` are fitted on out-of-fold predictions of the
+    training cells (see :func:`sc_llm.tl.fuse_train`): an input that does not help gets a weight near
+    zero, so the fused model cannot fall far below its best input, and complementary inputs add up.
+
+In both, each representation is first centred and divided by one scale (identity unless set from
+training cells: encoders differ by orders of magnitude in scale, e.g. unit-norm text embeddings vs
+PCA coordinates). ``forward`` returns logits so that training uses a numerically stable
+cross-entropy and attribution methods (integrated gradients) can pick any target; softmax is
+applied only in :meth:`FusionModel.predict_proba`.
 
 With a single representation the same module is the "encoder + MLP" head of the paper's tables.
 """
@@ -24,6 +36,7 @@ from torch import nn
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "sc_llm.fusion/1"
+ARCHITECTURES = ("stacked", "paper")
 
 
 class FusionModel(nn.Module):
@@ -41,17 +54,23 @@ class FusionModel(nn.Module):
         Output width of each per-representation dense layer (the paper: 4096).
     hyperparameters
         Training settings recorded with the model (saved in ``config.json``).
+    architecture
+        ``"stacked"`` (per-representation experts combined by fitted weights) or ``"paper"``
+        (the paper's concatenation network); see the module docstring.
 
     Attributes
     ----------
-    use_reps, input_dims, classes, hidden, hyperparameters
+    use_reps, input_dims, classes, hidden, hyperparameters, architecture
         As passed.
     inputs
         One :class:`Standardize` per representation (identity until :meth:`set_standardization`).
     branches
-        One ``Sequential(Linear(dim, hidden), ReLU())`` per representation.
+        One ``Sequential(Linear(dim, hidden), ReLU())`` per representation (``"stacked"``: followed
+        by ``Linear(hidden, n_classes)``, so each branch is a complete classifier).
     head
-        ``Linear(hidden * len(use_reps), len(classes))``.
+        ``"paper"``: ``Linear(hidden * len(use_reps), len(classes))``; ``"stacked"``: ``None``.
+    mix
+        ``"stacked"``: buffer of one non-negative weight per representation (ones until fitted).
     """
 
     def __init__(
@@ -62,8 +81,11 @@ class FusionModel(nn.Module):
         *,
         hidden: int = 4096,
         hyperparameters: Mapping[str, Any] | None = None,
+        architecture: str = "paper",
     ) -> None:
         super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}.")
         use_reps, input_dims, classes = (
             list(map(str, use_reps)),
             [int(d) for d in input_dims],
@@ -72,16 +94,41 @@ class FusionModel(nn.Module):
         _check_config(use_reps, input_dims, classes, hidden)
         self.use_reps, self.input_dims, self.classes, self.hidden = use_reps, input_dims, classes, int(hidden)
         self.hyperparameters = dict(hyperparameters or {})
+        self.architecture = architecture
         self.inputs = nn.ModuleList(Standardize(d) for d in input_dims)
-        self.branches = nn.ModuleList(nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU()) for d in input_dims)
-        self.head = nn.Linear(self.hidden * len(input_dims), len(classes))
+        n_classes = len(classes)
+        if architecture == "paper":
+            self.branches = nn.ModuleList(
+                nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU()) for d in input_dims
+            )
+            self.head = nn.Linear(self.hidden * len(input_dims), n_classes)
+        else:
+            self.branches = nn.ModuleList(
+                nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Linear(self.hidden, n_classes))
+                for d in input_dims
+            )
+            self.head = None
+            self.register_buffer("mix", torch.ones(len(input_dims)))
 
     def forward(self, *reps: torch.Tensor) -> torch.Tensor:
         """Logits ``[n_cells, n_classes]`` from one float tensor per representation (``use_reps`` order)."""
         if len(reps) != len(self.branches):
             raise ValueError(f"Expected {len(self.branches)} tensors ({self.use_reps}), got {len(reps)}.")
+        if self.architecture == "stacked":
+            return self.combine(self.expert_log_proba(*reps))
         parts = [branch(std(x)) for std, branch, x in zip(self.inputs, self.branches, reps, strict=True)]
         return self.head(torch.cat(parts, dim=1))
+
+    def expert_log_proba(self, *reps: torch.Tensor) -> list[torch.Tensor]:
+        """``"stacked"`` only: each expert's class log-probabilities, one tensor per representation."""
+        return [
+            torch.log_softmax(branch(std(x)), dim=1)
+            for std, branch, x in zip(self.inputs, self.branches, reps, strict=True)
+        ]
+
+    def combine(self, log_probas: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``"stacked"`` only: fused logits ``sum_m mix[m] * log_proba_m``."""
+        return sum(w * lp for w, lp in zip(self.mix, log_probas, strict=True))
 
     def set_standardization(self, arrays: Sequence[np.ndarray]) -> None:
         """Centre each input on the mean of ``arrays`` (training cells) and divide it by one scale per input.
@@ -101,7 +148,7 @@ class FusionModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        return self.inputs[0].shift.device
 
     def check_inputs(self, arrays: Sequence[np.ndarray], where: str = "input") -> None:
         """Raise a clear error when the number, widths or row counts of ``arrays`` do not fit the model."""
@@ -152,6 +199,7 @@ class FusionModel(nn.Module):
             "use_reps": self.use_reps,
             "input_dims": self.input_dims,
             "hidden": self.hidden,
+            "architecture": self.architecture,
             "classes": self.classes,
             "hyperparameters": _jsonable(self.hyperparameters),
             "sc_llm_version": sc_llm_version,
@@ -190,6 +238,8 @@ class FusionModel(nn.Module):
             config["classes"],
             hidden=config["hidden"],
             hyperparameters=config.get("hyperparameters"),
+            # Models saved before the stacked architecture existed are the paper's network.
+            architecture=config.get("architecture", "paper"),
         )
         missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
         if missing or unexpected:
@@ -201,7 +251,10 @@ class FusionModel(nn.Module):
         return model.eval()
 
     def extra_repr(self) -> str:
-        return f"use_reps={self.use_reps}, input_dims={self.input_dims}, n_classes={len(self.classes)}"
+        return (
+            f"architecture={self.architecture!r}, use_reps={self.use_reps}, input_dims={self.input_dims}, "
+            f"n_classes={len(self.classes)}"
+        )
 
 
 class Standardize(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,10 +58,12 @@ def attribute(
     top_n: int = 10,
     target: str = "label",
     normalize: bool | None = None,
+    exclude: Sequence[str] = (),
     n_steps: int = 50,
-    internal_batch_size: int = 16,
+    internal_batch_size: int | None = None,
     num_samples: int = 1000,
     batch_size: int = 64,
+    precision: str = "fp32",
     random_state: int = 0,
     device: Any = None,
     key_added: str | None = None,
@@ -109,8 +112,20 @@ def attribute(
         L2-normalize the text embedding before the head; ``None`` reads it from
         ``uns[head.use_reps[0]]["normalize"]`` when available, else ``True``
         (the :func:`sc_llm.tl.embed_text` default).
+    exclude
+        Regular expressions (case-insensitive, :func:`re.search`) of genes to leave out of the
+        per-group top lists, e.g. ``("^RP[SL]", "^MT-")`` for ribosomal and mitochondrial genes,
+        which otherwise dominate them. Excluded genes are still attributed (the per-cell sums and
+        completeness check are unchanged); only the summary skips them.
     n_steps, internal_batch_size
-        Integration steps and forward batch size of integrated gradients.
+        Integration steps and forward batch size of integrated gradients; ``None`` runs all steps
+        of a cell in one batch (fastest on CPU and GPU alike when memory allows).
+    precision
+        ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) or ``"auto"`` (fp16 on CUDA, fp32 elsewhere): the
+        precision of the encoder's forward and backward passes, through the same reduced-precision
+        weight copy :func:`sc_llm.tl.embed_text` uses. ``"bf16"`` on a CPU without native bf16
+        falls back to fp32. The head runs in fp32. See ``benchmarks/bench_attribute.py`` for the
+        speed and the agreement with fp32.
     num_samples
         Perturbed sentences per cell for LIME (lime's own default is 5000; 1000 keeps a CPU run short).
     batch_size
@@ -132,18 +147,25 @@ def attribute(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown attribution method {method!r}; choose one of {list(METHODS)}.")
+    excluded = _compile_exclude(exclude)
     if target not in ("label", "predicted"):
         raise ValueError(f"target must be 'label' or 'predicted', got {target!r}.")
+    from ..models._runtime import resolve_precision
     from ..models._text import load_text_encoder
 
     classes = _head_classes(head)
     encoder = load_text_encoder(model, device)
+    used_precision = resolve_precision(precision, encoder.device)
     normalize = _resolve_normalize(adata, head, normalize)
-    cells = _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells, random_state, target)
+    cells = _pick_cells(
+        adata, groupby, classes, split_key, split_value, groups, n_cells, random_state, target
+    )
     sentences = adata.obs[sentence_key] if sentence_key in adata.obs else None
     if sentences is None:
-        raise KeyError(f"Column {sentence_key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences.")
-    explainer = _Explainer(encoder, head, normalize)
+        raise KeyError(
+            f"Column {sentence_key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences."
+        )
+    explainer = _Explainer(encoder, head, normalize, used_precision)
     lime_rng = np.random.RandomState(random_state)
     rows, per_cell = [], []
     with progress(len(cells), f"attribute ({method})", unit="cell") as bar:
@@ -152,27 +174,47 @@ def attribute(
             predicted = int(np.argmax(explainer.logits([words])[0]))
             tgt = predicted if target == "predicted" else classes.index(group)
             if method == "integrated_gradients":
-                res = explainer.integrated_gradients(words, tgt, n_steps=n_steps, internal_batch_size=internal_batch_size)
+                res = explainer.integrated_gradients(
+                    words, tgt, n_steps=n_steps, internal_batch_size=internal_batch_size
+                )
             else:
                 res = explainer.lime(words, tgt, num_samples=num_samples, batch_size=batch_size, rng=lime_rng)
             rows.append(pd.DataFrame({"group": group, "gene": res.genes, "attribution": res.scores}))
-            per_cell.append({
-                "cell": name, "group": group, "target": classes[tgt], "predicted": classes[predicted],
-                "n_genes_in_context": len(words), "attribution_sum": float(np.sum(res.scores)),
-                "delta": res.delta, "fit_score": res.fit_score,
-            })
+            per_cell.append(
+                {
+                    "cell": name,
+                    "group": group,
+                    "target": classes[tgt],
+                    "predicted": classes[predicted],
+                    "n_genes_in_context": len(words),
+                    "attribution_sum": float(np.sum(res.scores)),
+                    "delta": res.delta,
+                    "fit_score": res.fit_score,
+                }
+            )
             bar.update(1)
-    genes = _top_genes(rows, top_n, method)
+    genes = _top_genes(rows, top_n, method, excluded)
     key_added = key_added or f"attributions_{method}"
     warn_overwrite(adata.uns, key_added, "adata.uns")
     adata.uns[key_added] = {
         "genes": genes,
         "cells": pd.DataFrame(per_cell).set_index("cell"),
         "params": {
-            "method": method, "groupby": groupby, "sentence_key": sentence_key, "n_cells": n_cells, "top_n": top_n,
-            "target": target, "normalize": normalize, "n_steps": n_steps, "num_samples": num_samples,
-            "random_state": random_state, "model": encoder.identity(), "classes": classes,
+            "method": method,
+            "groupby": groupby,
+            "sentence_key": sentence_key,
+            "n_cells": n_cells,
+            "top_n": top_n,
+            "target": target,
+            "normalize": normalize,
+            "n_steps": n_steps,
+            "num_samples": num_samples,
+            "random_state": random_state,
+            "model": encoder.identity(),
+            "classes": classes,
             "target_score": "logit" if method == "integrated_gradients" else "probability",
+            "exclude": [p.pattern for p in excluded],
+            "precision": used_precision,
         },
     }
     return genes
@@ -212,7 +254,9 @@ def _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells
     keep = labels.notna().to_numpy()
     if split_key is not None:
         if split_key not in adata.obs:
-            raise KeyError(f"Column {split_key!r} not found in adata.obs; pass split_key=None to use all cells.")
+            raise KeyError(
+                f"Column {split_key!r} not found in adata.obs; pass split_key=None to use all cells."
+            )
         keep &= (adata.obs[split_key].astype(str) == str(split_value)).to_numpy()
     labels = labels[keep].astype(str)
     present = list(dict.fromkeys(sorted(labels.unique())))
@@ -222,13 +266,19 @@ def _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells
         chosen = [str(g) for g in groups]
         absent = [g for g in chosen if g not in present]
         if absent:
-            raise ValueError(f"Groups without cells to explain in obs[{groupby!r}]: {format_examples(absent)}.")
+            raise ValueError(
+                f"Groups without cells to explain in obs[{groupby!r}]: {format_examples(absent)}."
+            )
     unknown = [g for g in chosen if g not in classes]
     if unknown and target == "label":
-        warnings.warn(f"Skipping groups the head cannot predict: {format_examples(unknown)}.", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"Skipping groups the head cannot predict: {format_examples(unknown)}.", UserWarning, stacklevel=3
+        )
         chosen = [g for g in chosen if g in classes]
     if not chosen:
-        raise ValueError(f"No group of obs[{groupby!r}] left to explain (head classes: {format_examples(classes)}).")
+        raise ValueError(
+            f"No group of obs[{groupby!r}] left to explain (head classes: {format_examples(classes)})."
+        )
     rng = np.random.default_rng(random_state)
     cells: dict[str, str] = {}
     for g in chosen:
@@ -244,14 +294,35 @@ def _in_context_words(encoder, sentence: str) -> list[str]:
     return words[: int(n_fit[0])]
 
 
-def _top_genes(rows: list[pd.DataFrame], top_n: int, method: str) -> pd.DataFrame:
+def _compile_exclude(exclude: Sequence[str]) -> list[re.Pattern]:
+    if isinstance(exclude, str):
+        raise TypeError(f"exclude must be a sequence of patterns, e.g. ({exclude!r},), not a string.")
+    compiled = []
+    for pattern in exclude:
+        try:
+            compiled.append(re.compile(pattern, re.IGNORECASE))
+        except re.error as err:
+            raise ValueError(
+                f"exclude pattern {pattern!r} is not a valid regular expression: {err}."
+            ) from err
+    return compiled
+
+
+def _top_genes(
+    rows: list[pd.DataFrame], top_n: int, method: str, excluded: Sequence[re.Pattern] = ()
+) -> pd.DataFrame:
     cols = ["group", "rank", "gene", "attribution", "n_cells", "method"]
     if not rows:
         return pd.DataFrame(columns=cols)
     long = pd.concat(rows, ignore_index=True)
-    summed = long.groupby(["group", "gene"], sort=False).agg(
-        attribution=("attribution", "sum"), n_cells=("attribution", "size")
-    ).reset_index()
+    if excluded:
+        drop = long["gene"].map(lambda g: any(p.search(g) for p in excluded)).to_numpy(bool)
+        long = long[~drop]
+    summed = (
+        long.groupby(["group", "gene"], sort=False)
+        .agg(attribution=("attribution", "sum"), n_cells=("attribution", "size"))
+        .reset_index()
+    )
     summed = summed[summed["attribution"] > 0]
     # Sort by group order of first appearance, then attribution (ties: gene name) for a stable table.
     order = {g: i for i, g in enumerate(dict.fromkeys(long["group"]))}
@@ -267,8 +338,10 @@ def _top_genes(rows: list[pd.DataFrame], top_n: int, method: str) -> pd.DataFram
 class _Explainer:
     """The explained function: gene sentence → frozen encoder → (normalize) → head → logits."""
 
-    def __init__(self, encoder, head, normalize: bool):
+    def __init__(self, encoder, head, normalize: bool, precision: str = "fp32"):
         self.encoder, self.head, self.normalize = encoder, head, normalize
+        # The encoder's own reduced-precision weight copy (made once per precision and kept).
+        self.model = encoder._model_in(precision)
         self.tokenizer = encoder.tokenizer
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.needs_token_types = "token_type_ids" in self.tokenizer.model_input_names
@@ -283,7 +356,7 @@ class _Explainer:
         features = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.needs_token_types:
             features["token_type_ids"] = torch.zeros_like(input_ids)
-        emb = self.encoder.model(features)["sentence_embedding"].float()
+        emb = self.model(features)["sentence_embedding"].float()
         if self.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
         return self.head(emb.to(self.head_device))
@@ -294,8 +367,9 @@ class _Explainer:
 
         from ..models._runtime import pad_batch
 
-        ids = self.tokenizer([" ".join(w) for w in sentences], truncation=True,
-                             max_length=self.encoder.max_tokens)["input_ids"]
+        ids = self.tokenizer(
+            [" ".join(w) for w in sentences], truncation=True, max_length=self.encoder.max_tokens
+        )["input_ids"]
         out = []
         with torch.inference_mode():
             for start in range(0, len(ids), batch_size):
@@ -309,19 +383,28 @@ class _Explainer:
         import torch
 
         text = " ".join(words)
-        enc = self.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True,
-                             truncation=True, max_length=self.encoder.max_tokens)
+        enc = self.tokenizer(
+            text,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            truncation=True,
+            max_length=self.encoder.max_tokens,
+        )
         starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]]).tolist()
-        gene_of = np.array([
-            -1 if special else bisect.bisect_right(starts, begin) - 1
-            for (begin, _), special in zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
-        ])
+        gene_of = np.array(
+            [
+                -1 if special else bisect.bisect_right(starts, begin) - 1
+                for (begin, _), special in zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
+            ]
+        )
         ids = torch.tensor([enc["input_ids"]], device=self.encoder.device)
         baseline = ids.clone()
         baseline[0, torch.as_tensor(gene_of >= 0, device=ids.device)] = self.pad_id
         return ids, baseline, gene_of
 
-    def integrated_gradients(self, words, target: int, *, n_steps: int, internal_batch_size: int) -> GeneAttribution:
+    def integrated_gradients(
+        self, words, target: int, *, n_steps: int, internal_batch_size: int | None
+    ) -> GeneAttribution:
         try:
             from captum.attr import LayerIntegratedGradients
         except ImportError as err:  # pragma: no cover - captum is a core dependency
@@ -330,13 +413,18 @@ class _Explainer:
 
         ids, baseline, gene_of = self.token_inputs(words)
         mask = torch.ones_like(ids)
-        layer = _input_embeddings(self.encoder.model)
+        layer = _input_embeddings(self.model)
         lig = LayerIntegratedGradients(self.forward, layer)
         attr, delta = lig.attribute(
-            ids, baselines=baseline, target=target, additional_forward_args=(mask,), n_steps=n_steps,
-            internal_batch_size=internal_batch_size, return_convergence_delta=True,
+            ids,
+            baselines=baseline,
+            target=target,
+            additional_forward_args=(mask,),
+            n_steps=n_steps,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
         )
-        per_token = attr.sum(dim=-1)[0].detach().double().cpu().numpy()
+        per_token = attr.float().sum(dim=-1)[0].detach().double().cpu().numpy()
         scores = np.zeros(len(words))
         np.add.at(scores, gene_of[gene_of >= 0], per_token[gene_of >= 0])
         return GeneAttribution(list(words), scores, delta=float(delta.item()))
@@ -355,12 +443,17 @@ class _Explainer:
         try:
             from lime.lime_text import LimeTextExplainer
         except ImportError as err:
-            raise ImportError("LIME attributions need the lime package: pip install 'sc-llm[interpret]'.") from err
+            raise ImportError(
+                "LIME attributions need the lime package: pip install 'sc-llm[interpret]'."
+            ) from err
         import torch
 
         explainer = LimeTextExplainer(
-            class_names=list(self.head.classes), split_expression=r"\s+", bow=False,
-            mask_string=self.tokenizer.pad_token or "[PAD]", random_state=rng,
+            class_names=list(self.head.classes),
+            split_expression=r"\s+",
+            bow=False,
+            mask_string=self.tokenizer.pad_token or "[PAD]",
+            random_state=rng,
         )
 
         def predict_proba(texts):

@@ -73,7 +73,9 @@ def compare_annotators(
     One row per annotator (index ``model``) with columns ``method``, ``use_reps``, ``n_runs``, and for
     each of accuracy, precision, recall and F1 (macro) the mean over runs and its sample standard
     deviation (``<metric>_sd``, ddof=1; NaN for a single run). Also stored, with the per-run table
-    (``runs``: one row per annotator and seed), in ``uns[key_added]``. ``adata``'s ``obs`` and
+    (``runs``: one row per annotator and seed) and, with a fused row, ``paired`` (the fused model
+    minus each other trained row over the shared seeds, see :func:`paired_comparison`), in
+    ``uns[key_added]``. ``adata``'s ``obs`` and
     ``obsm`` are left untouched: the annotators write into a light copy holding only labels, split
     and representations.
     """
@@ -111,7 +113,58 @@ def compare_annotators(
         "summary": summary.reset_index(),
         "runs": runs,
     }
+    fused = summary.index[summary["method"] == "fusion"]
+    if len(fused):
+        # Same seeds for every trained row: the fused model's paired differences to each of them.
+        adata.uns[key_added]["paired"] = paired_comparison(runs, fused[0]).reset_index()
     return summary
+
+
+def paired_comparison(
+    runs: pd.DataFrame,
+    reference: str,
+    *,
+    by: str = "model",
+    pair: str = "seed",
+    metrics: Sequence[str] = METRICS,
+) -> pd.DataFrame:
+    """Mean (sd) per model over runs, and each model's paired difference to ``reference`` over seeds.
+
+    ``runs`` has one row per model and seed (columns ``by``, ``pair`` and the metrics). For every
+    model other than ``reference`` and every metric in ``("accuracy", "f1")``, ``delta_<metric>`` is
+    the mean over shared seeds of reference − model (positive: the reference is better),
+    ``delta_<metric>_sd`` its sample sd, ``wins``/``ties``/``losses`` count seeds where the reference's
+    accuracy is higher/equal/lower, and ``p_accuracy`` is the paired t-test p-value (NaN with fewer
+    than two seeds or identical differences). Rows without a seed (kNN) get no paired columns.
+    """
+    from scipy.stats import ttest_rel
+
+    ref = runs[runs[by] == reference].dropna(subset=[pair]).set_index(pair)
+    rows = []
+    for model, group in runs.groupby(by, sort=False):
+        row: dict[str, Any] = {by: model, "n_runs": len(group)}
+        for m in metrics:
+            row[m] = float(group[m].mean())
+            row[f"{m}_sd"] = float(group[m].std(ddof=1)) if len(group) > 1 else float("nan")
+        paired = group.dropna(subset=[pair]).set_index(pair)
+        common = ref.index.intersection(paired.index)
+        if model != reference and len(common):
+            for m in ("accuracy", "f1"):
+                d = ref.loc[common, m].to_numpy(float) - paired.loc[common, m].to_numpy(float)
+                row[f"delta_{m}"] = float(d.mean())
+                row[f"delta_{m}_sd"] = float(d.std(ddof=1)) if d.size > 1 else float("nan")
+            d = ref.loc[common, "accuracy"].to_numpy(float) - paired.loc[common, "accuracy"].to_numpy(float)
+            row.update(wins=int((d > 0).sum()), ties=int((d == 0).sum()), losses=int((d < 0).sum()))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                same = d.size < 2 or np.allclose(d, d[0])
+                row["p_accuracy"] = (
+                    float("nan")
+                    if same
+                    else float(ttest_rel(ref.loc[common, "accuracy"], paired.loc[common, "accuracy"]).pvalue)
+                )
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(by)
 
 
 def format_table(summary: pd.DataFrame, metrics: Sequence[str] = METRICS, digits: int = 3) -> pd.DataFrame:

@@ -21,6 +21,9 @@ from ._metrics import classification_metrics, get_labels, get_rep, train_mask
 
 logger = logging.getLogger("sc_llm")
 
+#: Label of cells whose highest class probability is below ``min_confidence``.
+UNKNOWN = "unknown"
+
 
 def mlp_annotate(
     adata: AnnData,
@@ -29,6 +32,8 @@ def mlp_annotate(
     *,
     split_key: str = "split",
     train_value: str = "train",
+    n_runs: int = 1,
+    min_confidence: float | None = None,
     random_state: int = 0,
     key_added: str = "mlp",
     copy: bool = False,
@@ -50,6 +55,15 @@ def mlp_annotate(
         ``obs`` column with the labels; cells without a label (NaN) are not trained on.
     split_key, train_value
         Training cells are those with ``obs[split_key] == train_value`` and a label.
+    n_runs
+        Number of fits with seeds ``random_state, random_state + 1, …``; held-out metrics per run
+        are in ``uns[key_added]["runs"]`` with their mean and sample standard deviation (ddof=1).
+        Predictions come from the first run.
+    min_confidence
+        Cells whose highest class probability is below this are labelled ``"unknown"`` in
+        ``obs[key_added]`` (they count as errors in the metrics; the rejected fraction is
+        ``metrics["rejection_rate"]``). ``None`` never rejects. The highest probability is written to
+        ``obs[f"{key_added}_confidence"]`` either way.
     random_state
         Seed of the weight initialisation and batch shuffling.
     key_added
@@ -63,36 +77,61 @@ def mlp_annotate(
     -------
     ``None`` or a copy. Sets, as :func:`sc_llm.tl.knn_annotate` does,
 
-    - ``obs[key_added]``: prediction for every cell;
+    - ``obs[key_added]``: prediction for every cell (``"unknown"`` below ``min_confidence``);
+      ``obs[f"{key_added}_confidence"]``: its highest class probability;
     - ``obs[f"{key_added}_top{i}"]`` and ``obs[f"{key_added}_top{i}_frac"]`` (i = 1..3): the three
       most probable labels and their probabilities;
     - ``obsm[f"{key_added}_proba"]``: class probabilities, columns in ``uns[key_added]["classes"]`` order;
-    - ``uns[key_added]``: parameters, classes, labels seen only outside training, and ``"metrics"``
-      (accuracy, macro precision/recall/F1, top-3 accuracy) on the labelled non-training cells.
+    - ``uns[key_added]``: parameters, classes, labels seen only outside training, ``"metrics"``
+      (accuracy, macro precision/recall/F1, top-3 accuracy) on the labelled non-training cells,
+      ``"runs"`` (metrics per seed), ``"metrics_mean"`` and ``"metrics_sd"``.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
+    if int(n_runs) != n_runs or n_runs < 1:
+        raise ValueError(f"Invalid n_runs={n_runs!r}.")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence must be in [0, 1] or None, got {min_confidence!r}.")
     adata = maybe_copy(adata, copy)
     X = get_rep(adata, use_rep)
     labels = get_labels(adata, labels_key)
     train, y_train, classes = training_cells(adata, labels, split_key, train_value)
-    clf = MLPClassifier(random_state=random_state, **mlp_kwargs)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(X[train], y_train)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    held_out = labels.notna().to_numpy() & ~train
+    fits, rows = [], []
+    for i in range(int(n_runs)):
+        clf = MLPClassifier(random_state=random_state + i, **mlp_kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf.fit(X[train], y_train)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        # predict_proba columns follow clf.classes_, which np.unique also sorts: same order as `classes`.
+        proba = clf.predict_proba(X).astype(np.float32)
+        fits.append((clf, converged, proba))
+        if i > 0:
+            order = np.argsort(-proba, axis=1, kind="stable")[:, :N_CANDIDATES]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                metrics_i, _ = evaluate(
+                    labels, classes.astype(object), order, held_out, confidence=_conf(proba, min_confidence)
+                )
+            rows.append({"run": i, "seed": random_state + i, **metrics_i})
+    clf, converged, proba = fits[0]
     if not converged:
         logger.info("mlp_annotate: MLPClassifier stopped at max_iter=%d before converging.", clf.max_iter)
-    # predict_proba columns follow clf.classes_, which np.unique also sorts: same order as `classes`.
-    proba = clf.predict_proba(X).astype(np.float32)
-    metrics, unseen = write_predictions(adata, key_added, classes, proba, labels, train)
+    metrics, unseen = write_predictions(
+        adata, key_added, classes, proba, labels, train, min_confidence=min_confidence
+    )
+    runs = pd.DataFrame([{"run": 0, "seed": random_state, **metrics}, *rows])
+    cols = [c for c in ("accuracy", "precision", "recall", "f1", "top3_accuracy") if c in runs]
     adata.uns[key_added] = {
         "params": {
             "use_rep": use_rep,
             "labels_key": labels_key,
             "split_key": split_key,
             "random_state": random_state,
+            "n_runs": int(n_runs),
+            "min_confidence": -1.0 if min_confidence is None else float(min_confidence),
             "mlp_params": {
                 k: v for k, v in clf.get_params().items() if isinstance(v, int | float | str | bool)
             },
@@ -102,6 +141,9 @@ def mlp_annotate(
         "n_iter": int(clf.n_iter_),
         "converged": converged,
         "metrics": metrics,
+        "runs": runs,
+        "metrics_mean": {c: float(runs[c].mean()) for c in cols},
+        "metrics_sd": {c: float(runs[c].std(ddof=1)) if len(runs) > 1 else float("nan") for c in cols},
     }
     return adata if copy else None
 
@@ -129,24 +171,53 @@ def write_predictions(
     proba: np.ndarray,
     labels: pd.Series | None,
     train: np.ndarray | None,
+    *,
+    min_confidence: float | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Write predictions/top-3/probabilities; return metrics on labelled non-training cells and unseen labels."""
+    """Write predictions/top-3/probabilities; return metrics on labelled non-training cells and unseen labels.
+
+    With ``min_confidence``, ``obs[key]`` is :data:`UNKNOWN` where the highest probability is below it;
+    the top-3 columns keep the model's ranking (for re-ranking with an LLM).
+    """
     classes = np.asarray(classes, dtype=object)
     order = np.argsort(-proba, axis=1, kind="stable")[:, :N_CANDIDATES]
     top_p = np.take_along_axis(proba, order, axis=1)
-    write_candidates(adata, key, classes, order, top_p, label_categories(classes, labels))
+    categories = label_categories(classes, labels)
+    if min_confidence is not None and UNKNOWN not in categories:
+        categories = [*categories, UNKNOWN]
+    write_candidates(adata, key, classes, order, top_p, categories)
+    confidence = proba.max(axis=1).astype(np.float32)
+    if min_confidence is not None:
+        pred = adata.obs[key].astype(object).to_numpy()
+        pred[confidence < min_confidence] = UNKNOWN
+        adata.obs[key] = pd.Categorical(pred, categories=categories)
+    warn_overwrite(adata.obs, f"{key}_confidence", "adata.obs")
+    adata.obs[f"{key}_confidence"] = confidence
     warn_overwrite(adata.obsm, f"{key}_proba", "adata.obsm")
     adata.obsm[f"{key}_proba"] = proba.astype(np.float32)
     if labels is None:
         return {}, []
     held_out = labels.notna().to_numpy() & (np.ones(len(labels), bool) if train is None else ~train)
-    return evaluate(labels, classes, order, held_out)
+    return evaluate(labels, classes, order, held_out, confidence=_conf(proba, min_confidence))
+
+
+def _conf(proba: np.ndarray, min_confidence: float | None):
+    return None if min_confidence is None else (proba.max(axis=1), min_confidence)
 
 
 def evaluate(
-    labels: pd.Series, classes: np.ndarray, order: np.ndarray, held_out: np.ndarray
+    labels: pd.Series,
+    classes: np.ndarray,
+    order: np.ndarray,
+    held_out: np.ndarray,
+    *,
+    confidence: tuple[np.ndarray, float] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Metrics on the ``held_out`` cells; labels never seen in training are reported and warned about."""
+    """Metrics on the ``held_out`` cells; labels never seen in training are reported and warned about.
+
+    ``confidence=(per-cell highest probability, threshold)`` turns predictions below the threshold
+    into :data:`UNKNOWN` (errors) and adds ``rejection_rate``.
+    """
     if not held_out.any():
         return {}, []
     y_true = labels.to_numpy()[held_out].astype(str)
@@ -159,7 +230,13 @@ def evaluate(
             UserWarning,
             stacklevel=3,
         )
-    metrics = classification_metrics(y_true, classes[order[held_out, 0]])
+    pred = classes[order[held_out, 0]].astype(object)
+    if confidence is not None:
+        rejected = confidence[0][held_out] < confidence[1]
+        pred[rejected] = UNKNOWN
+    metrics = classification_metrics(y_true, pred.astype(str))
+    if confidence is not None:
+        metrics["rejection_rate"] = float(rejected.mean())
     metrics["top3_accuracy"] = float((classes[order[held_out]] == y_true[:, None]).any(axis=1).mean())
     return metrics, unseen
 
