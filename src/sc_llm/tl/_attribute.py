@@ -341,24 +341,16 @@ class _Explainer:
     def __init__(self, encoder, head, normalize: bool, precision: str = "fp32"):
         self.encoder, self.head, self.normalize = encoder, head, normalize
         # The encoder's own reduced-precision weight copy (made once per precision and kept).
-        self.model = encoder._model_in(precision)
+        self.model = encoder.model_in(precision)
         self.tokenizer = encoder.tokenizer
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.needs_token_types = "token_type_ids" in self.tokenizer.model_input_names
         head.eval()
         self.head_device = next(iter(head.parameters()), None)
         self.head_device = self.head_device.device if self.head_device is not None else encoder.device
 
     # -- the model as a function of token ids ------------------------------------------------
     def forward(self, input_ids, attention_mask):
-        import torch
-
-        features = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.needs_token_types:
-            features["token_type_ids"] = torch.zeros_like(input_ids)
-        emb = self.model(features)["sentence_embedding"].float()
-        if self.normalize:
-            emb = torch.nn.functional.normalize(emb, dim=-1)
+        emb = self.encoder.forward(self.model, input_ids, attention_mask, normalize=self.normalize).float()
         return self.head(emb.to(self.head_device))
 
     def logits(self, sentences: Sequence[Sequence[str]], batch_size: int = 64) -> np.ndarray:
