@@ -105,7 +105,7 @@ def _first_cell(chunk: sparse.csr_matrix, bad: np.ndarray, obs_names) -> tuple[i
     """Position in ``chunk.data`` of the first flagged entry and the name of its cell."""
     first = int(np.argmax(bad))
     row = int(np.searchsorted(chunk.indptr, first, side="right") - 1)
-    return first, obs_names[row]
+    return first, str(obs_names[row])
 
 
 def check_values(

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 DEMO_LABELS = "cell_type"
@@ -125,15 +126,26 @@ def _check_embed_args(args) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """Raise now if ``path`` cannot be written, instead of after the work that produces it."""
+    """Raise now if ``path`` cannot be written, instead of after the work that produces it.
+
+    Probes by creating (and removing) a file next to it: unlike ``os.access`` this also catches
+    read-only file systems and works the same for root.
+    """
     if path.is_dir():
-        raise IsADirectoryError(f"Output {path} is a folder; give a file name such as {path / 'out.h5ad'}.")
-    folder = path.parent if str(path.parent) else Path(".")
+        raise IsADirectoryError(f"output {path} is a folder; give a file name such as {path / 'out.h5ad'}.")
+    folder = path.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"Output folder {folder} does not exist; create it first.")
-    target = path if path.exists() else folder
-    if not os.access(target, os.W_OK):
-        raise PermissionError(f"Output {path} is not writable ({target} denies writing); choose another path.")
+        raise FileNotFoundError(f"output folder {folder} does not exist; create it first.")
+    try:
+        if path.exists():
+            with open(path, "ab"):
+                pass
+        else:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".sc-llm-probe-")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"output {path} is not writable ({e.strerror}); choose another path.") from e
 
 
 def _step(msg: str) -> None:

@@ -284,7 +284,7 @@ class ScGPTEncoder:
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
             raise ValueError(
                 f"{path} could not be read as a PyTorch state dict ({type(e).__name__}: {str(e).strip()[:300]}). "
                 "It may be truncated or not a checkpoint; fetch it again."
