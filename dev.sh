@@ -4,9 +4,9 @@
 #   ./dev.sh test   - set up, then run the test suite (what CI runs)
 #   ./dev.sh docs   - set up, then build the documentation with warnings as errors
 #   ./dev.sh bench  - set up, then run the benchmarks in benchmarks/
-#   ./dev.sh test-latest - as users install: a separate .venv-latest with the newest versions pip
-#                   resolves for .[all,test] (no constraints file), import every optional back end,
-#                   then a fast smoke subset of the tests
+#   ./dev.sh test-latest [quick] - as users install: a separate .venv-latest with the newest versions
+#                   pip resolves for .[all,test] (no constraints file), import every optional back end,
+#                   then a smoke subset of the tests (quick: only the tests that run the back ends)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3.11}
@@ -29,6 +29,7 @@ setup() {
 
 # Smoke subset for test-latest: the optional back ends and the value/key/loader guarantees.
 LATEST_TESTS=(tests/test_reliability.py tests/test_spatial.py tests/test_mudata.py)
+LATEST_QUICK=(tests/test_reliability.py -k "leiden or spatial or squidpy")
 
 test_latest() {
   local venv=.venv-latest
@@ -49,7 +50,12 @@ shown = ["torch", "numpy", "scanpy", "anndata", "squidpy", "spatialdata", "dask"
 print("imported:", ", ".join(backends))
 print("versions:", ", ".join(f"{p}=={md.version(p)}" for p in shown))
 PY
-  "$venv/bin/python" -m pytest -q -x "${LATEST_TESTS[@]}" "$@"
+  if [ "${1:-}" = quick ]; then
+    shift
+    "$venv/bin/python" -m pytest -q -x "${LATEST_QUICK[@]}" "$@"
+  else
+    "$venv/bin/python" -m pytest -q -x "${LATEST_TESTS[@]}" "$@"
+  fi
 }
 
 job=${1:-test}
