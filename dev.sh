@@ -4,6 +4,9 @@
 #   ./dev.sh test   - set up, then run the test suite (what CI runs)
 #   ./dev.sh docs   - set up, then build the documentation with warnings as errors
 #   ./dev.sh bench  - set up, then run the benchmarks in benchmarks/
+#   ./dev.sh test-latest [quick] - as users install: a separate .venv-latest with the newest versions
+#                   pip resolves for .[all,test] (no constraints file), import every optional back end,
+#                   then a smoke subset of the tests (quick: only the tests that run the back ends)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3.11}
@@ -28,8 +31,40 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# Smoke subset for test-latest: the optional back ends and the value/key/loader guarantees.
+LATEST_TESTS=(tests/test_reliability.py tests/test_spatial.py tests/test_mudata.py)
+LATEST_QUICK=(tests/test_reliability.py -k "leiden or spatial or squidpy")
+
+test_latest() {
+  local venv=.venv-latest
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  # Only torch is pinned (local CPU wheel instead of a multi-GB CUDA download), in both steps: an
+  # eager upgrade would otherwise replace it. Everything else is what users get.
+  grep -E '^torch==' ci/constraints.txt > "$venv/torch-only.txt"
+  "$venv/bin/python" -m pip install --quiet -c "$venv/torch-only.txt" torch
+  "$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -c "$venv/torch-only.txt" -e ".[all,test]"
+  "$venv/bin/python" - <<'PY'
+import importlib, importlib.metadata as md
+backends = ["sc_llm", "squidpy", "spatialdata", "captum", "lime", "httpx", "dask.array", "distributed",
+            "zarr", "mudata", "igraph", "leidenalg"]
+for name in backends:
+    importlib.import_module(name)
+shown = ["torch", "numpy", "scanpy", "anndata", "squidpy", "spatialdata", "dask", "zarr", "setuptools", "igraph"]
+print("imported:", ", ".join(backends))
+print("versions:", ", ".join(f"{p}=={md.version(p)}" for p in shown))
+PY
+  if [ "${1:-}" = quick ]; then
+    shift
+    "$venv/bin/python" -m pytest -q -x "${LATEST_QUICK[@]}" "$@"
+  else
+    "$venv/bin/python" -m pytest -q -x "${LATEST_TESTS[@]}" "$@"
+  fi
+}
+
 job=${1:-test}
 shift || true
+if [ "$job" = test-latest ]; then test_latest "$@"; exit; fi
 setup
 case "$job" in
   setup) ;;
@@ -38,5 +73,5 @@ case "$job" in
   lint) "$VENV/bin/ruff" check src tests benchmarks ;;
   docs) rm -rf docs/generated; "$VENV/bin/sphinx-build" -E -W --keep-going -b html docs docs/_build/html "$@" ;;
   bench) for b in benchmarks/bench_*.py; do echo "== $b"; "$VENV/bin/python" "$b" "$@"; done ;;
-  *) echo "unknown job: $job (use demo, test, docs, bench, lint)" >&2; exit 2 ;;
+  *) echo "unknown job: $job (use demo, test, test-latest, docs, bench, lint)" >&2; exit 2 ;;
 esac

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 DEMO_LABELS = "cell_type"
@@ -32,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--prefix", default=None)
     embed.add_argument("--store-sentences", action="store_true")
     args = parser.parse_args(argv)
-    return _demo(args) if args.command == "demo" else _embed(args)
+    if args.command == "demo":
+        return _demo(args)
+    try:
+        _check_embed_args(args)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))  # a usage problem: one line and exit status 2, before any work
+    return _embed(args)
 
 
 def _demo(args) -> int:
@@ -105,6 +113,39 @@ def _embed(args) -> int:
         f"genes in context on average) to {args.output}"
     )
     return 0
+
+
+def _check_embed_args(args) -> None:
+    """Everything that can be known before reading the input and embedding it."""
+    from sc_llm._utils import check_key
+
+    check_key(args.key_added, "--key-added")
+    check_writable(Path(args.output))
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"input file {args.input} does not exist.")
+
+
+def check_writable(path: Path) -> None:
+    """Raise now if ``path`` cannot be written, instead of after the work that produces it.
+
+    Probes by creating (and removing) a file next to it: unlike ``os.access`` this also catches
+    read-only file systems and works the same for root.
+    """
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder; give a file name such as {path / 'out.h5ad'}.")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder {folder} does not exist; create it first.")
+    try:
+        if path.exists():
+            with open(path, "ab"):
+                pass
+        else:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".sc-llm-probe-")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"output {path} is not writable ({e.strerror}); choose another path.") from e
 
 
 def _step(msg: str) -> None:

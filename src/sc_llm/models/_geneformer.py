@@ -33,19 +33,152 @@ logger = logging.getLogger("sc_llm")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+def _numpy_scalar():
+    try:  # numpy >= 2
+        from numpy._core.multiarray import scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
+#: The only globals a Geneformer dictionary pickle may name: plain containers and numbers, and
+#: what pickle needs to rebuild numpy scalars (numpy 1.x and 2.x spell the module differently;
+#: ``_codecs.encode`` turns the scalar's bytes back from text in protocol 0–2 pickles).
+_PICKLE_GLOBALS = {
+    ("builtins", "dict"): lambda: dict,
+    ("builtins", "int"): lambda: int,
+    ("builtins", "float"): lambda: float,
+    ("builtins", "str"): lambda: str,
+    ("collections", "OrderedDict"): lambda: __import__("collections").OrderedDict,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("_codecs", "encode"): lambda: __import__("codecs").encode,
+}
+
+PICKLE_POLICY = (
+    "Geneformer dictionaries are read with a restricted unpickler: only dict, str, int, float and numpy "
+    "scalars can be rebuilt; a pickle naming any other callable (os.system, eval, a class) is refused "
+    "before anything in it runs."
+)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A dictionary pickle names a global outside the allowed set (see ``PICKLE_POLICY``)."""
+
+
+class _DictionaryUnpickler(pickle.Unpickler):
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        factory = _PICKLE_GLOBALS.get((module, name))
+        if factory is None:
+            raise UnsafePickleError(
+                f"{self.source} asks to load {module}.{name}, which a Geneformer dictionary never needs; "
+                "refusing to unpickle it (it could run code). Only dict, str, int, float and numpy scalars "
+                "are allowed. Pass the dictionary as a Python dict if you built it yourself."
+            )
+        return factory()
+
+
 def read_dictionary(value: str | Path | Mapping, what: str) -> dict:
-    """A Geneformer dictionary given as a mapping or a pickle path (as shipped with Geneformer)."""
+    """A Geneformer dictionary given as a mapping or a pickle path (as shipped with Geneformer).
+
+    Pickles are read with a restricted unpickler ({policy}). Keys must be strings and values
+    numbers (Python or numpy), as in Geneformer's token and gene-median dictionaries.
+    """
     if isinstance(value, Mapping):
-        return dict(value)
-    path = Path(value)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} file {path} does not exist.")
-    # Geneformer ships these dictionaries only as pickles; load only files you trust.
-    with open(path, "rb") as f:
-        obj = pickle.load(f)
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"{what} file {path} holds a {type(obj).__name__}, expected a dict.")
+        obj = value
+    else:
+        path = Path(value)
+        if not path.exists():
+            raise FileNotFoundError(f"{what} file {path} does not exist.")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{what} file {path} is empty (0 bytes); the download or copy did not finish.")
+        with open(path, "rb") as f:
+            try:
+                obj = _DictionaryUnpickler(f, f"{what} file {path}").load()
+            except UnsafePickleError:
+                raise
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+                raise ValueError(
+                    f"{what} file {path} is not a readable pickle ({type(e).__name__}: {e})."
+                ) from e
+        if not isinstance(obj, Mapping):
+            raise TypeError(f"{what} file {path} holds a {type(obj).__name__}, expected a dict.")
+    _check_entries(obj, what)
     return dict(obj)
+
+
+read_dictionary.__doc__ = read_dictionary.__doc__.replace("{policy}", PICKLE_POLICY.split(": ", 1)[1])
+
+
+def _check_entries(obj: Mapping, what: str) -> None:
+    bad_keys = [k for k in obj if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(
+            f"{what} keys must be strings (gene IDs or special tokens), got {format_examples(bad_keys)}."
+        )
+    bad = [
+        k
+        for k, v in obj.items()
+        if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating)
+    ]
+    if bad:
+        raise TypeError(
+            f"{what} values must be numbers, got e.g. {type(obj[bad[0]]).__name__} for {format_examples(bad)}."
+        )
+
+
+def check_dictionary(tokens_of: Mapping[str, int], vocab_size: int) -> None:
+    """Check that a token dictionary belongs to a model that embeds ``vocab_size`` tokens.
+
+    Geneformer's token dictionary lists every row of the model's embedding table exactly once, so
+    the dictionary must have ``vocab_size`` entries with distinct integer ids ``0 … vocab_size - 1``.
+    Ids that merely fit are not enough: a smaller dictionary of another version would run and
+    give wrong embeddings, since V1 and V2 models number their genes differently.
+    """
+    ids = np.fromiter(tokens_of.values(), dtype=np.float64, count=len(tokens_of))
+    n = len(tokens_of)
+    hint = (
+        "the dictionary belongs to another model (Geneformer V1 and V2 dictionaries differ); "
+        "use the one shipped with this model."
+    )
+    if n and (ids != np.round(ids)).any():
+        raise ValueError(f"token_dictionary ids must be integers; got e.g. {ids[ids != np.round(ids)][0]}.")
+    if n != vocab_size:
+        raise ValueError(
+            f"token_dictionary has {n} tokens but the model embeds {vocab_size} (ids 0 to {vocab_size - 1}): {hint}"
+        )
+    if n and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"token_dictionary ids run from {int(ids.min())} to {int(ids.max())}, outside the model's "
+            f"0 to {vocab_size - 1}: {hint}"
+        )
+    uniq, counts = np.unique(ids.astype(np.int64), return_counts=True)
+    if (counts > 1).any():
+        shared = set(uniq[counts > 1].tolist())
+        tokens = [t for t, i in tokens_of.items() if int(i) in shared]
+        raise ValueError(f"token_dictionary gives the same id to several tokens: {format_examples(tokens)}.")
+
+
+def check_medians(medians: Mapping[str, float]) -> None:
+    """Raise for gene medians that cannot divide expression: zero, negative, NaN or infinite.
+
+    Rank value encoding divides each gene's normalized count by its median, so such a median
+    would give infinite, negative or NaN ranks (upstream divides without checking).
+    """
+    values = np.fromiter((float(v) for v in medians.values()), dtype=np.float64, count=len(medians))
+    bad = ~np.isfinite(values) | (values <= 0)
+    if bad.any():
+        genes = [g for g, b in zip(medians, bad, strict=True) if b]
+        raise ValueError(
+            f"gene_median_dictionary has {len(genes)} medians that are zero, negative or not finite "
+            f"(e.g. {genes[0]!r}: {values[bad][0]!r}; genes {format_examples(genes)}). Medians must be positive; "
+            "use the median dictionary shipped with the model."
+        )
 
 
 class GeneformerEncoder:

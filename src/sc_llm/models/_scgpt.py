@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import pickle
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,10 @@ IGNORED_PREFIXES = (
     "creterion_cce.",
 )
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+#: Bins used by upstream's cell-embedding collator whatever args.json says (its DataCollator default).
+UPSTREAM_N_BINS = 51
+#: Which value-encoder parameter each ``input_emb_style`` needs in the weights.
+_STYLE_KEYS = {"continuous": "value_encoder.linear1.weight", "category": "value_encoder.embedding.weight"}
 _FLASH_QKV = ".self_attn.Wqkv."
 
 
@@ -246,15 +252,95 @@ class ScGPTEncoder:
         self.pad_id = self.vocab[self.pad_token]
         self.cls_id = self.vocab["<cls>"]
         self.pad_value = self.config.get("pad_value", -2)
-        # Upstream's cell-embedding collator bins into its default 51 bins, the value released models use.
-        self.n_bins = int(self.config.get("n_bins") or 51)
+        self.n_bins = self._n_bins()
         self.device = resolve_device(device)
-        state = torch.load(files["best_model.pt"], map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model_state_dict" in state:
-            state = state["model_state_dict"]
+        state = self._read_weights(files["best_model.pt"])
         self.model, self.ignored_keys = self._build(state)
         self.model.to(self.device).eval()
         self.dim = self.model.dim
+
+    def _n_bins(self) -> int:
+        """Bins of args.json: the binning the model was trained with.
+
+        Upstream's ``embed_data`` always bins into 51 (its collator's default) whatever args.json says;
+        released models use 51, so both agree there. For a checkpoint trained with other bins sc_llm
+        keeps the trained value and warns that upstream's ``embed_data`` would differ.
+        """
+        n_bins = int(self.config.get("n_bins") or UPSTREAM_N_BINS)
+        if n_bins < 2:
+            raise ValueError(f"{self.path / 'args.json'} has n_bins={n_bins}; binning needs at least 2 bins.")
+        if n_bins != UPSTREAM_N_BINS:
+            warnings.warn(
+                f"{self.path / 'args.json'} has n_bins={n_bins}: values are binned into {n_bins} bins, as the "
+                f"model was trained. Upstream scGPT's embed_data always bins into {UPSTREAM_N_BINS}, so its "
+                "embeddings of this checkpoint differ from these.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return n_bins
+
+    def _read_weights(self, path: Path) -> dict[str, Any]:
+        if path.stat().st_size == 0:
+            raise ValueError(
+                f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again."
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+            raise ValueError(
+                f"{path} could not be read as a PyTorch state dict ({type(e).__name__}: {str(e).strip()[:300]}). "
+                "It may be truncated or not a checkpoint; fetch it again."
+            ) from e
+        if isinstance(state, dict) and "model_state_dict" in state:
+            state = state["model_state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(
+                f"{path} does not hold a state dict (parameter name → tensor), got {type(state).__name__}."
+            )
+        return state
+
+    def _check_style(self, style: Any, kept: dict[str, Any]) -> str:
+        """``input_emb_style`` of args.json, checked against the value encoder the weights carry."""
+        args = self.path / "args.json"
+        if style not in ("continuous", "category", "scaling"):
+            raise ValueError(
+                f"{args} has input_emb_style={style!r}; scGPT models use 'continuous' (released models), "
+                "'category' or 'scaling'."
+            )
+        found = next((s for s, key in _STYLE_KEYS.items() if key in kept), "scaling")
+        if found != style:
+            raise ValueError(
+                f"{args} says input_emb_style={style!r} but the value encoder in best_model.pt is "
+                f"{found!r}-style (it {'has' if found != 'scaling' else 'lacks'} "
+                f"{_STYLE_KEYS.get(found, ' or '.join(_STYLE_KEYS.values()))}): args.json and the weights come "
+                "from different models."
+            )
+        if style == "category":
+            rows = int(kept[_STYLE_KEYS["category"]].shape[0])
+            if not 0 <= int(self.pad_value) < rows or rows < self.n_bins:
+                raise ValueError(
+                    f"{args}: a category-style model needs n_bins ({self.n_bins}) value rows and a pad_value "
+                    f"row in its {rows}-row value table, but pad_value is {self.pad_value} (upstream uses "
+                    "pad_value = n_bins for category models)."
+                )
+        return style
+
+    def _check_shapes(self, model: nn.Module, kept: dict[str, Any]) -> None:
+        """Name the args.json entry behind a shape mismatch, instead of torch's raw 'size mismatch'."""
+        want = model.state_dict()
+        wrong = [k for k, v in kept.items() if k in want and tuple(v.shape) != tuple(want[k].shape)]
+        if wrong:
+            cfg = self.config
+            sizes = f"embsize={cfg['embsize']}, d_hid={cfg['d_hid']}, nlayers={cfg['nlayers']}"
+            shown = "; ".join(
+                f"{k}: {tuple(kept[k].shape)} in the weights, {tuple(want[k].shape)} from args.json"
+                for k in wrong[:3]
+            )
+            raise ValueError(
+                f"{self.path / 'best_model.pt'} does not match args.json ({sizes}): {shown}"
+                + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else "")
+                + ". args.json and best_model.pt come from different models."
+            )
 
     def _build(self, state: dict[str, Any]):
         cfg = self.config
@@ -271,7 +357,7 @@ class ScGPTEncoder:
             raise ValueError(
                 f"vocab.json has {len(self.vocab)} tokens (with specials) but the checkpoint embeds {n_tokens}."
             )
-        style = cfg.get("input_emb_style", "continuous")
+        style = self._check_style(cfg.get("input_emb_style", "continuous"), kept)
         model = ScGPTModel(
             n_tokens,
             int(cfg["embsize"]),
@@ -285,6 +371,7 @@ class ScGPTEncoder:
             else None,
             pad_value=int(self.pad_value),
         )
+        self._check_shapes(model, kept)
         result = model.load_state_dict({k: v.float() for k, v in kept.items()}, strict=False)
         if result.missing_keys or result.unexpected_keys:
             parts = []

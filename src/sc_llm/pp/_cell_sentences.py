@@ -12,7 +12,9 @@ from scipy import sparse
 
 from .._sources import MatrixSource
 from .._store import ChunkedResults, names_digest
-from .._utils import format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
+
+# check_values lives in _utils (shared with every reader of X); imported here so old imports keep working.
+from .._utils import check_values, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
 
 TIE_RULE = "equal values keep the order of the genes in var (lower var position first)"
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
@@ -155,20 +157,6 @@ def checked_gene_names(
     return names
 
 
-def check_values(chunk: sparse.csr_matrix, obs_names) -> None:
-    """Raise for NaN or negative entries, naming the first offending cell."""
-    data = chunk.data
-    if data.size == 0:
-        return
-    bad = np.isnan(data) | (data < 0)
-    if bad.any():
-        first = int(np.argmax(bad))
-        row = int(np.searchsorted(chunk.indptr, first, side="right") - 1)
-        kind = "NaN" if np.isnan(data[first]) else "negative"
-        raise ValueError(
-            f"Expression contains {kind} values (first in cell {obs_names[row]!r}); cell sentences need "
-            "non-negative, finite values such as counts or log-normalized data, not scaled data."
-        )
 
 
 def rank_csr_rows(chunk: sparse.csr_matrix, n_genes: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,16 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from .._utils import as_csr, format_examples, get_matrix, logger, maybe_copy, warn_overwrite
+from .._utils import (
+    as_csr,
+    check_key,
+    check_values,
+    format_examples,
+    get_matrix,
+    logger,
+    maybe_copy,
+    warn_overwrite,
+)
 from ._cell_sentences import checked_gene_names, join_ranked, rank_csr_rows
 
 LABELS_PREFIX = "neighbours: "
@@ -110,13 +119,13 @@ def spatial_sentences(
     _check_args(adata, sentence_key, labels_key, mode, position, n_neighs, n_top_genes, key_added)
     if gene_ranking not in ("mean", "enrichment"):
         raise ValueError(f"gene_ranking must be 'mean' or 'enrichment', got {gene_ranking!r}.")
+    sentences = _sentences(adata, sentence_key)
     adata = maybe_copy(adata, copy)
     conn, order_values, source = _neighbour_graph(adata, n_neighs, spatial_key, library_key, connectivity_key)
     if mode == "labels":
         context = _label_context(conn, order_values, adata.obs[labels_key])
     else:
         context = _gene_context(adata, conn, n_top_genes, gene_ranking, layer, use_raw, gene_symbols)
-    sentences = adata.obs[sentence_key].astype(str).to_numpy()
     n_without = int(sum(1 for c in context if not c))
     if n_without:
         logger.info(
@@ -141,6 +150,7 @@ def spatial_sentences(
 
 
 def _check_args(adata, sentence_key, labels_key, mode, position, n_neighs, n_top_genes, key_added) -> None:
+    check_key(key_added)
     if mode not in ("labels", "genes"):
         raise ValueError(f"mode must be 'labels' or 'genes', got {mode!r}.")
     if position not in ("start", "end"):
@@ -165,6 +175,18 @@ def _check_args(adata, sentence_key, labels_key, mode, position, n_neighs, n_top
         raise ValueError(f"n_neighs must be between 1 and n_obs - 1 = {adata.n_obs - 1}, got {n_neighs}.")
 
 
+def _sentences(adata: AnnData, key: str) -> np.ndarray:
+    """The cells' own sentences; a missing one (NaN) is refused rather than written as the word "nan"."""
+    col = adata.obs[key]
+    missing = col.isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"obs[{key!r}] is missing for {int(missing.sum())} cells: {format_examples(adata.obs_names[missing])}. "
+            "Rebuild the sentences with scl.pp.cell_sentences (a cell without genes gets an empty sentence)."
+        )
+    return col.astype(str).to_numpy()
+
+
 def _neighbour_graph(adata, n_neighs, spatial_key, library_key, connectivity_key):
     """``(connectivities, order_values, source)``: lower order value = listed first."""
     if connectivity_key is not None:
@@ -180,10 +202,7 @@ def _neighbour_graph(adata, n_neighs, spatial_key, library_key, connectivity_key
 
 
 def _squidpy_knn(shell: AnnData, n_neighs: int, library_key: str | None):
-    try:
-        import squidpy as sq
-    except ImportError as e:
-        raise ImportError("spatial_sentences needs squidpy: pip install sc-llm[spatial]") from e
+    sq = import_squidpy()
     if hasattr(sq.gr, "spatial_neighbors_knn"):  # squidpy >= 1.8 deprecates the all-in-one builder
         result = sq.gr.spatial_neighbors_knn(shell, library_key=library_key, n_neighs=n_neighs, copy=True)
     else:
@@ -191,6 +210,22 @@ def _squidpy_knn(shell: AnnData, n_neighs: int, library_key: str | None):
             shell, library_key=library_key, coord_type="generic", n_neighs=n_neighs, delaunay=False, copy=True
         )
     return result[0], result[1]
+
+
+def import_squidpy():
+    """Import squidpy; tell "not installed" apart from "installed but broken" (with the real error)."""
+    import importlib.util
+
+    try:
+        import squidpy as sq
+    except ImportError as e:
+        if importlib.util.find_spec("squidpy") is None:
+            raise ImportError("spatial_sentences needs squidpy: pip install 'sc-llm[spatial]'.") from e
+        raise ImportError(
+            f"squidpy is installed but failed to import ({type(e).__name__}: {e}). This is not a missing package: "
+            "fix that error, e.g. with pip install -U 'sc-llm[spatial]', whose lower bounds are known to import."
+        ) from e
+    return sq
 
 
 def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
@@ -259,6 +294,13 @@ def _gene_context(adata, conn, n_top_genes, gene_ranking, layer, use_raw, gene_s
     names = checked_gene_names(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
     X, _ = get_matrix(adata, layer=layer, use_raw=use_raw)
     X = as_csr(X)
+    source = f"adata.layers[{layer!r}]" if layer is not None else ("adata.raw.X" if use_raw else "adata.X")
+    check_values(
+        X,
+        adata.obs_names,
+        source,
+        "mode='genes' averages expression, which needs non-negative, finite values",
+    )
     adjacency = (conn != 0).astype(np.float64).tocsr()
     adjacency.setdiag(0)
     adjacency.eliminate_zeros()

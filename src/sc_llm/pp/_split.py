@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from sklearn.model_selection import train_test_split as _sk_split
 
-from .._utils import format_examples, maybe_copy, warn_overwrite
+from .._utils import check_key, format_examples, maybe_copy, warn_overwrite
 
 
 def train_test_split(
@@ -48,6 +48,7 @@ def train_test_split(
         raise KeyError(f"Column {labels_key!r} not found in adata.obs.")
     if not 0 < test_size < 1:
         raise ValueError(f"test_size must be in (0, 1), got {test_size}.")
+    check_key(key_added)
     adata = maybe_copy(adata, copy)
     labels = adata.obs[labels_key]
     labelled = np.flatnonzero(labels.notna().to_numpy())
@@ -60,6 +61,7 @@ def train_test_split(
             stacklevel=2,
         )
     strat = labelled[~labels.iloc[labelled].isin(singletons).to_numpy()]
+    _check_splittable(labels_key, len(labels), labelled.size, strat, labels.iloc[strat], test_size)
     _, test_idx = _sk_split(
         strat, test_size=test_size, random_state=random_state, stratify=labels.iloc[strat].astype(str).to_numpy()
     )
@@ -69,3 +71,23 @@ def train_test_split(
     warn_overwrite(adata.obs, key_added, "adata.obs")
     adata.obs[key_added] = pd.Categorical(split, categories=["train", "test"])
     return adata if copy else None
+
+
+def _check_splittable(labels_key: str, n_obs: int, n_labelled: int, strat, strat_labels, test_size: float) -> None:
+    """Say in the user's terms why no stratified split exists, instead of sklearn's message about n_samples."""
+    if n_labelled == 0:
+        raise ValueError(f"obs[{labels_key!r}] is missing for all {n_obs} cells: there is nothing to split.")
+    if strat.size == 0:
+        raise ValueError(
+            f"Every label in obs[{labels_key!r}] has a single cell ({n_labelled} labelled cells), so no label "
+            "can be stratified into train and test. Use a coarser label column."
+        )
+    n_classes = strat_labels.nunique()
+    n_test = int(np.ceil(test_size * strat.size))
+    n_train = strat.size - n_test
+    if n_test < n_classes or n_train < n_classes:
+        raise ValueError(
+            f"test_size={test_size} of {strat.size} cells gives {n_test} test and {n_train} train cells, fewer than "
+            f"the {n_classes} labels in obs[{labels_key!r}] with two or more cells; a stratified split needs at "
+            "least one cell per label on each side. Choose a test_size closer to 0.5 or use more cells."
+        )

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples, maybe_copy, warn_overwrite
+from .._utils import check_key, format_examples, maybe_copy, warn_overwrite
 from ..models._runtime import Precision
 
 logger = logging.getLogger("sc_llm")
@@ -130,9 +130,14 @@ def ablate(
     if kind not in KINDS:
         raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
     fraction = _check_fraction(kind, fraction)
-    adata = maybe_copy(adata, copy)
+    key_added = check_key(default_key(sentence_key, kind, fraction) if key_added is None else key_added)
+    if key_added == sentence_key:
+        raise ValueError(
+            f"key_added must differ from sentence_key ({sentence_key!r}): the sentences would be replaced by "
+            "their ablation."
+        )
     sentences = _sentences(adata, sentence_key)
-    key_added = key_added or default_key(sentence_key, kind, fraction)
+    adata = maybe_copy(adata, copy)
     ablated, info = ablate_sentences(sentences, kind, fraction=fraction, model=model, random_state=random_state)
     warn_overwrite(adata.obs, key_added, "adata.obs")
     adata.obs[key_added] = pd.Series(ablated, index=adata.obs_names, dtype=object)
@@ -308,6 +313,7 @@ def ablation_study(
     from ._knn import knn_annotate
     from ._metrics import cluster_metrics, get_labels
 
+    check_key(key_added)
     get_labels(adata, labels_key)
     if split_key not in adata.obs:
         raise KeyError(f"Column {split_key!r} not found in adata.obs; create one with sc_llm.pp.train_test_split.")
@@ -349,9 +355,8 @@ def _study_specs(kinds) -> list[tuple[str, str | None, float | None]]:
         if kind not in KINDS:
             raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
         fraction = _check_fraction(kind, fraction)
-        name = kind if fraction is None or (kind == "shuffle_top" and fraction == DEFAULT_FRACTION) else (
-            f"{kind}_{fraction:g}"
-        )
+        # Same naming as ablate's default obs column, minus the sentence key.
+        name = default_key("", kind, fraction)[1:]
         if any(name == s[0] for s in specs):
             raise ValueError(f"Ablation {name!r} is listed twice.")
         specs.append((name, kind, fraction))

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples, warn_overwrite
+from .._utils import check_key, format_examples, warn_overwrite
 
 logger = logging.getLogger("sc_llm")
 
@@ -139,6 +139,7 @@ def marker_overlap(
     is the concatenated attribution table with ``is_marker`` and ``shared`` columns added.
     Genes match case-insensitively.
     """
+    check_key(key_added)
     marker_sets = read_markers(markers)
     tables = []
     for key in keys:
