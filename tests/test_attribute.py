@@ -192,3 +192,10 @@ def test_bf16_attributions_agree_with_fp32(pbmc_embedded, trained, text_encoder)
     assert s16 == pytest.approx(s32, abs=0.1)
     with pytest.raises(ValueError, match="precision must be one of"):
         scl.tl.attribute(pbmc_embedded, trained, precision="int8", **kwargs)
+
+
+def test_duplicated_obs_names_are_refused(pbmc_embedded):
+    sub = pbmc_embedded[:6].copy()
+    sub.obs_names = ["a", "b", "a", "c", "d", "e"]
+    with pytest.raises(ValueError, match="obs_names are not unique \\('a' repeat\\)"):
+        scl.tl.attribute(sub, object(), groupby="cell_type")

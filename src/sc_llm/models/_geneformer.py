@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import pickle
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 from scipy import sparse
 
 from .._store import names_digest
-from .._utils import format_examples
+from .._utils import check_counts, format_examples
 from ..pp._cell_sentences import rank_csr_rows
 from ._encoder import Tokens, reduced_copy
 from ._runtime import file_digest, require_torch, resolve_device
@@ -268,9 +267,10 @@ class GeneformerEncoder:
         return (hidden * genes[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
 
     def tokenizer_for(self, ids: np.ndarray, tokens_of: Mapping, medians: Mapping, *, special_tokens: bool,
-                      where: str = "var_names") -> GeneformerTokenizer:  # fmt: skip
+                      where: str = "var_names", where_counts: str = "adata.X") -> GeneformerTokenizer:  # fmt: skip
         """The host tokenizer for one call over an AnnData with these Ensembl IDs."""
-        return GeneformerTokenizer(self, ids, tokens_of, medians, special_tokens=special_tokens, where=where)
+        return GeneformerTokenizer(self, ids, tokens_of, medians, special_tokens=special_tokens, where=where,
+                                   where_counts=where_counts)  # fmt: skip
 
 
 TARGET_SUM = 10_000
@@ -288,16 +288,18 @@ class GeneformerTokenizer:
     """
 
     def __init__(self, encoder: GeneformerEncoder, ids: np.ndarray, tokens_of: Mapping, medians: Mapping, *,
-                 special_tokens: bool, where: str):  # fmt: skip
+                 special_tokens: bool, where: str, where_counts: str = "adata.X"):  # fmt: skip
+        check_dictionary(tokens_of, encoder.vocab_size)
+        check_medians(medians)
         self.cols, self.collapse, self.token_ids, self.inv_median, self.genes = match_dictionaries(
             ids, tokens_of, medians, where
         )
         self.matched = np.zeros(len(ids), dtype=bool)
         self.matched[self.cols] = True
         self.wrap = (int(tokens_of["<cls>"]), int(tokens_of["<eos>"])) if special_tokens else None
-        check_token_ids(np.concatenate((self.token_ids, self.wrap or ())), encoder.vocab_size)
         self.max_tokens = encoder.input_size
         self.n_keep = encoder.input_size - (2 if special_tokens else 0)
+        self.where, self._warned = where_counts, False
 
     def describe(self) -> dict[str, Any]:
         return {"genes": names_digest(self.genes), "tokens": names_digest(self.token_ids),
@@ -306,7 +308,8 @@ class GeneformerTokenizer:
     def tokenize(self, chunk) -> Tokens:
         """Token ids of a chunk, with ``per_cell["n_genes"]`` (expressed matched genes before the cut)."""
         counts = sparse.csr_matrix(chunk.rows)
-        check_counts(counts, chunk.obs_names)
+        if not check_counts(counts, chunk.obs_names, self.where, warn=not self._warned):
+            self._warned = True  # warn about non-integer counts once per call
         totals = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
         scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
         norm = sparse.csr_matrix(
@@ -388,33 +391,6 @@ def match_dictionaries(ids: np.ndarray, tokens_of: Mapping, medians: Mapping, wh
     if len(unique) / len(ids) < 0.5:
         logger.warning("embed_geneformer: only %d of %d genes are in the dictionaries.", len(unique), len(ids))
     return cols, collapse, token_ids, inv_median, unique.astype(str)
-
-
-def check_token_ids(used: np.ndarray, vocab_size: int) -> None:
-    if used.size and (used.max() >= vocab_size or used.min() < 0):
-        raise ValueError(
-            f"token_dictionary has ids up to {int(used.max())} but the model embeds {vocab_size} tokens: "
-            "the dictionary belongs to another Geneformer version (V1 30M vs V2 104M dictionaries)."
-        )
-
-
-def check_counts(counts: sparse.csr_matrix, obs_names) -> None:
-    """Geneformer reads raw counts: refuse NaN, infinite and negative values, warn on non-integers."""
-    data = counts.data
-    bad = ~np.isfinite(data) | (data < 0)
-    if bad.any():
-        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))[bad]
-        raise ValueError(
-            f"Counts contain NaN, infinite or negative values (cells {format_examples(np.asarray(obs_names)[np.unique(rows)])}); "
-            "Geneformer needs raw counts: pass counts_layer= with the layer that holds them."
-        )
-    if data.size and not np.array_equal(data, np.round(data)):
-        warnings.warn(
-            "Geneformer expects raw counts, but the values are not integers (log-normalized?); rank value "
-            "encoding divides by each cell's total, so normalized input changes the ranking. Pass counts_layer=.",
-            UserWarning,
-            stacklevel=2,
-        )
 
 
 @contextlib.contextmanager

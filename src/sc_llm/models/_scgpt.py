@@ -23,7 +23,7 @@ import numpy as np
 from scipy import sparse
 
 from .._store import names_digest
-from .._utils import format_examples
+from .._utils import check_values, format_examples
 from ._encoder import Tokens, reduced_copy
 from ._runtime import file_digest, require_torch, resolve_device
 
@@ -413,12 +413,13 @@ class ScGPTEncoder:
 
     def tokenizer_for(
         self, gene_names: np.ndarray, *, max_length: int = 1200, random_state: int = 0, min_gene_fraction: float = 0.1,
-        where: str = "var_names", shown_names=None,
+        where: str = "var_names", shown_names=None, where_values: str = "adata.X",
     ) -> ScGPTTokenizer:  # fmt: skip
         """The host tokenizer for one call over an AnnData with these gene symbols (``shown_names``: the
         names as the user has them, for messages, when they were converted)."""
         return ScGPTTokenizer(self, gene_names, max_length=max_length, random_state=random_state,
-                              min_gene_fraction=min_gene_fraction, where=where, shown_names=shown_names)  # fmt: skip
+                              min_gene_fraction=min_gene_fraction, where=where, shown_names=shown_names,
+                              where_values=where_values)  # fmt: skip
 
 
 class ScGPTTokenizer:
@@ -434,7 +435,7 @@ class ScGPTTokenizer:
     """
 
     def __init__(self, encoder: ScGPTEncoder, gene_names: np.ndarray, *, max_length: int, random_state: int,
-                 min_gene_fraction: float, where: str, shown_names=None):  # fmt: skip
+                 min_gene_fraction: float, where: str, shown_names=None, where_values: str = "adata.X"):  # fmt: skip
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (<cls> and one gene), got {max_length}.")
         self.cols, self.token_ids = match_vocab(gene_names, encoder.vocab, min_gene_fraction, where, shown_names)
@@ -442,7 +443,7 @@ class ScGPTTokenizer:
         self.matched = np.zeros(len(gene_names), dtype=bool)
         self.matched[self.cols] = True
         self.n_bins, self.cls_id, self.pad_value = encoder.n_bins, encoder.cls_id, float(encoder.pad_value)
-        self.max_tokens, self.random_state, self.where = max_length, random_state, where
+        self.max_tokens, self.random_state, self.where_values = max_length, random_state, where_values
 
     def describe(self) -> dict[str, Any]:
         return {"genes": names_digest(self.gene_names), "max_length": self.max_tokens,
@@ -453,7 +454,8 @@ class ScGPTTokenizer:
         csr = sparse.csr_matrix(chunk.rows[:, self.cols])
         csr.eliminate_zeros()
         csr.sort_indices()  # var order, so the seeded tie-breaks and subsets do not depend on storage order
-        check_nonnegative(csr, chunk.obs_names, self.where)
+        needs = "scGPT needs finite counts or log-normalized expression, not scaled data"
+        check_values(csr, chunk.obs_names, self.where_values, needs)
         edges = bin_edges(csr, self.n_bins)
         n_expr = np.diff(csr.indptr)
         keep = self.max_tokens - 1
@@ -513,18 +515,6 @@ def match_vocab(names: np.ndarray, vocab: dict[str, int], min_fraction: float, w
     if fraction < 0.5:
         logger.warning("embed_scgpt: only %d of %d genes match the vocabulary.", len(cols), len(names))
     return cols, ids[cols]
-
-
-def check_nonnegative(csr: sparse.csr_matrix, obs_names, where: str) -> None:
-    """Refuse NaN, infinite and negative values (NaN would hide negatives from a plain ``min() < 0``)."""
-    bad = ~np.isfinite(csr.data) | (csr.data < 0)
-    if bad.any():
-        rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[bad]
-        kinds = sorted({"NaN" if np.isnan(v) else "infinite" if np.isinf(v) else "negative" for v in csr.data[bad]})
-        raise ValueError(
-            f"{where} has {'/'.join(kinds)} values (cells {format_examples(np.asarray(obs_names)[np.unique(rows)])}); "
-            "scGPT needs finite counts or log-normalized expression, not scaled data."
-        )
 
 
 def bin_edges(csr: sparse.csr_matrix, n_bins: int) -> np.ndarray:

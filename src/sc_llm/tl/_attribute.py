@@ -22,7 +22,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._progress import progress
-from .._utils import format_examples, warn_overwrite
+from .._utils import check_unique_obs_names, format_examples, warn_overwrite
 
 logger = logging.getLogger("sc_llm")
 
@@ -145,6 +145,7 @@ def attribute(
     cell: group, target, predicted class, number of in-context genes, attribution sum, captum's
     convergence delta or LIME's fit R²) and ``"params"``.
     """
+    check_unique_obs_names(adata, "attribute explains and reports cells by obs name")
     if method not in METHODS:
         raise ValueError(f"Unknown attribution method {method!r}; choose one of {list(METHODS)}.")
     excluded = _compile_exclude(exclude)

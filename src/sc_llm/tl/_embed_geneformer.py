@@ -13,7 +13,7 @@ from anndata import AnnData
 from .._distributed import Scheduler
 from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource
-from .._utils import format_examples, gene_names, maybe_copy
+from .._utils import check_key, format_examples, gene_names, maybe_copy
 from ..models._runtime import Precision
 from ._coverage import coverage_from_cells, to_model_ids, warn_low_coverage, warn_on_first_chunk
 from ._embed_scgpt import PER_CELL
@@ -111,6 +111,7 @@ def embed_geneformer(
     if special_tokens is None:
         special_tokens = "<cls>" in tokens_of and "<eos>" in tokens_of
     _check_mode(emb_mode, special_tokens, tokens_of)
+    check_key(key_added)
     adata = maybe_copy(adata, copy)
     encoder = load_geneformer(model_dir, device)
     encoder.hidden_index(emb_layer)
@@ -119,7 +120,10 @@ def embed_geneformer(
         ensembl_col = None  # the default column is absent: read var_names, converting symbols if needed
     where = f"var[{ensembl_col!r}]" if ensembl_col else "var_names"
     ids, id_report = to_model_ids(gene_names(source.var, ensembl_col), "ensembl", species)
-    tokenizer = encoder.tokenizer_for(ids, tokens_of, medians, special_tokens=special_tokens, where=where)
+    where_counts = f"adata.layers[{counts_layer!r}]" if counts_layer else "adata.X"
+    tokenizer = encoder.tokenizer_for(
+        ids, tokens_of, medians, special_tokens=special_tokens, where=where, where_counts=where_counts
+    )
     what = "embed_geneformer: the Geneformer dictionaries"
     warned = warn_on_first_chunk(source, tokenizer.matched, chunk_size, what, "ensembl")
     options = {"emb_layer": emb_layer, "special_tokens": bool(special_tokens), "emb_mode": emb_mode}

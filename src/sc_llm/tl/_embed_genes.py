@@ -13,7 +13,7 @@ from anndata import AnnData
 from .._distributed import Scheduler
 from .._docs import doc_chunks, doc_copy, doc_params
 from .._sources import MatrixSource
-from .._utils import gene_names, maybe_copy
+from .._utils import check_key, gene_names, maybe_copy
 from ..models._gene_mode import GeneModeEncoder, GeneModeTokenizer
 from ..models._runtime import Precision, resolve_precision
 from ..models._text import load_text_encoder
@@ -85,6 +85,7 @@ def embed_text_genes(
     ``uns[key_added]`` (model identity, weighting, number of genes described, empty cells).
     Cells with no expressed gene get a zero vector.
     """
+    check_key(key_added)
     adata = maybe_copy(adata, copy)
     source = MatrixSource(adata, layer=layer, use_raw=use_raw)
     names = gene_names(source.var, gene_symbols)

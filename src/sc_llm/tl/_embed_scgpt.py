@@ -12,7 +12,7 @@ from anndata import AnnData
 from .._distributed import Scheduler
 from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource
-from .._utils import gene_names, maybe_copy
+from .._utils import check_key, gene_names, maybe_copy
 from ..models._runtime import Precision
 from ._coverage import coverage_from_cells, to_model_ids, warn_low_coverage, warn_on_first_chunk
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
@@ -100,6 +100,7 @@ def embed_scgpt(
     """
     from ..models._scgpt import load_scgpt
 
+    check_key(key_added)
     adata = maybe_copy(adata, copy)
     encoder = load_scgpt(model_dir, device)
     source = MatrixSource(adata, layer=layer)
@@ -108,7 +109,7 @@ def embed_scgpt(
     symbols, id_report = to_model_ids(names, "symbol", species)
     tokenizer = encoder.tokenizer_for(
         symbols, max_length=max_length, random_state=random_state, min_gene_fraction=min_gene_fraction,
-        where=where, shown_names=names,
+        where=where, shown_names=names, where_values=f"adata.layers[{layer!r}]" if layer else "adata.X",
     )  # fmt: skip
     what = "embed_scgpt: the scGPT vocabulary"
     warned = warn_on_first_chunk(source, tokenizer.matched, chunk_size, what, "symbol")

@@ -11,7 +11,7 @@ from anndata import AnnData
 from .._distributed import Scheduler
 from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource, SentenceSource
-from .._utils import maybe_copy
+from .._utils import check_key, maybe_copy
 from ..models._runtime import Precision
 from ..models._text import load_text_encoder
 from ..pp._cell_sentences import cell_sentences, checked_gene_names
@@ -93,6 +93,7 @@ def embed_text(
     200,000 cells at 384 dimensions), ``obs``, and up to two chunks of rows and token ids (on an accelerator the next chunk
     is read and tokenized while the current one runs on the device).
     """
+    check_key(key_added)
     adata = maybe_copy(adata, copy)
     encoder = load_text_encoder(model, device)
     if sentence_key not in adata.obs and store_sentences:
