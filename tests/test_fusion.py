@@ -251,6 +251,9 @@ def test_class_weights(adata):
     codes = np.array([0, 0, 0, 1])
     np.testing.assert_allclose(_class_weights("balanced", np.array(["a", "b"]), codes), [4 / 6, 2.0])
     np.testing.assert_allclose(_class_weights({"a": 1, "b": 3}, np.array(["a", "b"]), codes), [1, 3])
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            _class_weights({"a": 1, "b": bad}, np.array(["a", "b"]), codes)
     scl.tl.fuse_train(adata, REPS, "cell_type", class_weight="balanced", **FAST)
     assert adata.uns["fusion"]["params"]["class_weight"] == "balanced"
     with pytest.raises(ValueError, match="lacks training labels"):

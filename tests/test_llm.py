@@ -308,6 +308,8 @@ def test_cell_selection_subsample_is_seeded(toy, server, tmp_path):
     assert toy.obs["two"].notna().tolist() == [False] * 3 + [True, True, False, False, False]
     with pytest.raises(KeyError, match="nope"):
         scl.tl.llm_annotate(toy, cells=["nope"], **kw)
+    with pytest.raises(ValueError, match="more than once: 'c1'"):
+        scl.tl.llm_annotate(toy, cells=["c1", "c0", "c1"], **kw)
 
 
 def test_api_key_from_environment_and_errors(toy, server, tmp_path, monkeypatch):

@@ -895,7 +895,11 @@ def _class_weights(class_weight, classes: np.ndarray, codes: np.ndarray) -> np.n
     missing = [c for c in classes if c not in class_weight]
     if missing:
         raise ValueError(f"class_weight lacks training labels {missing[:5]}.")
-    return np.array([float(class_weight[c]) for c in classes])
+    weights = np.array([float(class_weight[c]) for c in classes])
+    bad = ~np.isfinite(weights) | (weights <= 0)
+    if bad.any():
+        raise ValueError(f"class_weight must be positive and finite; got {dict(zip(classes[bad], weights[bad]))}.")
+    return weights
 
 
 def _describe_weights(class_weight) -> str:

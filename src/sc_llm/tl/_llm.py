@@ -285,6 +285,9 @@ def _select_cells(adata, cells, split_key, train_value, n_cells, random_state) -
             pos = adata.obs_names.get_indexer(cells.astype(str))
             if (pos < 0).any():
                 raise KeyError(f"Cells not in adata.obs_names: {format_examples(cells[pos < 0])}.")
+            uniq, counts = np.unique(cells.astype(str), return_counts=True)
+            if (counts > 1).any():
+                raise ValueError(f"`cells` names some cells more than once: {format_examples(uniq[counts > 1].tolist())}.")
             idx = np.sort(pos)
     elif split_key is None:
         idx = np.arange(adata.n_obs)
