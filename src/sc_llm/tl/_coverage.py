@@ -143,6 +143,15 @@ def warn_on_first_chunk(source, matched: np.ndarray, chunk_size: int, what: str,
     return warn_low_coverage(coverage_from_cells(counts["counts_covered"], counts["counts_total"], matched), what, ids)
 
 
+def coverage_of_run(per_cell: Mapping[str, np.ndarray], matched: np.ndarray, warned: bool, what: str, ids: str):
+    """Coverage over all cells of an embedding run (from its per-cell counts), warned about unless the
+    first-chunk check already did."""
+    coverage = coverage_from_cells(per_cell["counts_covered"], per_cell["counts_total"], matched)
+    if not warned:
+        warn_low_coverage(coverage, what, ids)
+    return coverage
+
+
 def coverage_summary(X, matched: np.ndarray, chunk_size: int = _CHUNK) -> dict[str, Any]:
     """Genes matched and the share of expressed counts they hold, over a whole matrix (read in row chunks).
 

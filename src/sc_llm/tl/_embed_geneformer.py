@@ -15,7 +15,7 @@ from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource
 from .._utils import check_key, format_examples, gene_names, maybe_copy
 from ..models._runtime import Precision
-from ._coverage import coverage_from_cells, to_model_ids, warn_low_coverage, warn_on_first_chunk
+from ._coverage import coverage_of_run, to_model_ids, warn_on_first_chunk
 from ._embed_scgpt import PER_CELL
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 
@@ -133,9 +133,7 @@ def embed_geneformer(
         batch_size=batch_size, options=options, per_cell=PER_CELL, chunk_size=chunk_size,
         store=store, scheduler=scheduler,
     )  # fmt: skip
-    coverage = coverage_from_cells(run.per_cell["counts_covered"], run.per_cell["counts_total"], tokenizer.matched)
-    if not warned:
-        warn_low_coverage(coverage, what, "ensembl")
+    coverage = coverage_of_run(run.per_cell, tokenizer.matched, warned, what, "ensembl")
     n_genes = run.per_cell["n_genes"]
     n_empty = int((n_genes == 0).sum())
     if n_empty:

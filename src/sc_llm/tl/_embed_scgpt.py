@@ -14,7 +14,7 @@ from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource
 from .._utils import check_key, gene_names, maybe_copy
 from ..models._runtime import Precision
-from ._coverage import coverage_from_cells, to_model_ids, warn_low_coverage, warn_on_first_chunk
+from ._coverage import coverage_of_run, to_model_ids, warn_on_first_chunk
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 
 logger = logging.getLogger("sc_llm")
@@ -118,9 +118,7 @@ def embed_scgpt(
         spec=worker_spec("scgpt", model_dir, encoder, scheduler), device=device, precision=precision,
         batch_size=batch_size, per_cell=PER_CELL, chunk_size=chunk_size, store=store, scheduler=scheduler,
     )  # fmt: skip
-    coverage = coverage_from_cells(run.per_cell["counts_covered"], run.per_cell["counts_total"], tokenizer.matched)
-    if not warned:
-        warn_low_coverage(coverage, what, "symbol")
+    coverage = coverage_of_run(run.per_cell, tokenizer.matched, warned, what, "symbol")
     n_genes = run.per_cell["n_genes"]
     n_empty = int((n_genes == 0).sum())
     if n_empty:

@@ -898,7 +898,7 @@ def _class_weights(class_weight, classes: np.ndarray, codes: np.ndarray) -> np.n
     weights = np.array([float(class_weight[c]) for c in classes])
     bad = ~np.isfinite(weights) | (weights <= 0)
     if bad.any():
-        raise ValueError(f"class_weight must be positive and finite; got {dict(zip(classes[bad], weights[bad]))}.")
+        raise ValueError(f"class_weight must be positive and finite; got {dict(zip(classes[bad], weights[bad], strict=True))}.")
     return weights
 
 
