@@ -399,3 +399,13 @@ def test_gene_mode_store_resumes_and_equals_in_memory(small, text_encoder, monke
     assert len(calls) == 2
     np.testing.assert_allclose(small.obsm["X_text_genes"], small.obsm["mem"], atol=1e-6)
     assert small.uns["X_text_genes"]["store"] == str(store)
+
+
+def test_damaged_chunk_file_is_recomputed_with_a_warning(small, reference, text_encoder, tmp_path, caplog):
+    store = tmp_path / "emb.zarr"
+    scl.tl.embed_text(small.copy(), text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    (store / "embedding" / "c" / "2" / "0").write_bytes(b"not a zarr chunk")
+    with caplog.at_level("WARNING", logger="sc_llm"):
+        scl.tl.embed_text(small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    assert f"The store {store}" in caplog.text and "chunks [2]" in caplog.text
+    np.testing.assert_array_equal(small.obsm["X_text"], reference.obsm["X_text"])
