@@ -10,12 +10,9 @@ At most a few chunks per worker are in flight, so client memory stays bounded by
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import PurePath
 from typing import Any
-
-logger = logging.getLogger("sc_llm")
 
 Scheduler = Any  # None | "local" | "tcp://host:port" | distributed.Client | distributed.LocalCluster
 

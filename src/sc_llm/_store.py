@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger("sc_llm")
+from ._utils import logger
 
 _ATTR = "sc_llm"
 #: Version of the store layout; 0.1.0 stores (no per-chunk digests) have none.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,12 +21,10 @@ import numpy as np
 from scipy import sparse
 
 from .._store import names_digest
-from .._utils import check_counts, format_examples
+from .._utils import check_counts, format_examples, logger
 from ..pp._cell_sentences import rank_csr_rows
 from ._encoder import Tokens, reduced_copy
 from ._runtime import file_digest, require_torch, resolve_device
-
-logger = logging.getLogger("sc_llm")
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

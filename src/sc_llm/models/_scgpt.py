@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import pickle
 import warnings
 import zlib
@@ -23,11 +22,9 @@ import numpy as np
 from scipy import sparse
 
 from .._store import names_digest
-from .._utils import check_values, format_examples
+from .._utils import check_values, format_examples, logger
 from ._encoder import Tokens, reduced_copy
 from ._runtime import file_digest, require_torch, resolve_device
-
-logger = logging.getLogger("sc_llm")
 
 torch = require_torch()
 nn = torch.nn

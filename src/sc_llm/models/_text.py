@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-import logging
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -14,12 +13,11 @@ from typing import Any
 import numpy as np
 
 from .._store import names_digest
+from .._utils import logger
 from ..pp._cell_sentences import check_values, join_ranked, rank_csr_rows
 from ._encoder import Tokens, module_digest, reduced_copy
 from ._runtime import encode_tokens, resolve_device, resolve_precision
 from ._word_tokens import WordTokenizer
-
-logger = logging.getLogger("sc_llm")
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _TOKENIZE_BATCH = 512

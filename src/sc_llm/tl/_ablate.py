@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,10 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import check_key, format_examples, maybe_copy, warn_overwrite
+from .._utils import check_key, format_examples, logger, maybe_copy, warn_overwrite
 from ..models._runtime import Precision
-
-logger = logging.getLogger("sc_llm")
 
 HASH_LENGTH = 10
 KINDS = (

@@ -10,7 +10,6 @@ limit, whole genes) are explained.
 from __future__ import annotations
 
 import bisect
-import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -23,8 +22,6 @@ from anndata import AnnData
 
 from .._progress import progress
 from .._utils import check_unique_obs_names, format_examples, warn_overwrite
-
-logger = logging.getLogger("sc_llm")
 
 METHODS = ("integrated_gradients", "lime")
 
@@ -400,7 +397,7 @@ class _Explainer:
     ) -> GeneAttribution:
         try:
             from captum.attr import LayerIntegratedGradients
-        except ImportError as err:  # pragma: no cover - captum is a core dependency
+        except ImportError as err:  # pragma: no cover - captum ships with the interpret extra
             raise ImportError("Integrated gradients need captum: pip install 'sc-llm[interpret]'.") from err
         import torch
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,8 +12,6 @@ from anndata import AnnData
 
 from ._metrics import get_labels, train_mask
 from ._mlp import collect_reps
-
-logger = logging.getLogger("sc_llm")
 
 METHODS = ("knn", "mlp", "head", "fusion")
 METRICS = ("accuracy", "precision", "recall", "f1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -13,13 +12,11 @@ from anndata import AnnData
 from .._distributed import Scheduler
 from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
 from .._sources import MatrixSource
-from .._utils import check_key, format_examples, gene_names, maybe_copy
+from .._utils import check_key, format_examples, gene_names, logger, maybe_copy
 from ..models._runtime import Precision
 from ._coverage import coverage_of_run, to_model_ids, warn_on_first_chunk
 from ._embed_scgpt import PER_CELL
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
-
-logger = logging.getLogger("sc_llm")
 
 _CELL_CHUNK = 1024
 

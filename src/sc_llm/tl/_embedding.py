@@ -12,7 +12,6 @@ background thread while the current one runs on the device (on a CPU both would 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,11 +25,9 @@ from .._distributed import Scheduler, client_for, map_chunks, share
 from .._progress import progress
 from .._sources import MatrixSource, SentenceSource
 from .._store import ChunkedResults, names_digest
-from .._utils import warn_overwrite
+from .._utils import logger, warn_overwrite
 from ..models._encoder import Tokens
 from ..models._runtime import encode_tokens, resolve_device, resolve_precision
-
-logger = logging.getLogger("sc_llm")
 
 
 @dataclass

@@ -10,7 +10,6 @@ out-of-fold predictions) and the repeated runs over seeds with the per-input com
 from __future__ import annotations
 
 import itertools
-import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from ._mlp import collect_reps, training_cells, write_predictions
 if TYPE_CHECKING:
     from ..models._fusion import FusionModel
 
-logger = logging.getLogger("sc_llm")
+from .._utils import logger
 
 GRID_KEYS = ("lr", "epochs", "batch_size", "lr_decay", "weight_decay")
 #: Grid used by ``param_grid="default"``. The paper grid-searched these four settings per dataset

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -21,10 +20,8 @@ import pandas as pd
 from anndata import AnnData
 
 from .._llm_client import DEFAULT_API_KEY_ENV, ChatClient, ChatRequest
-from .._utils import format_examples, maybe_copy, warn_overwrite
+from .._utils import format_examples, logger, maybe_copy, warn_overwrite
 from ._metrics import classification_metrics, train_mask
-
-logger = logging.getLogger("sc_llm")
 
 # The words are the paper's (Figures 4 and 5); the label list is rendered as Python's str(list),
 # which is what the figures' "+ [list] +" concatenation produces. The line breaks are our choice.

@@ -8,7 +8,6 @@ which lies farther from its predicted type than that type's own reference cells 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,12 +15,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples, maybe_copy, warn_overwrite
+from .._utils import format_examples, logger, maybe_copy, warn_overwrite
 from ._candidates import N_CANDIDATES, label_categories, write_candidates
 from ._knn import APPROX_THRESHOLD, TIE_RULE, nearest_reference, rank_votes
 from ._metrics import classification_metrics, get_rep
-
-logger = logging.getLogger("sc_llm")
 
 UNKNOWN = "unknown"
 AUTO_QUANTILE = 0.03

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,8 +12,6 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import check_key, format_examples, warn_overwrite
-
-logger = logging.getLogger("sc_llm")
 
 _TYPE_COLUMNS = ("cell_type", "celltype", "cell type", "source", "set", "term")
 _GENE_COLUMNS = ("genesymbol", "gene", "gene_symbol", "official gene symbol", "target", "symbol")

@@ -6,7 +6,6 @@ from AnnData or MuData, picking training cells, and writing predictions like ``k
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -15,11 +14,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples, maybe_copy, warn_overwrite
+from .._utils import format_examples, logger, maybe_copy, warn_overwrite
 from ._candidates import N_CANDIDATES, label_categories, write_candidates
 from ._metrics import classification_metrics, get_labels, get_rep, train_mask
-
-logger = logging.getLogger("sc_llm")
 
 #: Label of cells whose highest class probability is below ``min_confidence``.
 UNKNOWN = "unknown"
