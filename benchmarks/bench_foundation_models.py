@@ -11,20 +11,17 @@ the cosine agreement to fp32, and the share of wall time spent outside the forwa
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import ForwardTimer, cosine
 
 import sc_llm as scl
 from sc_llm.models._runtime import cpu_has_bf16
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _checkpoints import ensembl_ids, write_geneformer, write_scgpt
-from _common import ForwardTimer, cosine
+from sc_llm.testing import ensembl_ids, write_geneformer, write_scgpt
 
 
 def run(name, embed, encoder, adata, key, batch_size):

@@ -14,7 +14,6 @@ Run it on the machine whose numbers you want (``python benchmarks/bench_gpu.py``
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +25,7 @@ from _common import cosine
 
 import sc_llm as scl
 from sc_llm.models import default_model_path, resolve_device
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _checkpoints import write_scgpt
+from sc_llm.testing import write_scgpt
 
 
 def bert_large_sentence_encoder(path: Path, n_layers: int):

@@ -6,7 +6,7 @@ Prints, measured side by side in one run on the same cells:
 - the time llm_annotate spends outside waiting for the server (prompt building, cache, parsing,
   bookkeeping), per cell.
 
-The server is the deterministic test server (tests/_chat_server.py) on 127.0.0.1: nothing leaves
+The server is the deterministic test server (sc_llm.testing.ChatServer) on 127.0.0.1: nothing leaves
 the machine.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 import warnings
@@ -22,10 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _chat_server import ChatServer
-
 import sc_llm as scl
+from sc_llm.testing import ChatServer
 
 
 def main() -> None:

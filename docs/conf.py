@@ -62,6 +62,7 @@ NAMESPACES = {
     "pl": "Plotting",
     "models": "Encoder back ends",
     "datasets": "Datasets",
+    "testing": "Testing helpers",
 }
 
 

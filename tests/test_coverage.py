@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-from _checkpoints import write_geneformer, write_scgpt
 from scipy import sparse
 
 import sc_llm as scl
 from sc_llm.pp._gene_ids import convert_gene_ids
+from sc_llm.testing import write_geneformer, write_scgpt
 from sc_llm.tl._coverage import CoverageCounter, coverage_summary, warn_low_coverage
 
 

@@ -96,7 +96,7 @@ def test_bad_scheduler(cells):
 
 
 def test_foundation_models_on_cluster_equal_single_process(client, cells, tmp_path):
-    from _checkpoints import ensembl_ids, write_geneformer, write_scgpt
+    from sc_llm.testing import ensembl_ids, write_geneformer, write_scgpt
 
     scgpt_dir = write_scgpt(tmp_path / "scgpt", list(cells.var_names[:600]))
     cells.var["ensembl_id"] = ensembl_ids(cells.n_vars)

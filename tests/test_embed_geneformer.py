@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from _checkpoints import ensembl_ids, write_geneformer
 from scipy import sparse
 
 import sc_llm as scl
+from sc_llm.testing import ensembl_ids, write_geneformer
 
 N_CELLS = 16
 

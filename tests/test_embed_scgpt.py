@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _checkpoints import write_scgpt
 from scipy import sparse
 
 import sc_llm as scl
+from sc_llm.testing import write_scgpt
 
 N_CELLS = 24
 

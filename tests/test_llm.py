@@ -1,4 +1,4 @@
-"""llm_annotate / llm_marker_matching against a real HTTP chat server on 127.0.0.1 (tests/_chat_server.py)."""
+"""llm_annotate / llm_marker_matching against a real HTTP chat server on 127.0.0.1 (sc_llm.testing.ChatServer)."""
 
 import json
 import re
@@ -8,10 +8,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _chat_server import LLAMA_CPP_FORMAT_ERROR, ChatServer
 
 import sc_llm as scl
 from sc_llm._llm_client import ChatClient, ChatError, ChatRequest
+from sc_llm.testing import LLAMA_CPP_FORMAT_ERROR, ChatServer
 from sc_llm.tl._llm import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, parse_answer
 
 MODEL = "test-model"

@@ -4,9 +4,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _chat_server import ChatServer
 
 import sc_llm as scl
+from sc_llm.testing import ChatServer
 
 
 def halves(adata, held_out=None, seed=0):

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _checkpoints import write_scgpt
 from scipy import sparse
 
 import sc_llm as scl
@@ -23,6 +22,7 @@ from sc_llm._utils import as_csr, check_counts, check_key, check_unique_obs_name
 from sc_llm.cli import main
 from sc_llm.models._geneformer import UnsafePickleError, check_dictionary, check_medians, read_dictionary
 from sc_llm.models._scgpt import ScGPTEncoder
+from sc_llm.testing import write_scgpt
 
 NAMES = np.array(["c0", "c1", "c2"])
 

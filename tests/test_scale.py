@@ -272,7 +272,7 @@ def test_approximate_knn_agrees_with_exact_and_threshold_picks_it(clusters):
 
 @pytest.fixture
 def foundation_models(tmp_path, pbmc):
-    from _checkpoints import ensembl_ids, write_geneformer, write_scgpt
+    from sc_llm.testing import ensembl_ids, write_geneformer, write_scgpt
 
     genes = list(pbmc.var_names)
     ids = ensembl_ids(pbmc.n_vars)

@@ -39,3 +39,15 @@ def write_candidates(
         names = np.where(score > 0, classes[ranked[:, i]], None) if has else np.full(adata.n_obs, None)
         adata.obs[f"{key}_top{i + 1}"] = pd.Categorical(names, categories=categories)
         adata.obs[f"{key}_top{i + 1}_frac"] = np.asarray(score, dtype=np.float32)
+
+
+def top3_accuracy(classes, ranked: np.ndarray, y_true: np.ndarray, scores: np.ndarray | None = None) -> float:
+    """Share of cells whose true label is among their (up to) three best candidates.
+
+    ``ranked`` holds class indices best first; with ``scores``, a candidate scored zero does not count.
+    """
+    top = ranked[:, :N_CANDIDATES]
+    hit = np.asarray(classes, dtype=object)[top] == np.asarray(y_true, dtype=object)[:, None]
+    if scores is not None:
+        hit &= scores[:, : top.shape[1]] > 0
+    return float(hit.any(axis=1).mean()) if len(hit) else float("nan")

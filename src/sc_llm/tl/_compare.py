@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ._heads import collect_reps
 from ._metrics import get_labels, train_mask
-from ._mlp import collect_reps
 
 METHODS = ("knn", "mlp", "head", "fusion")
 METRICS = ("accuracy", "precision", "recall", "f1")

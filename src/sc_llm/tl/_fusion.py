@@ -21,8 +21,8 @@ from anndata import AnnData
 
 from .._progress import progress
 from ._compare import paired_comparison
+from ._heads import collect_reps, training_cells, write_predictions
 from ._metrics import get_labels
-from ._mlp import collect_reps, training_cells, write_predictions
 
 if TYPE_CHECKING:
     from ..models._fusion import FusionModel
@@ -750,7 +750,7 @@ def _run_metrics(models, reps, labels, train, classes, seed0: int, min_confidenc
 
 
 def _held_out_metrics(proba, labels, train, classes, min_confidence=None) -> dict[str, float]:
-    from ._mlp import evaluate
+    from ._heads import evaluate
 
     held_out = labels.notna().to_numpy() & ~train
     order = np.argsort(-proba, axis=1, kind="stable")[:, :3]

@@ -9,7 +9,7 @@ from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
 from .._utils import format_examples, maybe_copy
-from ._candidates import N_CANDIDATES, label_categories, write_candidates
+from ._candidates import N_CANDIDATES, label_categories, top3_accuracy, write_candidates
 from ._metrics import classification_metrics, get_labels, get_rep, train_mask
 
 TIE_RULE = "among labels with equal votes, the one with the nearer closest neighbour wins"
@@ -120,8 +120,7 @@ def knn_annotate(
         y_true = labels[eval_mask].astype(str).to_numpy()
         unseen = warn_unseen(y_true, classes)
         metrics = classification_metrics(y_true, classes[ranked[eval_mask, 0]])
-        in_top = (classes[ranked[eval_mask, :N_CANDIDATES]] == y_true[:, None]) & (fractions[eval_mask] > 0)
-        metrics["top3_accuracy"] = float(in_top.any(axis=1).mean())
+        metrics["top3_accuracy"] = top3_accuracy(classes, ranked[eval_mask], y_true, fractions[eval_mask])
     adata.uns[key_added] = {
         "params": {
             "use_rep": use_rep,

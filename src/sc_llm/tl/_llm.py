@@ -21,6 +21,7 @@ from anndata import AnnData
 
 from .._llm_client import DEFAULT_API_KEY_ENV, ChatClient, ChatRequest
 from .._utils import format_examples, logger, maybe_copy, warn_overwrite
+from ._candidates import N_CANDIDATES
 from ._metrics import classification_metrics, train_mask
 
 # The words are the paper's (Figures 4 and 5); the label list is rendered as Python's str(list),
@@ -40,7 +41,6 @@ MARKER_TEMPLATE = (
 )
 ANSWER_FIELD = "cell_type"
 REASONS = ("ok", "malformed", "out_of_list", "failed")
-N_CANDIDATES = 3
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 _FIELD = re.compile(r"\{(\w+)\}")

@@ -16,11 +16,11 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import format_examples, logger, maybe_copy, warn_overwrite
-from ._candidates import N_CANDIDATES, label_categories, write_candidates
+from ._candidates import label_categories, top3_accuracy, write_candidates
+from ._heads import UNKNOWN
 from ._knn import APPROX_THRESHOLD, TIE_RULE, nearest_reference, rank_votes
 from ._metrics import classification_metrics, get_rep
 
-UNKNOWN = "unknown"
 AUTO_QUANTILE = 0.03
 AUTO_RULE = (
     "the {q:g} quantile of the leave-one-out confidences of the reference cells that leave-one-out "
@@ -305,15 +305,12 @@ def _metrics(labels: pd.Series, classes, ranked, fractions, rejected) -> dict[st
     pred = np.where(rejected[has], UNKNOWN, top)
     known = np.isin(y, np.asarray(classes, dtype=str))
     metrics: dict[str, Any] = classification_metrics(y, pred)
-    in_top = (np.asarray(classes, dtype=object)[ranked[has, :N_CANDIDATES]] == y[:, None]) & (
-        fractions[has] > 0
-    )
     metrics |= {
         "accuracy_without_rejection": float((top == y).mean()),
         "accuracy_accepted": float((pred == y)[~rejected[has]].mean())
         if (~rejected[has]).any()
         else float("nan"),
-        "top3_accuracy": float(in_top.any(axis=1).mean()),
+        "top3_accuracy": top3_accuracy(classes, ranked[has], y, fractions[has]),
         "known": _group(y, top, pred, known),
         "novel": _group(y, top, pred, ~known),
         "novel_labels": sorted(set(y[~known])),

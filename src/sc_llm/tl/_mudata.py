@@ -11,8 +11,8 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import format_examples
+from ._heads import collect_reps, is_mudata
 from ._metrics import get_rep
-from ._mlp import collect_reps, is_mudata
 
 
 def to_mudata(
