@@ -88,7 +88,7 @@ def run_encoder(
     )
     with progress(adata.n_obs, function, unit="cell") as bar:
         bar.update(results.n_done_cells)
-        inputs = _pending_inputs(results, source, tokenizer, bar)
+        inputs = _pending_inputs(results, source, tokenizer)
         if scheduler is None:
             _run_here(results, inputs, encoder, used, batch_size, tokenizer.max_tokens, options, bar)
             precisions = {used}
@@ -117,20 +117,14 @@ def default_batch_size(device) -> int:
     return 512 if resolve_device(device).type == "cuda" else 64
 
 
-def _pending_inputs(results: ChunkedResults, source, tokenizer, bar) -> Iterator[tuple[int, str, Tokens]]:
+def _pending_inputs(results: ChunkedResults, source, tokenizer) -> Iterator[tuple[int, str, Tokens]]:
     """``(chunk id, input digest, tokens)`` for chunks not finished yet; finished ones are checked, not redone."""
-    with_store = results.store is not None
     for i in range(results.n_chunks):
-        if with_store and not results.store._done[i]:
-            chunk = source.chunk(*results.bounds(i))
-            yield i, chunk.digest(), tokenizer.tokenize(chunk)
-            continue
-        if with_store:
-            chunk = source.chunk(*results.bounds(i))
-            results.is_done(i, chunk.digest())  # raises when the data under a finished chunk changed
-            continue
         chunk = source.chunk(*results.bounds(i))
-        yield i, "", tokenizer.tokenize(chunk)
+        digest = chunk.digest() if results.store is not None else ""
+        if results.is_done(i, digest):  # raises when the data under a finished chunk changed
+            continue
+        yield i, digest, tokenizer.tokenize(chunk)
 
 
 def _run_here(results, inputs, encoder, precision, batch_size, max_tokens, options, bar) -> None:
