@@ -467,10 +467,7 @@ def _fit(
     if spec["standardize_on"] is not None:
         model.set_standardization(spec["standardize_on"])
     model.to(data.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=params["lr_decay"])
-    loss_fn = torch.nn.CrossEntropyLoss(weight=data.weights)
-    gen = torch.Generator().manual_seed(seed)
+    opt, sched, loss_fn, gen = _training_setup(model, params, data, seed)
     best_loss, best_state, since_best, rows = np.inf, None, 0, []
     for epoch in range(params["epochs"]):
         current_lr = opt.param_groups[0]["lr"]
@@ -589,10 +586,7 @@ def _train_stacked(data, spec, params, cells, epochs, seed, bar, callback, skip=
     if spec["standardize_on"] is not None:
         model.set_standardization(spec["standardize_on"])
     model.to(data.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=params["lr_decay"])
-    loss_fn = torch.nn.CrossEntropyLoss(weight=data.weights)
-    gen = torch.Generator().manual_seed(seed)
+    opt, sched, loss_fn, gen = _training_setup(model, params, data, seed)
     for epoch in range(1, epochs + 1):
         _train_epoch(model, data, opt, loss_fn, params["batch_size"], gen, cells=cells)
         sched.step()
@@ -680,6 +674,15 @@ def _stratified_folds(codes: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
         folds[members] = (np.arange(members.size) + offset) % n_folds
         offset += members.size
     return folds
+
+
+def _training_setup(model, params: dict, data, seed: int):
+    """The paper's optimizer (AdamW with exponential decay), weighted loss and a seeded batch order."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=params["lr_decay"])
+    return opt, sched, torch.nn.CrossEntropyLoss(weight=data.weights), torch.Generator().manual_seed(seed)
 
 
 def _train_epoch(model, data: _Data, opt, loss_fn, batch_size: int, gen, cells=None) -> float:

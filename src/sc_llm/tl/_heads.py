@@ -93,15 +93,7 @@ def evaluate(
     if not held_out.any():
         return {}, []
     y_true = labels.to_numpy()[held_out].astype(str)
-    unseen = sorted(set(y_true) - set(map(str, classes)))
-    if unseen:
-        n_unseen = int(np.isin(y_true, unseen).sum())
-        warnings.warn(
-            f"{n_unseen} held-out cells carry labels absent from training ({format_examples(unseen)}); "
-            "they count as errors in the metrics.",
-            UserWarning,
-            stacklevel=3,
-        )
+    unseen = warn_unseen(y_true, classes, stacklevel=4)
     pred = classes[order[held_out, 0]].astype(object)
     if confidence is not None:
         rejected = confidence[0][held_out] < confidence[1]
@@ -162,3 +154,17 @@ def _mudata_rep(mdata, name: str) -> np.ndarray:
     if bad.any():
         raise ValueError(f"{where} has NaN/inf for cells {format_examples(mdata.obs_names[bad])}.")
     return X
+
+
+def warn_unseen(y_true: np.ndarray, classes, stacklevel: int = 3) -> list[str]:
+    """Warn (as mlp_annotate and fuse_train do) about held-out labels that no training cell has."""
+    unseen = sorted(set(y_true) - set(map(str, classes)))
+    if unseen:
+        n_unseen = int(np.isin(y_true, unseen).sum())
+        warnings.warn(
+            f"{n_unseen} held-out cells carry labels absent from training ({format_examples(unseen)}); "
+            "they count as errors in the metrics.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return unseen

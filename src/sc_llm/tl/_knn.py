@@ -10,6 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from .._utils import format_examples, maybe_copy
 from ._candidates import N_CANDIDATES, label_categories, top3_accuracy, write_candidates
+from ._heads import warn_unseen
 from ._metrics import classification_metrics, get_labels, get_rep, train_mask
 
 TIE_RULE = "among labels with equal votes, the one with the nearer closest neighbour wins"
@@ -200,20 +201,6 @@ def _approx_kneighbors(
     )
     idx, dist = index.query(np.ascontiguousarray(Xq, dtype=np.float32), k=n)
     return idx, dist.astype(np.float64)
-
-
-def warn_unseen(y_true: np.ndarray, classes, stacklevel: int = 3) -> list[str]:
-    """Warn (as mlp_annotate and fuse_train do) about held-out labels that no training cell has."""
-    unseen = sorted(set(y_true) - set(map(str, classes)))
-    if unseen:
-        n_unseen = int(np.isin(y_true, unseen).sum())
-        warnings.warn(
-            f"{n_unseen} held-out cells carry labels absent from training ({format_examples(unseen)}); "
-            "they count as errors in the metrics.",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
-    return unseen
 
 
 def rank_votes(votes: np.ndarray, n_classes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
