@@ -16,13 +16,11 @@ Set ``SC_LLM_TEST_CACHE`` to reuse the test suite's cached pbmc68k text embeddin
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
-from pathlib import Path
 
-import anndata as ad
 import numpy as np
+from _common import pbmc_embedded
 from scipy.stats import spearmanr
 
 import sc_llm as scl
@@ -39,18 +37,6 @@ SETTINGS = {
 }
 
 
-def load() -> ad.AnnData:
-    cache = os.environ.get("SC_LLM_TEST_CACHE")
-    path = Path(cache) / "pbmc68k_text.h5ad" if cache else None
-    if path is not None and path.exists():
-        return ad.read_h5ad(path)
-    adata = scl.datasets.pbmc68k()
-    scl.pp.cell_sentences(adata)
-    scl.pp.train_test_split(adata, "cell_type", test_size=0.2, random_state=0)
-    scl.tl.embed_text(adata, precision="bf16")
-    return adata
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cells", type=int, default=8)
@@ -60,7 +46,7 @@ def main() -> None:
     if args.threads:
         __import__("torch").set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
-    adata = load()
+    adata = pbmc_embedded("bf16")
     encoder = load_text_encoder()
     head = scl.tl.fuse_train(adata, ["X_text"], "cell_type", hidden=256, random_state=0, report_inputs=False)
     test = np.flatnonzero((adata.obs["split"] == "test").to_numpy())

@@ -13,30 +13,16 @@ test suite's cached text embedding.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
-from pathlib import Path
 
-import anndata as ad
 import pandas as pd
+from _common import pbmc_embedded
 
 import sc_llm as scl
 from sc_llm.tl._compare import format_table
 
 REPS = ["X_text", "X_pca"]
-
-
-def load() -> ad.AnnData:
-    cache = os.environ.get("SC_LLM_TEST_CACHE")
-    path = Path(cache) / "pbmc68k_text.h5ad" if cache else None
-    if path is not None and path.exists():
-        return ad.read_h5ad(path)
-    adata = scl.datasets.pbmc68k()
-    scl.pp.cell_sentences(adata)
-    scl.pp.train_test_split(adata, "cell_type", test_size=0.2, random_state=0)
-    scl.tl.embed_text(adata)
-    return adata
 
 
 def main() -> None:
@@ -45,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     hidden, n_runs = (512, 3) if args.quick else (4096, 5)
     warnings.filterwarnings("ignore", category=UserWarning)
-    adata = load()
+    adata = pbmc_embedded()
     print(
         f"pbmc68k: {adata.n_obs} cells, {adata.obs['cell_type'].nunique()} labels, split {adata.obs['split'].value_counts().to_dict()}"
     )
