@@ -40,6 +40,23 @@ scheduler
     be readable there), a model object is sent once to every worker. Results equal a single-process
     run. ``None`` (default) runs here."""
 
+doc_split = """\
+split_key, train_value
+    The training (reference) cells are those with ``obs[split_key] == train_value`` and a label; the
+    others are evaluated (see :func:`sc_llm.pp.train_test_split`)."""
+
+doc_random_state = """\
+random_state
+    Seed of every random choice made here; the same seed and inputs give the same result."""
+
+doc_show_save = """\
+ax
+    Matplotlib Axes to draw into (default: a new figure).
+save
+    Path of a figure file to write.
+show
+    Show the figure (default: only when neither saving nor drawing into a given ``ax``)."""
+
 doc_copy = """\
 copy
     Return a copy instead of writing into ``adata``."""

@@ -216,3 +216,31 @@ def format_examples(values, n: int = 5) -> str:
     values = list(values)
     shown = ", ".join(repr(v) for v in values[:n])
     return shown + (f", … ({len(values)} in all)" if len(values) > n else "")
+
+
+def import_optional(module: str, extra: str, purpose: str) -> Any:
+    """Import an optional dependency, or raise an ImportError naming the extra that provides it.
+
+    The one pattern for optional back ends: imported when first needed, so ``import sc_llm`` stays light.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        raise ImportError(
+            f"{purpose} needs the optional dependency {top!r}: pip install 'sc-llm[{extra}]'."
+        ) from e
+
+
+def embedding_record(adata: AnnData, key: str) -> dict[str, Any]:
+    """What an ``embed_*`` call recorded in ``uns[key]``, with its parameters flattened in (``{}`` if none).
+
+    Readers of another function's record go through here, so they read files written before 0.2.0
+    (flat records) as well as ``{"params": {...}, ...results}`` records.
+    """
+    entry = adata.uns.get(key)
+    if not isinstance(entry, Mapping):
+        return {}
+    return {**{k: v for k, v in entry.items() if k != "params"}, **entry.get("params", {})}

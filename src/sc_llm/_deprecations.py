@@ -1,0 +1,72 @@
+"""Old parameter names kept for one release: renamed parameters and parameters moved into a config.
+
+0.2.0 unified names across the package (see the changelog). A call with a 0.1 name still works, with
+a :class:`FutureWarning` that names the new spelling; both spellings at once are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+REMOVED_IN = "0.3.0"
+
+
+def _warn(fn: Callable, old: str, instead: str) -> None:
+    warnings.warn(
+        f"{fn.__name__}(): `{old}` is deprecated, use {instead}; the old name is removed in {REMOVED_IN}.",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+def renamed_params(**renames: str) -> Callable[[F], F]:
+    """Accept ``old=...`` for each ``old="new"`` pair, warning once per call and passing it on as ``new``."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old not in kwargs:
+                    continue
+                if new in kwargs:
+                    raise TypeError(f"{fn.__name__}() got both `{old}` (deprecated) and `{new}`; pass only `{new}`.")
+                _warn(fn, old, f"`{new}`")
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def moved_to_config(into: str, config: type, names: Iterable[str]) -> Callable[[F], F]:
+    """Accept the fields ``names`` of the dataclass ``config`` as keyword arguments, as in 0.1.
+
+    They are folded into the ``into`` argument (a new ``config(...)``, or a copy of the one passed
+    with those fields replaced) with a warning naming the config spelling.
+    """
+    names = tuple(names)
+    fields = {f.name for f in dataclasses.fields(config)}
+    if unknown := set(names) - fields:
+        raise ValueError(f"{config.__name__} has no fields {sorted(unknown)}.")
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            moved = {name: kwargs.pop(name) for name in names if name in kwargs}
+            if moved:
+                spelled = ", ".join(f"{k}=…" for k in moved)
+                _warn(fn, "/".join(moved), f"`{into}={config.__name__}({spelled})`")
+                base = kwargs.get(into)
+                kwargs[into] = config(**moved) if base is None else dataclasses.replace(base, **moved)
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
