@@ -35,7 +35,7 @@ def run(name, embed, encoder, adata, key, batch_size):
             res = embed(adata, precision=precision, batch_size=batch_size, copy=True)
             wall = time.perf_counter() - t0
         out[precision], rates[precision] = res.obsm[key], adata.n_obs / wall
-        used = res.uns[key]["precision"]
+        used = res.uns[key]["params"]["precision"]
         print(
             f"{name} {precision:>4} (ran {used}): {rates[precision]:7.1f} cells/s, "
             f"outside forward {100 * (1 - timer.seconds / wall):4.1f}% of {wall:.1f}s"

@@ -75,8 +75,12 @@ def tiny_encoder_dir(path: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(str(default_model_path()))
     config = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
     )
     import torch
 
@@ -124,9 +128,18 @@ def child_memory(h5ad: str, step: str, model_dir: str, workdir: str) -> None:
     base = _status("VmRSS")
     t0 = time.perf_counter()
     if step == "cell_sentences":
-        scl.pp.cell_sentences(adata, store=Path(workdir) / "sentences.zarr", in_obs=False, chunk_size=4096)
+        scl.pp.cell_sentences(
+            adata,
+            execution=scl.Execution(store=Path(workdir) / "sentences.zarr", chunk_size=4096),
+            in_obs=False,
+        )
     else:
-        scl.tl.embed_text(adata, encoder, store=Path(workdir) / "emb.zarr", batch_size=256, chunk_size=4096)
+        scl.tl.embed_text(
+            adata,
+            encoder,
+            execution=scl.Execution(store=Path(workdir) / "emb.zarr", chunk_size=4096),
+            batch_size=256,
+        )
     wall = time.perf_counter() - t0
     print(json.dumps({"base": base, "peak": _status("VmHWM"), "wall": wall, "n_obs": adata.n_obs}))
 
@@ -138,21 +151,37 @@ def bench_memory(n_cells: int, n_genes: int, genes_per_cell: int) -> None:
         x_bytes = make_h5ad(tmp / "atlas.h5ad", n_cells, n_genes, genes_per_cell)
         t_make = time.perf_counter() - t0
         model_dir = tiny_encoder_dir(tmp / "tiny")
-        print(f"\n1. Backed h5ad: {n_cells:,} cells × {n_genes:,} genes, ~{genes_per_cell} genes/cell; "
-              f"X = {x_bytes / 2**20:,.0f} MiB (generated in {t_make:.0f} s)")
-        print(f"{'step (backed, zarr store)':34s} {'cells/s':>9s} {'base RSS':>9s} {'peak growth':>12s} {'growth/X':>9s}")
+        print(
+            f"\n1. Backed h5ad: {n_cells:,} cells × {n_genes:,} genes, ~{genes_per_cell} genes/cell; "
+            f"X = {x_bytes / 2**20:,.0f} MiB (generated in {t_make:.0f} s)"
+        )
+        print(
+            f"{'step (backed, zarr store)':34s} {'cells/s':>9s} {'base RSS':>9s} {'peak growth':>12s} {'growth/X':>9s}"
+        )
         for step in ("cell_sentences", "embed_text"):
             out = subprocess.run(
-                [sys.executable, __file__, "--child", str(tmp / "atlas.h5ad"), step, str(model_dir), str(tmp)],
-                capture_output=True, text=True, check=False,
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(tmp / "atlas.h5ad"),
+                    step,
+                    str(model_dir),
+                    str(tmp),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if out.returncode:
                 raise RuntimeError(out.stderr[-3000:])
             r = json.loads(out.stdout.strip().splitlines()[-1])
             growth = r["peak"] - r["base"]
             label = step + (" (tiny BERT)" if step == "embed_text" else "")
-            print(f"{label:34s} {r['n_obs'] / r['wall']:9,.0f} {r['base'] / 2**20:8,.0f}M "
-                  f"{growth / 2**20:11,.0f}M {growth / x_bytes:8.2f}×")
+            print(
+                f"{label:34s} {r['n_obs'] / r['wall']:9,.0f} {r['base'] / 2**20:8,.0f}M "
+                f"{growth / 2**20:11,.0f}M {growth / x_bytes:8.2f}×"
+            )
 
 
 # -- 2. distributed vs one process ---------------------------------------------------------------
@@ -174,25 +203,36 @@ def bench_distributed(n_cells: int) -> None:
     chunk = max(n_cells // 8, 8)
     scl.tl.embed_text(adata[:8].copy(), precision="fp32")  # load the model here once
     t0 = time.perf_counter()
-    scl.tl.embed_text(adata, precision="fp32", chunk_size=chunk, key_added="one")
+    scl.tl.embed_text(adata, precision="fp32", execution=scl.Execution(chunk_size=chunk), key_added="one")
     t_one = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with distributed.LocalCluster(processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(processes=True, threads_per_worker=1, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         t_start = time.perf_counter() - t0
         n_workers = len(client.nthreads())
         client.run(_load_default_encoder)  # every worker loads the model once, before timing
         t_load = time.perf_counter() - t0 - t_start
         t1 = time.perf_counter()
-        scl.tl.embed_text(adata, precision="fp32", chunk_size=chunk, scheduler=client, key_added="dask")
+        scl.tl.embed_text(
+            adata,
+            precision="fp32",
+            execution=scl.Execution(chunk_size=chunk, scheduler=client),
+            key_added="dask",
+        )
         t_dask = time.perf_counter() - t1
     diff = np.abs(adata.obsm["one"] - adata.obsm["dask"]).max()
     print(f"\n2. embed_text, {n_cells} pbmc68k cells, MiniLM fp32, {os.cpu_count()} cores, chunks of {chunk}")
     print(f"{'run':46s} {'cells/s':>8s} {'vs one':>7s}")
     print(f"{'one process (torch on all cores)':46s} {n_cells / t_one:8.1f} {1.0:6.2f}×")
-    print(f"{f'LocalCluster, {n_workers} workers × 1 thread':46s} {n_cells / t_dask:8.1f} {t_one / t_dask:6.2f}×")
-    print(f"cluster start {t_start:.1f} s, first model load on workers {t_load:.1f} s (once per worker); "
-          f"max |difference| {diff:.1e}")
+    print(
+        f"{f'LocalCluster, {n_workers} workers × 1 thread':46s} {n_cells / t_dask:8.1f} {t_one / t_dask:6.2f}×"
+    )
+    print(
+        f"cluster start {t_start:.1f} s, first model load on workers {t_load:.1f} s (once per worker); "
+        f"max |difference| {diff:.1e}"
+    )
 
 
 # -- 3. gene mode vs sentences -------------------------------------------------------------------
@@ -214,7 +254,9 @@ def bench_gene_mode() -> None:
         ),
     }
     scl.tl.embed_text_genes(adata[:8].copy(), precision="fp32")  # load the model once
-    print(f"\n3. Gene-level text mode vs sentences, pbmc68k ({adata.n_obs} cells, {adata.n_vars} genes), MiniLM fp32")
+    print(
+        f"\n3. Gene-level text mode vs sentences, pbmc68k ({adata.n_obs} cells, {adata.n_vars} genes), MiniLM fp32"
+    )
     print(f"{'representation':36s} {'cells/s':>9s} {'kNN acc':>8s} {'macro F1':>9s}")
     for i, (name, run) in enumerate(runs.items()):
         adata.obsm.pop("rep", None)
@@ -254,11 +296,17 @@ def bench_knn(n_cells: int) -> None:
     scl.tl.knn_annotate(adata, "X", "label", approx=True, key_added="approx")
     t_approx = time.perf_counter() - t0
     approx = _neighbours(X, train, 10, "cosine", approx=True)[test]
-    exact = NearestNeighbors(n_neighbors=10, metric="cosine", algorithm="brute").fit(X[train]).kneighbors(X[test])[1]
+    exact = (
+        NearestNeighbors(n_neighbors=10, metric="cosine", algorithm="brute")
+        .fit(X[train])
+        .kneighbors(X[test])[1]
+    )
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
     agree = (adata.obs["exact"] == adata.obs["approx"]).mean()
     acc = adata.uns["exact"]["metrics"]["accuracy"], adata.uns["approx"]["metrics"]["accuracy"]
-    print(f"\n4. knn_annotate on {n_cells:,} synthetic cells (32 dims, 30 clusters, {train.size:,} training), k=10 cosine")
+    print(
+        f"\n4. knn_annotate on {n_cells:,} synthetic cells (32 dims, 30 clusters, {train.size:,} training), k=10 cosine"
+    )
     print(f"{'index':14s} {'seconds':>8s} {'vs exact':>9s} {'accuracy':>9s}")
     print(f"{'exact':14s} {t_exact:8.1f} {1.0:8.2f}× {acc[0]:9.3f}")
     print(f"{'pynndescent':14s} {t_approx:8.1f} {t_exact / t_approx:8.2f}× {acc[1]:9.3f}")

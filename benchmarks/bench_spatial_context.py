@@ -95,7 +95,7 @@ def tissue_run(adata, enc, rng, spread: float, train: np.ndarray) -> dict[str, f
     fine = adata.obs["cell_type"].astype(str).to_numpy()
     adata.obsm["spatial"] = tissue_layout(fine, rng, spread)
     key = f"tissue_{spread}"
-    scl.pp.spatial_sentences(adata, labels_key="train_label", n_neighs=6, key_added=f"sent_{key}")
+    scl.pp.spatial_sentences(adata, labels_key="train_label", neighbors=6, key_added=f"sent_{key}")
     scl.tl.embed_text(adata, enc, sentence_key=f"sent_{key}", key_added=f"X_{key}", precision="bf16")
     scl.tl.knn_annotate(adata, f"X_{key}", "cell_type", k=10, key_added=f"knn_{key}")
     same = neighbour_counts(adata, fine, 6).to_numpy()[np.arange(adata.n_obs), np.searchsorted(np.unique(fine), fine)]
@@ -138,7 +138,7 @@ def main() -> None:
     tables = {}
     for name, kwargs in variants.items():
         key = "sent_" + name.replace(", ", "_")
-        scl.pp.spatial_sentences(adata, n_neighs=6, key_added=key, **kwargs)
+        scl.pp.spatial_sentences(adata, neighbors=6, key_added=key, **kwargs)
         scl.tl.embed_text(adata, enc, sentence_key=key, key_added=f"X_{key}", precision="bf16")
         emb = adata.obsm[f"X_{key}"]
         print(f"spatial sentences, {name:18s}: {composition_r2(emb, counts, train):.3f}   e.g. {adata.obs[key].iloc[0][:90]}...")

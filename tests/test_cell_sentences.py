@@ -23,7 +23,7 @@ def random_adata(rng, n_obs=60, n_vars=40, density=0.3):
 
 
 def test_matches_reference_on_pbmc(pbmc):
-    scl.pp.cell_sentences(pbmc, chunk_size=97)
+    scl.pp.cell_sentences(pbmc, execution=scl.Execution(chunk_size=97))
     dense = pbmc.X.toarray()
     names = list(pbmc.var_names)
     for i in range(0, pbmc.n_obs, 7):
@@ -51,7 +51,7 @@ def test_dense_layer_raw_symbols_and_cap(rng):
     a = random_adata(rng)
     a.layers["dense"] = a.X.toarray()
     scl.pp.cell_sentences(a, key_added="s_sparse")
-    scl.pp.cell_sentences(a, layer="dense", key_added="s_dense", chunk_size=13)
+    scl.pp.cell_sentences(a, layer="dense", key_added="s_dense", execution=scl.Execution(chunk_size=13))
     assert (a.obs["s_sparse"] == a.obs["s_dense"]).all()
     scl.pp.cell_sentences(a, gene_symbols="symbol", n_genes=3, key_added="s_cap")
     for full, capped in zip(a.obs["s_sparse"], a.obs["s_cap"], strict=True):
@@ -60,9 +60,12 @@ def test_dense_layer_raw_symbols_and_cap(rng):
     scl.pp.cell_sentences(a, use_raw=True, key_added="s_raw")
     assert (a.obs["s_raw"] == a.obs["s_sparse"]).all()
     assert a.uns["s_cap"] == {
-        "layer": None, "use_raw": False, "gene_symbols": "symbol", "n_genes": 3,
-        "tie_rule": scl.pp._cell_sentences.TIE_RULE, "n_empty": a.uns["s_cap"]["n_empty"],
-    }
+        "params": {
+            "layer": None, "use_raw": False, "gene_symbols": "symbol", "n_genes": 3, "chunk_size": 4096, "store": None,
+        },
+        "tie_rule": scl.pp._cell_sentences.TIE_RULE,
+        "n_empty": a.uns["s_cap"]["n_empty"],
+    }  # fmt: skip
 
 
 def test_copy_returns_new_object(rng):
@@ -81,7 +84,8 @@ def test_empty_cells_warn_with_count():
 
 
 @pytest.mark.parametrize(
-    ("value", "match"), [(-1.0, "negative values \\(first in cell 'c1'\\)"), (np.nan, "NaN values \\(first in cell 'c1'\\)")]
+    ("value", "match"),
+    [(-1.0, "negative values \\(first in cell 'c1'\\)"), (np.nan, "NaN values \\(first in cell 'c1'\\)")],
 )
 def test_bad_values_name_the_cell(value, match):
     X = np.array([[1, 2], [value, 1]], dtype=np.float32)
@@ -136,4 +140,5 @@ def test_packed_sort_falls_back_without_overflow(rng):
     cols = np.tile(np.array([7, 1, 5, 3], dtype=np.int64), 50)
     expected = cols[np.lexsort((cols, -values, rows))]
     np.testing.assert_array_equal(_sort_within_rows(rows, values, cols, 8), expected)
-    np.testing.assert_array_equal(_sort_within_rows(rows, values, cols, 2**40), expected)  # would overflow int64
+    # 2**40 columns would overflow an int64 key of row * n_cols + col
+    np.testing.assert_array_equal(_sort_within_rows(rows, values, cols, 2**40), expected)

@@ -84,8 +84,8 @@ def test_v1_matches_reference(cells, tmp_path, emb_layer):
     assert emb.shape == (N_CELLS, 32) and emb.dtype == np.float32
     np.testing.assert_allclose(emb, reference(cells, paths, emb_layer), atol=1e-5)
     info = cells.uns["X_geneformer"]
-    assert info["special_tokens"] is False and info["emb_layer"] == emb_layer
-    assert info["n_genes_matched"] == 700 and info["model"]["input_size"] == 64
+    assert info["params"]["special_tokens"] is False and info["params"]["emb_layer"] == emb_layer
+    assert info["n_genes_matched"] == 700 and info["params"]["model"]["input_size"] == 64
     assert info["n_cells_truncated"] == N_CELLS and info["genes_per_cell"]["max"] == 64
 
 
@@ -96,7 +96,7 @@ def test_v2_bin_checkpoint_with_special_tokens(cells, tmp_path, mode):
     _embed(cells, paths, emb_mode=mode)
     np.testing.assert_allclose(cells.obsm["X_geneformer"], reference(cells, paths, mode=mode), atol=1e-5)
     info = cells.uns["X_geneformer"]
-    assert info["special_tokens"] is True
+    assert info["params"]["special_tokens"] is True
     # 198 gene slots: some pbmc cells fit whole, others are cut.
     assert 0 < info["n_cells_truncated"] < N_CELLS and info["genes_per_cell"]["max"] == 198
 
@@ -124,7 +124,7 @@ def test_duplicate_ids_are_summed_and_var_names_and_dicts_work(cells, tmp_path):
         model_dir,
         token_dictionary=pickle.loads(tok.read_bytes()),
         gene_median_dictionary=pickle.loads(med.read_bytes()),
-        ensembl_col=None,
+        gene_ids=None,
     )
     np.testing.assert_allclose(cells.obsm["X_geneformer"], ref, atol=1e-5)
     assert cells.uns["X_geneformer"]["n_genes_matched"] == 699
@@ -135,7 +135,7 @@ def test_counts_layer_and_x_untouched(cells, tmp_path):
     expected = reference(cells, paths)
     cells.layers["counts"] = cells.X.copy()
     cells.X = sparse.csr_matrix(cells.X.shape, dtype=np.float32)
-    _embed(cells, paths, counts_layer="counts")
+    _embed(cells, paths, layer="counts")
     np.testing.assert_allclose(cells.obsm["X_geneformer"], expected, atol=1e-5)
     assert cells.X.nnz == 0
 
@@ -152,10 +152,10 @@ def test_reduced_precision_agrees(cells, tmp_path):
 def test_symbols_that_do_not_reach_the_dictionary_warn_with_the_fix(cells, tmp_path):
     paths = _write(tmp_path, cells)  # made-up IDs: converted real symbols rarely hit them
     with pytest.warns(UserWarning, match=r"not Ensembl IDs.*map_gene_ids\(adata, to='ensembl'\)"):
-        _embed(cells, paths, ensembl_col=None)
-    assert cells.uns["X_geneformer"]["gene_ids"]["from"] == "symbol"
+        _embed(cells, paths, gene_ids=None)
+    assert cells.uns["X_geneformer"]["id_conversion"]["from"] == "symbol"
     with pytest.raises(KeyError, match="gene_ids"):
-        _embed(cells, paths, ensembl_col="gene_ids")
+        _embed(cells, paths, gene_ids="gene_ids")
 
 
 def test_layer_and_mode_errors(cells, tmp_path):
@@ -218,7 +218,7 @@ def test_invalid_counts_are_refused(cells, tmp_path, bad):
 def test_log_normalized_input_warns(cells, tmp_path):
     paths = _write(tmp_path, cells)
     with pytest.warns(UserWarning, match="non-integer values"):
-        _embed(cells, paths, counts_layer="log1p")
+        _embed(cells, paths, layer="log1p")
 
 
 def test_missing_files(cells, tmp_path):
@@ -253,8 +253,8 @@ def test_symbols_are_converted_when_no_ensembl_column(pbmc, tmp_path):
     with_ids.var["ensembl_id"] = [str(i) for i in ids if i is not None]
     _embed(with_ids, paths, precision="fp32")
     _embed(cells, paths, precision="fp32")  # no ensembl_id column: var_names are symbols, converted
-    assert cells.uns["X_geneformer"]["gene_ids"]["converted"] is True
-    assert cells.uns["X_geneformer"]["ensembl_col"] == "var_names"
+    assert cells.uns["X_geneformer"]["id_conversion"]["converted"] is True
+    assert cells.uns["X_geneformer"]["params"]["gene_ids"] == "var_names"
     np.testing.assert_allclose(cells.obsm["X_geneformer"], with_ids.obsm["X_geneformer"], atol=1e-6)
     cov = cells.uns["X_geneformer"]["coverage"]
     assert cov["n_genes"] == cells.n_vars and 0 < cov["fraction_counts_covered"] < 1

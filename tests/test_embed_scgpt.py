@@ -107,8 +107,8 @@ def test_matches_independent_reference(cells, model_dir):
     n_matched = int(0.8 * cells.n_vars)
     assert info["n_genes_matched"] == n_matched
     assert info["fraction_genes_matched"] == pytest.approx(n_matched / cells.n_vars)
-    assert info["model"]["ignored_keys"] == 13 and info["model"]["dim"] == 32
-    assert info["n_cells_subsampled"] == 0 and info["precision"] == "fp32"
+    assert info["params"]["model"]["ignored_keys"] == 13 and info["params"]["model"]["dim"] == 32
+    assert info["n_cells_subsampled"] == 0 and info["params"]["precision"] == "fp32"
     assert cells.n_vars == 765  # the caller keeps all genes
 
 
@@ -160,10 +160,10 @@ def test_gene_col_layer_and_dense_input(cells, model_dir):
     cells.var_names = [f"gene{i}" for i in range(cells.n_vars)]
     cells.layers["counts"] = cells.X.toarray()
     X_before = cells.X.copy()
-    scl.tl.embed_scgpt(cells, model_dir, gene_col="symbol", layer="counts")
+    scl.tl.embed_scgpt(cells, model_dir, gene_symbols="symbol", layer="counts")
     np.testing.assert_allclose(cells.obsm["X_scgpt"], reference(cells, model_dir, symbols=symbols), atol=2e-5)
     assert (cells.X != X_before).nnz == 0
-    assert cells.uns["X_scgpt"]["gene_col"] == "symbol"
+    assert cells.uns["X_scgpt"]["params"]["gene_symbols"] == "symbol"
 
 
 def test_cell_without_vocabulary_genes_gets_cls_only(cells, model_dir, caplog):
@@ -189,14 +189,14 @@ def test_reduced_precision_agrees(cells, model_dir):
     low = scl.tl.embed_scgpt(cells, model_dir, precision="bf16", copy=True)
     cos = np.sum(fp32 * low.obsm["X_scgpt"], axis=1)
     assert cos.min() > 0.99
-    assert low.uns["X_scgpt"]["precision"] in ("bf16", "fp32")  # fp32 where the CPU lacks bf16
+    assert low.uns["X_scgpt"]["params"]["precision"] in ("bf16", "fp32")  # fp32 where the CPU lacks bf16
 
 
 def test_loaded_encoder_is_reused(cells, model_dir):
     enc = scl.models.load_scgpt(model_dir)
     assert scl.models.load_scgpt(model_dir) is enc
     scl.tl.embed_scgpt(cells, enc)
-    assert cells.uns["X_scgpt"]["model"]["path"] == str(enc.path)
+    assert cells.uns["X_scgpt"]["params"]["model"]["path"] == str(enc.path)
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -209,9 +209,9 @@ def test_missing_files_named(tmp_path, cells):
 def test_too_few_matched_genes_names_column_and_examples(cells, model_dir):
     cells.var["ensembl"] = [f"ENSG{i:011d}" for i in range(cells.n_vars)]
     with pytest.raises(ValueError, match=r"var\['ensembl'\].*ENSG00000000000"):
-        scl.tl.embed_scgpt(cells, model_dir, gene_col="ensembl")
+        scl.tl.embed_scgpt(cells, model_dir, gene_symbols="ensembl")
     with pytest.raises(KeyError, match="nope"):
-        scl.tl.embed_scgpt(cells, model_dir, gene_col="nope")
+        scl.tl.embed_scgpt(cells, model_dir, gene_symbols="nope")
 
 
 @pytest.mark.parametrize(
@@ -259,7 +259,7 @@ def test_ensembl_ids_are_converted_and_coverage_recorded(cells, model_dir):
 
     scl.tl.embed_scgpt(cells, model_dir, precision="fp32", key_added="symbols")
     info = cells.uns["symbols"]
-    assert info["gene_ids"]["converted"] is False
+    assert info["id_conversion"]["converted"] is False
     cov = info["coverage"]
     X = cells.X.toarray()
     matched = np.isin(cells.var_names, list(json.loads((model_dir / "vocab.json").read_text())))
@@ -272,7 +272,7 @@ def test_ensembl_ids_are_converted_and_coverage_recorded(cells, model_dir):
     by_id = cells[:, ok].copy()
     by_id.var_names = [str(i) for i in ids[ok]]
     scl.tl.embed_scgpt(by_id, model_dir, precision="fp32")
-    assert by_id.uns["X_scgpt"]["gene_ids"]["converted"] is True
+    assert by_id.uns["X_scgpt"]["id_conversion"]["converted"] is True
     back, _ = to_model_ids(by_id.var_names, "symbol")  # what the function read after converting
     ref = by_id.copy()
     ref.var_names = [b if b is not None else f"none{i}" for i, b in enumerate(back)]

@@ -21,8 +21,8 @@ def test_pbmc_embedding_shape_norm_and_record(pbmc_embedded):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     info = pbmc_embedded.uns["X_text"]
     assert info["dim"] == 384 and info["max_tokens"] == 256
-    assert info["model"]["name"].startswith("sentence-transformers/all-MiniLM-L6-v2")
-    assert len(info["model"]["weights_sha256"]) == 16
+    assert info["params"]["model"]["name"].startswith("sentence-transformers/all-MiniLM-L6-v2")
+    assert len(info["params"]["model"]["weights_sha256"]) == 16
     genes = info["genes_in_context"]
     assert 50 < genes["min"] <= genes["mean"] <= genes["max"] < 256
     assert genes["max"] < min(len(s.split()) for s in pbmc_embedded.obs["cell_sentence"])
@@ -56,7 +56,7 @@ def test_fp32_matches_sentence_transformers_reference(text_encoder, pbmc_embedde
     ref = text_encoder.model.encode(truncated, normalize_embeddings=True, convert_to_numpy=True)
     assert cosine(sub.obsm["X_fp32"], ref).min() > 0.99999
     if cpu_has_bf16():
-        assert sub.uns["X_fp32"]["precision"] == "fp32"
+        assert sub.uns["X_fp32"]["params"]["precision"] == "fp32"
         assert cosine(sub.obsm["X_fp32"], pbmc_embedded.obsm["X_text"][:12]).min() > 0.999
 
 
@@ -64,7 +64,7 @@ def test_on_the_fly_equals_stored_sentences_and_stores_on_request(text_encoder, 
     sub = pbmc[:10].copy()
     scl.tl.embed_text(sub, text_encoder, precision="fp32", key_added="X_fly")
     assert "cell_sentence" not in sub.obs
-    assert sub.uns["X_fly"]["sentences"] == "built from the matrix (not stored)"
+    assert sub.uns["X_fly"]["params"]["sentences"] == "built from the matrix (not stored)"
     scl.tl.embed_text(sub, text_encoder, precision="fp32", store_sentences=True, key_added="X_obs")
     assert sub.obs["cell_sentence"].str.len().min() > 0
     np.testing.assert_allclose(sub.obsm["X_fly"], sub.obsm["X_obs"], atol=1e-6)
@@ -75,7 +75,7 @@ def test_prefix_costs_context_and_is_recorded(text_encoder, pbmc_embedded):
     sub = pbmc_embedded[:6].copy()
     scl.tl.embed_text(sub, text_encoder, prefix=PREFIX, key_added="X_prefixed", batch_size=4)
     info = sub.uns["X_prefixed"]
-    assert info["prefix"] == PREFIX
+    assert info["params"]["prefix"] == PREFIX
     assert info["genes_in_context"]["mean"] < pbmc_embedded.uns["X_text"]["genes_in_context"]["max"]
 
 
@@ -95,7 +95,7 @@ def test_unnormalized_and_instance_and_copy(text_encoder, pbmc_embedded):
     assert "X_text" in out.obsm and out is not sub
     # MiniLM's own pipeline ends in a Normalize module, so vectors are unit length either way.
     np.testing.assert_allclose(np.linalg.norm(out.obsm["X_text"], axis=1), 1.0, atol=1e-5)
-    assert out.uns["X_text"]["normalize"] is False
+    assert out.uns["X_text"]["params"]["normalize"] is False
 
 
 def test_errors(text_encoder, pbmc_embedded):

@@ -52,7 +52,7 @@ def test_one_modality_per_representation(adata):
         assert list(mod.var_names) == [f"{rep}_{i}" for i in range(adata.obsm[rep].shape[1])]
         assert mod.obs.shape[1] == 0  # annotations live once, in mdata.obs
     _assert_same_obs(mdata.obs, adata.obs)
-    assert mdata.mod["X_text"].uns["X_text"]["model"] == adata.uns["X_text"]["model"]
+    assert mdata.mod["X_text"].uns["X_text"]["params"]["model"] == adata.uns["X_text"]["params"]["model"]
     mdata.mod["X_text"].X[0, 0] += 1  # a copy: the AnnData is untouched
     assert mdata.mod["X_text"].X[0, 0] != adata.obsm["X_text"][0, 0]
 

@@ -33,7 +33,7 @@ def backed(small, tmp_path):
 def reference(text_encoder):
     """The first cells of pbmc68k embedded in memory, fp32 (computed once for the module)."""
     ref = scl.datasets.pbmc68k()[:N_CELLS].copy()
-    scl.tl.embed_text(ref, text_encoder, precision="fp32", chunk_size=CHUNK)
+    scl.tl.embed_text(ref, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK))
     return ref
 
 
@@ -53,19 +53,25 @@ def counting(monkeypatch, obj, name, fail_after=None):
 
 def test_chunking_does_not_change_sentences_or_embeddings(small, reference, text_encoder):
     one = small.copy()
-    scl.pp.cell_sentences(small, chunk_size=7)
+    scl.pp.cell_sentences(small, execution=scl.Execution(chunk_size=7))
     scl.pp.cell_sentences(one)
     assert list(small.obs["cell_sentence"]) == list(one.obs["cell_sentence"])
-    scl.tl.embed_text(small, text_encoder, precision="fp32", chunk_size=N_CELLS, key_added="X_one_chunk")
+    scl.tl.embed_text(
+        small,
+        text_encoder,
+        precision="fp32",
+        execution=scl.Execution(chunk_size=N_CELLS),
+        key_added="X_one_chunk",
+    )
     np.testing.assert_allclose(small.obsm["X_one_chunk"], reference.obsm["X_text"], atol=1e-5)
 
 
 def test_backed_h5ad_matches_in_memory(backed, small, reference, text_encoder):
-    scl.pp.cell_sentences(backed, chunk_size=CHUNK)
+    scl.pp.cell_sentences(backed, execution=scl.Execution(chunk_size=CHUNK))
     scl.pp.cell_sentences(small)
     assert list(backed.obs["cell_sentence"]) == list(small.obs["cell_sentence"])
     del backed.obs["cell_sentence"]
-    scl.tl.embed_text(backed, text_encoder, precision="fp32", chunk_size=CHUNK)
+    scl.tl.embed_text(backed, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK))
     assert backed.isbacked and backed.obsm["X_text"].shape == (N_CELLS, 384)
     np.testing.assert_array_equal(backed.obsm["X_text"], reference.obsm["X_text"])
     assert backed.uns["X_text"]["genes_in_context"] == reference.uns["X_text"]["genes_in_context"]
@@ -78,11 +84,11 @@ def test_dask_x_matches_in_memory(small, reference, text_encoder, kind):
     if kind == "sparse":
         dask_x = dask_x.map_blocks(sparse.csr_matrix, dtype=X.dtype)
     lazy = ad.AnnData(dask_x, obs=small.obs.copy(), var=small.var.copy())
-    scl.pp.cell_sentences(lazy, chunk_size=CHUNK)
+    scl.pp.cell_sentences(lazy, execution=scl.Execution(chunk_size=CHUNK))
     scl.pp.cell_sentences(small)
     assert list(lazy.obs["cell_sentence"]) == list(small.obs["cell_sentence"])
     del lazy.obs["cell_sentence"]
-    scl.tl.embed_text(lazy, text_encoder, precision="fp32", chunk_size=CHUNK)
+    scl.tl.embed_text(lazy, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK))
     np.testing.assert_array_equal(lazy.obsm["X_text"], reference.obsm["X_text"])
 
 
@@ -92,21 +98,29 @@ def test_embed_text_resumes_after_kill_without_recomputing(
     store = tmp_path / "emb.zarr"
     first = counting(monkeypatch, _embedding, "encode_chunk", fail_after=2)
     with pytest.raises(Interrupt):
-        scl.tl.embed_text(backed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+        scl.tl.embed_text(
+            backed, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+        )
     assert len(first) == 2 and "X_text" not in backed.obsm
     monkeypatch.undo()
 
     again = counting(monkeypatch, _embedding, "encode_chunk")
-    scl.tl.embed_text(backed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    scl.tl.embed_text(
+        backed, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+    )
     assert len(again) == 1  # only the third chunk was left
     np.testing.assert_array_equal(backed.obsm["X_text"], reference.obsm["X_text"])
-    assert backed.uns["X_text"]["store"] == str(store)
+    assert backed.uns["X_text"]["params"]["store"] == str(store)
     with pytest.raises(ValueError, match="another computation"):
         ChunkStore(store, n_obs=N_CELLS, chunk_size=CHUNK, fingerprint={}, arrays={})
 
     third = counting(monkeypatch, _embedding, "encode_chunk")
     scl.tl.embed_text(
-        backed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store, key_added="X_again"
+        backed,
+        text_encoder,
+        precision="fp32",
+        execution=scl.Execution(chunk_size=CHUNK, store=store),
+        key_added="X_again",
     )
     assert len(third) == 0  # a finished store is read back, nothing recomputed
     np.testing.assert_array_equal(backed.obsm["X_again"], reference.obsm["X_text"])
@@ -114,15 +128,28 @@ def test_embed_text_resumes_after_kill_without_recomputing(
 
 def test_store_refuses_another_computation(small, text_encoder, tmp_path):
     store = tmp_path / "emb.zarr"
-    scl.tl.embed_text(small[:8].copy(), text_encoder, precision="fp32", chunk_size=4, store=store)
+    scl.tl.embed_text(
+        small[:8].copy(), text_encoder, precision="fp32", execution=scl.Execution(chunk_size=4, store=store)
+    )
     with pytest.raises(ValueError, match=r"another computation \(differs in \['prefix'\]"):
         scl.tl.embed_text(
-            small[:8].copy(), text_encoder, precision="fp32", chunk_size=4, store=store, prefix="Cell: "
+            small[:8].copy(),
+            text_encoder,
+            precision="fp32",
+            execution=scl.Execution(chunk_size=4, store=store),
+            prefix="Cell: ",
         )
     with pytest.raises(ValueError, match=r"differs in \['cells', 'n_obs'\]"):
-        scl.tl.embed_text(small[:9].copy(), text_encoder, precision="fp32", chunk_size=4, store=store)
+        scl.tl.embed_text(
+            small[:9].copy(),
+            text_encoder,
+            precision="fp32",
+            execution=scl.Execution(chunk_size=4, store=store),
+        )
     with pytest.raises(ValueError, match="chunk_size"):
-        scl.tl.embed_text(small[:8].copy(), text_encoder, precision="fp32", chunk_size=0)
+        scl.tl.embed_text(
+            small[:8].copy(), text_encoder, precision="fp32", execution=scl.Execution(chunk_size=0)
+        )
 
 
 def test_cell_sentences_store_resumes_and_can_stay_on_disk(backed, small, monkeypatch, tmp_path):
@@ -133,20 +160,22 @@ def test_cell_sentences_store_resumes_and_can_stay_on_disk(backed, small, monkey
     store = tmp_path / "sentences.zarr"
     calls = counting(monkeypatch, cs, "join_ranked", fail_after=1)
     with pytest.raises(Interrupt):
-        scl.pp.cell_sentences(backed, chunk_size=CHUNK, store=store, in_obs=False)
+        scl.pp.cell_sentences(backed, execution=scl.Execution(chunk_size=CHUNK, store=store), in_obs=False)
     monkeypatch.undo()
     calls = counting(monkeypatch, cs, "join_ranked")
-    scl.pp.cell_sentences(backed, chunk_size=CHUNK, store=store, in_obs=False)
+    scl.pp.cell_sentences(backed, execution=scl.Execution(chunk_size=CHUNK, store=store), in_obs=False)
     assert len(calls) == 2 and "cell_sentence" not in backed.obs
-    assert backed.uns["cell_sentence"]["store"] == str(store)
+    assert backed.uns["cell_sentence"]["params"]["store"] == str(store)
     import zarr
 
     on_disk = zarr.open_group(str(store), mode="r")
     assert list(on_disk["cell_sentence"][:]) == list(expected)
     assert on_disk["done"][:].all()
-    scl.pp.cell_sentences(backed, chunk_size=CHUNK, store=store)  # finished: read back into obs
+    scl.pp.cell_sentences(
+        backed, execution=scl.Execution(chunk_size=CHUNK, store=store)
+    )  # finished: read back into obs
     assert list(backed.obs["cell_sentence"]) == list(expected)
-    with pytest.raises(ValueError, match="needs a `store=`"):
+    with pytest.raises(ValueError, match="needs a store"):
         scl.pp.cell_sentences(small, in_obs=False)
 
 
@@ -167,7 +196,12 @@ def _rank_reference(dense: np.ndarray, n_genes: int | None) -> np.ndarray:
 def test_gene_mode_equals_weighted_average_of_gene_embeddings(small, text_encoder, weighting, n_genes):
     small.X.data[small.X.indptr[3] : small.X.indptr[4]] = 0  # one cell without expression (explicit zeros)
     scl.tl.embed_text_genes(
-        small, text_encoder, precision="fp32", weighting=weighting, n_genes=n_genes, chunk_size=CHUNK
+        small,
+        text_encoder,
+        precision="fp32",
+        weighting=weighting,
+        n_genes=n_genes,
+        execution=scl.Execution(chunk_size=CHUNK),
     )
     genes = text_encoder.model.encode(list(small.var_names), normalize_embeddings=True, convert_to_numpy=True)
     np.testing.assert_allclose(small.varm["X_text_genes"], genes, atol=1e-5)
@@ -182,7 +216,7 @@ def test_gene_mode_equals_weighted_average_of_gene_embeddings(small, text_encode
     np.testing.assert_allclose(small.obsm["X_text_genes"], expected, atol=1e-5)
     assert not small.obsm["X_text_genes"][3].any()
     info = small.uns["X_text_genes"]
-    assert info["weighting"] == weighting and info["n_empty_cells"] == 1 and info["mode"] == "gene"
+    assert info["params"]["weighting"] == weighting and info["n_empty_cells"] == 1 and info["params"]["mode"] == "gene"
 
 
 def test_gene_mode_descriptions_unnormalized_backed_and_raw(backed, small, text_encoder):
@@ -304,10 +338,10 @@ def test_foundation_models_backed_and_resumed(which, small, foundation_models, m
     store = tmp_path / "fm.zarr"
     counting(monkeypatch, module, name, fail_after=1)
     with pytest.raises(Interrupt):
-        run(on_disk, chunk_size=CHUNK, store=store)
+        run(on_disk, execution=scl.Execution(chunk_size=CHUNK, store=store))
     monkeypatch.undo()
     calls = counting(monkeypatch, module, name)
-    run(on_disk, chunk_size=CHUNK, store=store)
+    run(on_disk, execution=scl.Execution(chunk_size=CHUNK, store=store))
     assert len(calls) == 2
     np.testing.assert_allclose(on_disk.obsm[key], small.obsm[key], atol=1e-5)
     counts = "genes_per_cell"
@@ -317,40 +351,51 @@ def test_foundation_models_backed_and_resumed(which, small, foundation_models, m
 # -- a store is never resumed over other data, other weights or damaged chunks ---------------------
 def test_cell_sentences_store_refuses_changed_values(small, tmp_path):
     store = tmp_path / "cs.zarr"
-    scl.pp.cell_sentences(small.copy(), store=store, chunk_size=CHUNK)
+    scl.pp.cell_sentences(small.copy(), execution=scl.Execution(store=store, chunk_size=CHUNK))
     changed = small.copy()
     changed.X = changed.layers["log1p"].copy()
     changed.X.data = changed.X.data[::-1].copy()
     with pytest.raises(ValueError, match=r"computed from other input data: cells 0–15 \(chunk 0\)"):
-        scl.pp.cell_sentences(changed, store=store, chunk_size=CHUNK)
+        scl.pp.cell_sentences(changed, execution=scl.Execution(store=store, chunk_size=CHUNK))
 
 
 def test_embed_text_store_refuses_data_changed_after_a_kill(small, text_encoder, monkeypatch, tmp_path):
     store = tmp_path / "emb.zarr"
     counting(monkeypatch, _embedding, "encode_chunk", fail_after=1)
     with pytest.raises(Interrupt):
-        scl.tl.embed_text(small.copy(), text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+        scl.tl.embed_text(
+            small.copy(),
+            text_encoder,
+            precision="fp32",
+            execution=scl.Execution(chunk_size=CHUNK, store=store),
+        )
     monkeypatch.undo()
     changed = small.copy()
     changed.X = changed.X.copy()
     changed.X[0, 0] += 5  # a cell of the finished first chunk
     with pytest.raises(ValueError, match="other input data"):
-        scl.tl.embed_text(changed, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+        scl.tl.embed_text(
+            changed, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+        )
     scl.tl.embed_text(
-        small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store
+        small, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
     )  # same data resumes
 
 
 def test_deleted_chunk_file_is_recomputed_not_read_as_zeros(small, reference, text_encoder, tmp_path, caplog):
     store = tmp_path / "emb.zarr"
-    scl.tl.embed_text(small.copy(), text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    scl.tl.embed_text(
+        small.copy(), text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+    )
     (store / "embedding" / "c" / "1" / "0").unlink()
     calls = []
     with caplog.at_level("WARNING", logger="sc_llm"):
         inner = _embedding.encode_chunk
         _embedding.encode_chunk = lambda *a, **k: calls.append(1) or inner(*a, **k)
         try:
-            scl.tl.embed_text(small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+            scl.tl.embed_text(
+                small, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+            )
         finally:
             _embedding.encode_chunk = inner
     assert "missing or damaged" in caplog.text and len(calls) == 1
@@ -363,12 +408,19 @@ def test_store_refuses_another_model_object(small, text_encoder, tmp_path):
     import torch
 
     store = tmp_path / "emb.zarr"
-    scl.tl.embed_text(small[:8].copy(), text_encoder.model, precision="fp32", chunk_size=4, store=store)
+    scl.tl.embed_text(
+        small[:8].copy(),
+        text_encoder.model,
+        precision="fp32",
+        execution=scl.Execution(chunk_size=4, store=store),
+    )
     other = copy.deepcopy(text_encoder.model)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     with pytest.raises(ValueError, match=r"differs in \['model'\]"):
-        scl.tl.embed_text(small[:8].copy(), other, precision="fp32", chunk_size=4, store=store)
+        scl.tl.embed_text(
+            small[:8].copy(), other, precision="fp32", execution=scl.Execution(chunk_size=4, store=store)
+        )
 
 
 def test_store_from_0_1_0_is_refused_with_a_clear_message(small, text_encoder, tmp_path):
@@ -384,7 +436,12 @@ def test_store_from_0_1_0_is_refused_with_a_clear_message(small, text_encoder, t
     }
     group.create_array("done", shape=(2,), dtype=bool, fill_value=False)
     with pytest.raises(ValueError, match="written by sc_llm 0.1.0"):
-        scl.tl.embed_text(small[:8].copy(), text_encoder, precision="fp32", chunk_size=4, store=store)
+        scl.tl.embed_text(
+            small[:8].copy(),
+            text_encoder,
+            precision="fp32",
+            execution=scl.Execution(chunk_size=4, store=store),
+        )
 
 
 def test_gene_mode_store_resumes_and_equals_in_memory(small, text_encoder, monkeypatch, tmp_path):
@@ -392,20 +449,28 @@ def test_gene_mode_store_resumes_and_equals_in_memory(small, text_encoder, monke
     store = tmp_path / "genes.zarr"
     counting(monkeypatch, _embedding, "encode_chunk", fail_after=1)
     with pytest.raises(Interrupt):
-        scl.tl.embed_text_genes(small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+        scl.tl.embed_text_genes(
+            small, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+        )
     monkeypatch.undo()
     calls = counting(monkeypatch, _embedding, "encode_chunk")
-    scl.tl.embed_text_genes(small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    scl.tl.embed_text_genes(
+        small, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+    )
     assert len(calls) == 2
     np.testing.assert_allclose(small.obsm["X_text_genes"], small.obsm["mem"], atol=1e-6)
-    assert small.uns["X_text_genes"]["store"] == str(store)
+    assert small.uns["X_text_genes"]["params"]["store"] == str(store)
 
 
 def test_damaged_chunk_file_is_recomputed_with_a_warning(small, reference, text_encoder, tmp_path, caplog):
     store = tmp_path / "emb.zarr"
-    scl.tl.embed_text(small.copy(), text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+    scl.tl.embed_text(
+        small.copy(), text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+    )
     (store / "embedding" / "c" / "2" / "0").write_bytes(b"not a zarr chunk")
     with caplog.at_level("WARNING", logger="sc_llm"):
-        scl.tl.embed_text(small, text_encoder, precision="fp32", chunk_size=CHUNK, store=store)
+        scl.tl.embed_text(
+            small, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=CHUNK, store=store)
+        )
     assert f"The store {store}" in caplog.text and "chunks [2]" in caplog.text
     np.testing.assert_array_equal(small.obsm["X_text"], reference.obsm["X_text"])

@@ -40,7 +40,7 @@ def _nearest(x: np.ndarray, i: int, k: int) -> list[int]:
 
 
 def test_labels_context_lists_nearest_neighbours_first(tissue):
-    scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=2)
+    scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=2)
     x = tissue.obsm["spatial"][:, 0]
     labels = tissue.obs["cell_type"].astype(str).to_numpy()
     for i in range(tissue.n_obs):
@@ -52,19 +52,19 @@ def test_labels_context_lists_nearest_neighbours_first(tissue):
 
 def test_position_end_and_uns_and_inputs_untouched(tissue):
     before_obs = tissue.obs.copy()
-    scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=1, position="end", sep=" ; ", key_added="ctx")
+    scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=1, position="end", sep=" ; ", key_added="ctx")
     assert tissue.obs["ctx"].iloc[3] == "NKG7 GAPDH ; neighbours: T cell"
     pd.testing.assert_frame_equal(tissue.obs[before_obs.columns], before_obs)
     assert len(tissue.obsp) == 0  # squidpy ran on a throw-away AnnData
     info = tissue.uns["ctx"]
-    assert info["mode"] == "labels" and info["n_neighs"] == 1 and info["position"] == "end"
+    assert info["params"]["mode"] == "labels" and info["params"]["neighbors"] == 1 and info["params"]["position"] == "end"
     assert info["n_without_context"] == 0 and "squidpy" in info["neighbours"]
 
 
 def test_missing_labels_are_skipped_and_isolated_cells_keep_their_sentence(tissue):
     tissue.obs["partial"] = tissue.obs["cell_type"].astype(object)
     tissue.obs.loc[["cell0", "cell1"], "partial"] = np.nan  # cell2's two nearest neighbours
-    scl.pp.spatial_sentences(tissue, labels_key="partial", n_neighs=2)
+    scl.pp.spatial_sentences(tissue, labels_key="partial", neighbors=2)
     out = tissue.obs["cell_sentence_spatial"]
     assert out["cell2"] == tissue.obs["cell_sentence"]["cell2"]
     assert out["cell0"] == "neighbours: T cell | CD3D GAPDH"  # cell1 skipped, cell2 kept
@@ -76,7 +76,7 @@ def test_missing_labels_are_skipped_and_isolated_cells_keep_their_sentence(tissu
 def test_genes_context_is_top_genes_of_neighbour_mean(tissue, ranking):
     tissue.layers["log1p"] = tissue.X.copy()
     tissue.layers["log1p"].data = np.log1p(tissue.layers["log1p"].data)
-    scl.pp.spatial_sentences(tissue, mode="genes", n_neighs=3, n_top_genes=2, layer="log1p", gene_ranking=ranking)
+    scl.pp.spatial_sentences(tissue, mode="genes", neighbors=3, n_top_genes=2, layer="log1p", gene_ranking=ranking)
     x = tissue.obsm["spatial"][:, 0]
     dense = tissue.layers["log1p"].toarray().astype(np.float64)
     genes = tissue.var_names.to_numpy()
@@ -89,7 +89,7 @@ def test_genes_context_is_top_genes_of_neighbour_mean(tissue, ranking):
         assert tissue.obs["cell_sentence_spatial"].iloc[i] == f"{context} | {tissue.obs['cell_sentence'].iloc[i]}"
     if ranking == "enrichment":  # GAPDH is the same everywhere, so never enriched
         assert not tissue.obs["cell_sentence_spatial"].str.split(" [|] ").str[0].str.contains("GAPDH").any()
-    assert tissue.uns["cell_sentence_spatial"]["gene_ranking"] == ranking
+    assert tissue.uns["cell_sentence_spatial"]["params"]["gene_ranking"] == ranking
 
 
 def test_precomputed_graph_ordered_by_distances(tissue):
@@ -97,21 +97,31 @@ def test_precomputed_graph_ordered_by_distances(tissue):
     dist = sparse.csr_matrix(([21.0, 15.0], ([0, 0], [6, 5])), shape=(8, 8))
     tissue.obsp["my_connectivities"], tissue.obsp["my_distances"] = conn, dist
     stored = tissue.obsp["my_connectivities"].copy()
-    scl.pp.spatial_sentences(tissue, labels_key="cell_type", connectivity_key="my_connectivities")
+    scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors="my_connectivities")
     assert tissue.obs["cell_sentence_spatial"].iloc[0] == "neighbours: B cell, Monocyte | CD3D GAPDH"
     assert tissue.obs["cell_sentence_spatial"].iloc[1] == tissue.obs["cell_sentence"].iloc[1]
     assert "my_distances" in tissue.uns["cell_sentence_spatial"]["neighbours"]
     assert (tissue.obsp["my_connectivities"] != stored).nnz == 0
     del tissue.obsp["my_distances"]  # without distances: by descending weight
     tissue.obsp["my_connectivities"] = sparse.csr_matrix(([0.2, 0.9], ([0, 0], [6, 5])), shape=(8, 8))
-    scl.pp.spatial_sentences(tissue, labels_key="cell_type", connectivity_key="my_connectivities", key_added="w")
+    scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors="my_connectivities", key_added="w")
     assert tissue.obs["w"].iloc[0] == "neighbours: B cell, Monocyte | CD3D GAPDH"
     assert "by weight" in tissue.uns["w"]["neighbours"]
+    with pytest.warns(FutureWarning, match="`connectivity_key` is deprecated, use `neighbors`"):
+        scl.pp.spatial_sentences(tissue, labels_key="cell_type", connectivity_key="my_connectivities", key_added="v")
+    assert (tissue.obs["v"] == tissue.obs["w"]).all()
+
+
+def test_n_neighs_is_the_deprecated_spelling_of_neighbors(tissue):
+    scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=2, key_added="new")
+    with pytest.warns(FutureWarning, match="`n_neighs` is deprecated, use `neighbors`"):
+        scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=2, key_added="old")
+    assert (tissue.obs["new"] == tissue.obs["old"]).all()
 
 
 def test_library_key_keeps_neighbours_within_a_slide(tissue):
     tissue.obs["slide"] = ["a", "b"] * 4  # even cells on slide a, odd on slide b
-    scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=1, library_key="slide")
+    scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=1, library_key="slide")
     # cell0's nearest cell on slide a is cell2 (x=3), not cell1 (x=1, slide b).
     assert tissue.obs["cell_sentence_spatial"].iloc[0].startswith("neighbours: T cell |")
     assert tissue.obs["cell_sentence_spatial"].iloc[1].startswith("neighbours: NK cell |")
@@ -129,11 +139,11 @@ def test_copy_returns_new_object(tissue):
         ({"labels_key": "celltype"}, KeyError, r"obs\['celltype'\] not found"),
         ({}, ValueError, "needs labels_key"),
         ({"labels_key": "cell_type", "sentence_key": "sent"}, KeyError, r"scl.pp.cell_sentences\(adata"),
-        ({"labels_key": "cell_type", "n_neighs": 8}, ValueError, "n_neighs must be between 1 and"),
+        ({"labels_key": "cell_type", "neighbors": 8}, ValueError, "neighbors must be an obsp key or between 1 and"),
         ({"labels_key": "cell_type", "mode": "niche"}, ValueError, "mode must be"),
         ({"mode": "genes", "gene_ranking": "max"}, ValueError, "gene_ranking must be"),
         ({"labels_key": "cell_type", "key_added": "cell_sentence"}, ValueError, "must differ"),
-        ({"labels_key": "cell_type", "connectivity_key": "g"}, KeyError, r"obsp\['g'\] not found"),
+        ({"labels_key": "cell_type", "neighbors": "g"}, KeyError, r"obsp\['g'\] not found"),
     ],
 )
 def test_errors_name_the_key(tissue, kwargs, error, match):
@@ -148,7 +158,7 @@ def test_nan_coordinates_name_the_cell(tissue):
 
 
 def test_embed_text_and_knn_work_on_spatial_sentences(tissue, text_encoder):
-    scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=2)
+    scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=2)
     scl.tl.embed_text(tissue, text_encoder, sentence_key="cell_sentence_spatial", key_added="X_spatial")
     # Independent reference: sentence-transformers itself (the short sentences fit the token limit whole).
     direct = text_encoder.model.encode(list(tissue.obs["cell_sentence_spatial"]), normalize_embeddings=True)

@@ -21,24 +21,11 @@ precision
     calls; ``"bf16"`` is used on CPUs with native bf16 (AMX/AVX512-BF16, about 3× faster than fp32 there)
     and falls back to fp32 elsewhere, where emulated bf16 is slower."""
 
-doc_chunks = """\
-chunk_size
-    Cells read and tokenized at a time: the unit of resuming and of distributed work. Memory besides the
-    result is proportional to two chunks (on an accelerator the next one is prepared while the current
-    one runs).
-store
-    Path of a zarr store (``"X_emb.zarr"``, needs ``sc-llm[scale]``). Each finished chunk's rows are
-    written there with a done flag and digests of its input data and of its rows; a rerun with the same
-    store computes only the chunks left (a killed run resumes). A store holding another computation
-    (model, weights, parameters, cells) or computed from other data is refused, and a finished chunk
-    whose file was deleted or damaged is computed again with a warning.
-scheduler
-    Run the forward passes on a dask.distributed cluster: ``"local"`` (a ``LocalCluster`` started and
-    closed here), ``"cuda"`` (one worker per visible GPU, each pinned to its GPU), a scheduler address
-    (``"tcp://host:8786"``) or a ``distributed.Client``. This process reads and tokenizes each chunk and
-    sends its token arrays; a model given by name or folder is loaded once per worker (the folder must
-    be readable there), a model object is sent once to every worker. Results equal a single-process
-    run. ``None`` (default) runs here."""
+doc_execution = """\
+execution
+    How the work runs: chunk size, a zarr store that makes the run resumable, a dask scheduler
+    (:class:`sc_llm.Execution`). ``None`` runs here, in memory, in chunks of {chunk} cells. The 0.1
+    keywords ``chunk_size``, ``store`` and ``scheduler`` still work, with a FutureWarning."""
 
 doc_split = """\
 split_key, train_value

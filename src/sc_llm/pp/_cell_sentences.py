@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
+from .._deprecations import moved_to_config
+from .._docs import doc_copy, doc_execution, doc_params
+from .._execution import Execution, resolve_execution
 from .._sources import MatrixSource
 from .._store import ChunkedResults, names_digest
 
@@ -21,6 +23,8 @@ _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
 _CHUNK = 4096
 
 
+@moved_to_config("execution", Execution, ("chunk_size", "store"))
+@doc_params(doc_execution=doc_execution, chunk=f"{_CHUNK:,}", doc_copy=doc_copy, TIE_RULE=TIE_RULE)
 def cell_sentences(
     adata: AnnData,
     *,
@@ -29,8 +33,7 @@ def cell_sentences(
     gene_symbols: str | None = None,
     n_genes: int | None = None,
     key_added: str = "cell_sentence",
-    chunk_size: int = _CHUNK,
-    store: str | Path | None = None,
+    execution: Execution | None = None,
     in_obs: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -53,33 +56,33 @@ def cell_sentences(
         Keep at most this many top genes per cell. ``None`` keeps every expressed gene.
     key_added
         ``obs`` column for the sentences; parameters go to ``uns[key_added]``.
-    chunk_size
-        Rows ranked at a time (memory is proportional to the non-zeros in one chunk).
-    store
-        Path of a zarr store: each finished chunk's sentences are written there (array
-        ``"cell_sentence"``) with a done flag, and a rerun with the same store, cells and
-        parameters ranks only the chunks left; a store whose finished chunks were ranked from other
-        values is refused. Needs ``sc-llm[scale]``.
+    {doc_execution}
+        Here memory is proportional to the non-zeros of one chunk; a store holds the sentences
+        (array ``"cell_sentence"``); ``scheduler`` is not used (ranking is cheap host work).
     in_obs
         Also put the sentences in ``obs[key_added]``. With a store, ``False`` keeps them on disk
         only (for atlases whose sentences do not fit in memory); read them back with
         :meth:`sc_llm._store.ChunkStore.read` or embed from the matrix with
         :func:`sc_llm.tl.embed_text`, which ranks each chunk on the fly.
-    copy
-        Return a modified copy instead of writing into ``adata``.
+    {doc_copy}
 
     Returns
     -------
     ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` (str) and
-    ``adata.uns[key_added]`` (parameters, tie rule, number of empty cells).
+    ``adata.uns[key_added]``: ``"params"`` (expression source, names, ``n_genes``, execution settings)
+    beside ``"tie_rule"`` and ``"n_empty"`` (cells with no expressed gene).
 
     Notes
     -----
-    Ties: {tie_rule}. This is deterministic, unlike Cell2Sentence's random tie shuffling.
+    Ties: {TIE_RULE}. This is deterministic, unlike Cell2Sentence's random tie shuffling.
     Cells with no expressed gene get an empty sentence and a warning with their count.
     """
+    execution = resolve_execution(execution, _CHUNK)
+    store = execution.store
     if not in_obs and store is None:
-        raise ValueError("in_obs=False needs a `store=` to keep the sentences in.")
+        raise ValueError("in_obs=False needs a store to keep the sentences in: execution=scl.Execution(store=...).")
+    if execution.scheduler is not None:
+        raise ValueError("cell_sentences runs in this process; leave Execution.scheduler unset.")
     adata = maybe_copy(adata, copy)
     names = checked_gene_names(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
     params = {"layer": layer, "use_raw": use_raw, "gene_symbols": gene_symbols, "n_genes": n_genes}
@@ -87,7 +90,7 @@ def cell_sentences(
     if store is not None:
         fingerprint["cells"] = names_digest(adata.obs_names)
     results = ChunkedResults(
-        adata.n_obs, chunk_size, {"cell_sentence": ((), str)}, store=store, fingerprint=fingerprint
+        adata.n_obs, execution.chunk_size, {"cell_sentence": ((), str)}, store=store, fingerprint=fingerprint
     )
     source = MatrixSource(adata, layer=layer, use_raw=use_raw)
     for i in range(results.n_chunks):
@@ -104,16 +107,8 @@ def cell_sentences(
     if in_obs:
         warn_overwrite(adata.obs, key_added, "adata.obs")
         adata.obs[key_added] = results.array("cell_sentence")
-    adata.uns[key_added] = {
-        "layer": layer,
-        "use_raw": use_raw,
-        "gene_symbols": gene_symbols,
-        "n_genes": n_genes,
-        "tie_rule": TIE_RULE,
-        "n_empty": n_empty,
-    }
-    if store is not None:
-        adata.uns[key_added]["store"] = str(store)
+    run = {"chunk_size": execution.chunk_size, "store": None if store is None else str(store)}
+    adata.uns[key_added] = {"params": {**params, **run}, "tie_rule": TIE_RULE, "n_empty": n_empty}
     return adata if copy else None
 
 
@@ -126,8 +121,6 @@ def _count_empty(results: ChunkedResults) -> int:
         for i in range(results.store.n_chunks)
     )
 
-
-cell_sentences.__doc__ = cell_sentences.__doc__.replace("{tie_rule}", TIE_RULE)
 
 
 def checked_gene_names(

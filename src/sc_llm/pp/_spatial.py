@@ -9,6 +9,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from .._deprecations import renamed_params
+from .._docs import doc_copy, doc_params
 from .._utils import (
     as_csr,
     check_key,
@@ -26,13 +28,15 @@ GENES_PREFIX = "neighbour genes: "
 _CHUNK = 4096
 
 
+@renamed_params(n_neighs="neighbors", connectivity_key="neighbors")
+@doc_params(doc_copy=doc_copy)
 def spatial_sentences(
     adata: AnnData,
     *,
     sentence_key: str = "cell_sentence",
     labels_key: str | None = None,
     mode: Literal["labels", "genes"] = "labels",
-    n_neighs: int = 6,
+    neighbors: int | str = 6,
     n_top_genes: int = 10,
     gene_ranking: Literal["mean", "enrichment"] = "mean",
     layer: str | None = None,
@@ -42,16 +46,15 @@ def spatial_sentences(
     sep: str = " | ",
     spatial_key: str = "spatial",
     library_key: str | None = None,
-    connectivity_key: str | None = None,
     key_added: str = "cell_sentence_spatial",
     copy: bool = False,
 ) -> AnnData | None:
     """Add each cell's spatial neighbourhood to its cell sentence, as text (CELLama style).
 
-    Neighbours are the ``n_neighs`` nearest cells in ``obsm[spatial_key]``, found with squidpy
+    Neighbours are the ``neighbors`` nearest cells in ``obsm[spatial_key]``, found with squidpy
     (:func:`squidpy.gr.spatial_neighbors_knn`, or ``spatial_neighbors`` on older squidpy) on a
-    throw-away AnnData, so ``adata.obsp`` is never written. Pass ``connectivity_key`` to use a graph
-    already in ``obsp`` instead (e.g. a Visium grid or Delaunay graph built with squidpy).
+    throw-away AnnData, so ``adata.obsp`` is never written. Pass an ``obsp`` key as ``neighbors`` to
+    use a graph already there instead (e.g. a Visium grid or Delaunay graph built with squidpy).
 
     The new sentences are written as::
 
@@ -79,8 +82,11 @@ def spatial_sentences(
         prefer clusters or labels of training cells only (other cells NaN).
     mode
         ``"labels"``: neighbours' labels; ``"genes"``: top genes of the neighbourhood.
-    n_neighs
-        Number of nearest spatial neighbours (ignored with ``connectivity_key``).
+    neighbors
+        Number of nearest spatial neighbours, or the ``obsp`` key of a precomputed spatial graph
+        (e.g. ``"spatial_connectivities"``): neighbours are then ordered by the matching
+        ``*_distances`` entry when present (squidpy's naming), else by descending connectivity weight.
+        Replaces 0.1's ``n_neighs`` and ``connectivity_key``, which still work with a FutureWarning.
     n_top_genes
         Genes written in ``mode="genes"``.
     gene_ranking
@@ -102,26 +108,24 @@ def spatial_sentences(
         ``obsm`` key of the coordinates.
     library_key
         ``obs`` column naming each cell's slide/library: neighbours are found within a library only.
-    connectivity_key
-        ``obsp`` key of a precomputed spatial graph to use instead of the kNN search. Neighbours
-        are ordered by the matching ``*_distances`` entry when present (squidpy's naming), else by
-        descending connectivity weight.
     key_added
         ``obs`` column for the new sentences; parameters go to ``uns[key_added]``.
-    copy
-        Return a modified copy instead of writing into ``adata``.
+    {doc_copy}
 
     Returns
     -------
     ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` (str) and
-    ``adata.uns[key_added]`` (parameters, neighbour source, number of cells left without context).
+    ``adata.uns[key_added]``: ``"params"`` beside ``"neighbours"`` (where the graph came from) and
+    ``"n_without_context"`` (cells left without context).
     """
+    graph_key = neighbors if isinstance(neighbors, str) else None
+    n_neighs = None if graph_key else neighbors
     _check_args(adata, sentence_key, labels_key, mode, position, n_neighs, n_top_genes, key_added)
     if gene_ranking not in ("mean", "enrichment"):
         raise ValueError(f"gene_ranking must be 'mean' or 'enrichment', got {gene_ranking!r}.")
     sentences = _sentences(adata, sentence_key)
     adata = maybe_copy(adata, copy)
-    conn, order_values, source = _neighbour_graph(adata, n_neighs, spatial_key, library_key, connectivity_key)
+    conn, order_values, source = _neighbour_graph(adata, n_neighs, spatial_key, library_key, graph_key)
     if mode == "labels":
         context = _label_context(conn, order_values, adata.obs[labels_key])
     else:
@@ -133,19 +137,22 @@ def spatial_sentences(
         )
     warn_overwrite(adata.obs, key_added, "adata.obs")
     adata.obs[key_added] = _compose(sentences, context, position, sep)
-    adata.uns[key_added] = {
+    params = {
         "sentence_key": sentence_key,
         "mode": mode,
         "labels_key": labels_key,
-        "n_neighs": n_neighs if connectivity_key is None else None,
+        "neighbors": neighbors,
+        "spatial_key": None if graph_key else spatial_key,
+        "library_key": library_key,
         "n_top_genes": n_top_genes if mode == "genes" else None,
         "gene_ranking": gene_ranking if mode == "genes" else None,
         "layer": layer,
+        "use_raw": use_raw,
+        "gene_symbols": gene_symbols,
         "position": position,
         "sep": sep,
-        "neighbours": source,
-        "n_without_context": n_without,
     }
+    adata.uns[key_added] = {"params": params, "neighbours": source, "n_without_context": n_without}
     return adata if copy else None
 
 
@@ -171,8 +178,10 @@ def _check_args(adata, sentence_key, labels_key, mode, position, n_neighs, n_top
             raise KeyError(f"obs[{labels_key!r}] not found; available columns: {list(adata.obs.columns)}.")
     if mode == "genes" and n_top_genes < 1:
         raise ValueError(f"n_top_genes must be at least 1, got {n_top_genes}.")
-    if n_neighs < 1 or n_neighs >= adata.n_obs:
-        raise ValueError(f"n_neighs must be between 1 and n_obs - 1 = {adata.n_obs - 1}, got {n_neighs}.")
+    if n_neighs is not None and (isinstance(n_neighs, bool) or n_neighs < 1 or n_neighs >= adata.n_obs):
+        raise ValueError(
+            f"neighbors must be an obsp key or between 1 and n_obs - 1 = {adata.n_obs - 1}, got {n_neighs}."
+        )
 
 
 def _sentences(adata: AnnData, key: str) -> np.ndarray:

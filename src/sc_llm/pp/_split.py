@@ -9,9 +9,11 @@ import pandas as pd
 from anndata import AnnData
 from sklearn.model_selection import train_test_split as _sk_split
 
+from .._docs import doc_copy, doc_params, doc_random_state
 from .._utils import check_key, format_examples, maybe_copy, warn_overwrite
 
 
+@doc_params(doc_random_state=doc_random_state, doc_copy=doc_copy)
 def train_test_split(
     adata: AnnData,
     labels_key: str,
@@ -31,12 +33,16 @@ def train_test_split(
         ``obs`` column to stratify on.
     test_size
         Fraction of the labelled cells that go to the test split.
-    random_state
-        Seed; the same seed gives the same split.
+    {doc_random_state}
     key_added
-        ``obs`` column written (categorical with ``"train"`` and ``"test"``).
-    copy
-        Return a copy instead of writing into ``adata``.
+        ``obs`` column written (categorical with ``"train"`` and ``"test"``); the parameters and the
+        number of cells per side go to ``uns[key_added]``.
+    {doc_copy}
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` and ``adata.uns[key_added]``
+    (``"params"`` beside ``"n_train"`` and ``"n_test"``).
 
     Notes
     -----
@@ -70,6 +76,11 @@ def train_test_split(
     split[labels.isna().to_numpy()] = "test"
     warn_overwrite(adata.obs, key_added, "adata.obs")
     adata.obs[key_added] = pd.Categorical(split, categories=["train", "test"])
+    adata.uns[key_added] = {
+        "params": {"labels_key": labels_key, "test_size": test_size, "random_state": random_state},
+        "n_train": int((split == "train").sum()),
+        "n_test": int((split == "test").sum()),
+    }
     return adata if copy else None
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import check_key, format_examples, logger, maybe_copy, warn_overwrite
+from .._utils import check_key, embedding_record, format_examples, logger, maybe_copy, warn_overwrite
 from ..models._runtime import Precision
 
 HASH_LENGTH = 10
@@ -331,7 +331,7 @@ def ablation_study(
         metrics = dict(scratch.uns["_knn"]["metrics"])
         clusters = cluster_metrics(scratch, "_X", labels_key, random_state=random_state, key_added="_clusters")
         columns[name] = [metrics.get(m, np.nan) for m in METRIC_ROWS[:4]] + [clusters["ari"], clusters["ami"]]
-        in_context[name] = scratch.uns["_X"]["genes_in_context"]["mean"]
+        in_context[name] = embedding_record(scratch, "_X")["genes_in_context"]["mean"]
         kinds_info[name] = {"kind": kind or "baseline", "fraction": fraction, **info}
     table = pd.DataFrame(columns, index=list(METRIC_ROWS))
     table.index.name = "metric"
@@ -340,7 +340,7 @@ def ablation_study(
         "kinds": kinds_info,
         "genes_in_context": in_context,
         "params": {"labels_key": labels_key, "sentence_key": sentence_key, "split_key": split_key, "k": k,
-                   "random_state": random_state, "model": scratch.uns["_X"]["model"]},
+                   "random_state": random_state, "model": embedding_record(scratch, "_X")["model"]},
     }
     return table
 

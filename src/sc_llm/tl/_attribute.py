@@ -21,7 +21,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._progress import progress
-from .._utils import check_unique_obs_names, format_examples, warn_overwrite
+from .._utils import check_unique_obs_names, embedding_record, format_examples, warn_overwrite
 
 METHODS = ("integrated_gradients", "lime")
 
@@ -238,8 +238,8 @@ def _resolve_normalize(adata: AnnData, head, normalize: bool | None) -> bool:
     if normalize is not None:
         return bool(normalize)
     use_reps = getattr(head, "use_reps", None) or []
-    info = adata.uns.get(use_reps[0], {}) if use_reps else {}
-    return bool(info.get("normalize", True)) if isinstance(info, dict) else True
+    info = embedding_record(adata, use_reps[0]) if use_reps else {}
+    return bool(info.get("normalize", True))
 
 
 def _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells, random_state, target):

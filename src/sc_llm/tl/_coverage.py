@@ -34,6 +34,15 @@ def to_model_ids(
     Names already of kind ``want`` are returned as they are (Ensembl IDs without version suffix);
     otherwise they are converted with the shipped gene table (see :func:`sc_llm.pp.map_gene_ids`).
 
+    Parameters
+    ----------
+    names
+        Gene names (symbols or Ensembl IDs, with or without version suffix).
+    want
+        The kind the model reads: ``"symbol"`` (scGPT, text encoders) or ``"ensembl"`` (Geneformer).
+    species
+        ``"human"`` or ``"mouse"``: the gene table used.
+
     Returns
     -------
     ``(names, report)``: an object array (``None`` where no unique conversion exists) and a dict

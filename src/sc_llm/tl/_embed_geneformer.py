@@ -9,8 +9,9 @@ from typing import Any, Literal
 import numpy as np
 from anndata import AnnData
 
-from .._distributed import Scheduler
-from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
+from .._deprecations import moved_to_config, renamed_params
+from .._docs import doc_copy, doc_device_precision, doc_execution, doc_params
+from .._execution import Execution, resolve_execution
 from .._sources import MatrixSource
 from .._utils import check_key, format_examples, gene_names, logger, maybe_copy
 from ..models._runtime import Precision
@@ -21,16 +22,20 @@ from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 _CELL_CHUNK = 1024
 
 
-@doc_params(doc_device_precision=doc_device_precision, doc_chunks=doc_chunks, doc_copy=doc_copy)
+@moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
+@renamed_params(model_dir="model", ensembl_col="gene_ids", counts_layer="layer")
+@doc_params(
+    doc_device_precision=doc_device_precision, doc_execution=doc_execution, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
+)
 def embed_geneformer(
     adata: AnnData,
-    model_dir: str | Path | Any,
+    model: str | Path | Any,
     *,
     token_dictionary: str | Path | Mapping[str, int],
     gene_median_dictionary: str | Path | Mapping[str, float],
-    ensembl_col: str | None = "ensembl_id",
+    gene_ids: str | None = "ensembl_id",
     species: str = "human",
-    counts_layer: str | None = None,
+    layer: str | None = None,
     emb_layer: int = -1,
     emb_mode: Literal["mean", "cls"] = "mean",
     special_tokens: bool | None = None,
@@ -38,9 +43,7 @@ def embed_geneformer(
     device: Any = None,
     precision: Precision = "auto",
     key_added: str = "X_geneformer",
-    chunk_size: int = _CELL_CHUNK,
-    store: str | Path | None = None,
-    scheduler: Scheduler = None,
+    execution: Execution | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed cells with a pretrained Geneformer model.
@@ -58,7 +61,7 @@ def embed_geneformer(
     ----------
     adata
         Annotated data matrix with raw counts.
-    model_dir
+    model
         Geneformer folder (transformers ``BertForMaskedLM`` checkpoint: ``config.json`` and
         ``model.safetensors`` or ``pytorch_model.bin``) or an encoder from
         :func:`sc_llm.models.load_geneformer`.
@@ -67,14 +70,15 @@ def embed_geneformer(
         (``token_dictionary_gc104M.pkl`` for V2 models, ``gene_dictionaries_30m/token_dictionary_gc30M.pkl`` for V1).
     gene_median_dictionary
         Ensembl ID → non-zero median expression, as a dict or Geneformer's pickle (same model version).
-    ensembl_col
-        ``var`` column with gene IDs (Geneformer's convention is ``"ensembl_id"``); ``None`` uses
-        ``var_names``, and so does the default when ``var`` has no ``"ensembl_id"`` column. Ensembl IDs
+    gene_ids
+        ``var`` column with gene IDs (Geneformer's convention is ``"ensembl_id"``; :func:`scanpy.read_10x_h5`
+        writes ``"gene_ids"``); ``None`` uses ``var_names``, and so does the default when ``var`` has no
+        ``"ensembl_id"`` column. Ensembl IDs
         are matched as they are; symbols are first converted to Ensembl IDs with the gene table shipped
         with sc_llm (see :func:`sc_llm.pp.map_gene_ids`; genes without a unique ID are left out).
     species
         ``"human"`` or ``"mouse"``: the gene table used to convert symbols.
-    counts_layer
+    layer
         Layer with raw counts; ``None`` uses ``adata.X``.
     emb_layer
         Geneformer's layer convention: ``-1`` (its default) is the second-to-last layer, ``0``
@@ -90,16 +94,16 @@ def embed_geneformer(
     {doc_device_precision}
     key_added
         ``obsm`` key for the embedding; details go to ``uns[key_added]``.
-    {doc_chunks}
+    {doc_execution}
     {doc_copy}
 
     Returns
     -------
     ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × hidden size, in the
-    caller's cell order) and ``adata.uns[key_added]`` with the model identity, layer, special
-    tokens, matched genes, genes per cell, ``coverage`` (genes matched, share of the counts they hold
+    caller's cell order) and ``adata.uns[key_added]``: ``"params"`` (model identity, precision used,
+    ``emb_layer``, ``emb_mode``, special tokens, gene column, layer, execution settings) beside the matched genes, genes per cell, ``coverage`` (genes matched, share of the counts they hold
     overall and per cell, warned about when under half, first on the first chunk before any compute)
-    and ``gene_ids`` (whether and how identifiers were converted).
+    and ``id_conversion`` (whether and how identifiers were converted).
     """
     from ..models._geneformer import load_geneformer, read_dictionary
 
@@ -109,26 +113,26 @@ def embed_geneformer(
         special_tokens = "<cls>" in tokens_of and "<eos>" in tokens_of
     _check_mode(emb_mode, special_tokens, tokens_of)
     check_key(key_added)
+    execution = resolve_execution(execution, _CELL_CHUNK)
     adata = maybe_copy(adata, copy)
-    encoder = load_geneformer(model_dir, device)
+    encoder = load_geneformer(model, device)
     encoder.hidden_index(emb_layer)
-    source = MatrixSource(adata, layer=counts_layer)
-    if ensembl_col == "ensembl_id" and ensembl_col not in source.var.columns:
-        ensembl_col = None  # the default column is absent: read var_names, converting symbols if needed
-    where = f"var[{ensembl_col!r}]" if ensembl_col else "var_names"
-    ids, id_report = to_model_ids(gene_names(source.var, ensembl_col), "ensembl", species)
-    where_counts = f"adata.layers[{counts_layer!r}]" if counts_layer else "adata.X"
+    source = MatrixSource(adata, layer=layer)
+    if gene_ids == "ensembl_id" and gene_ids not in source.var.columns:
+        gene_ids = None  # the default column is absent: read var_names, converting symbols if needed
+    where = f"var[{gene_ids!r}]" if gene_ids else "var_names"
+    ids, id_report = to_model_ids(gene_names(source.var, gene_ids), "ensembl", species)
+    where_counts = f"adata.layers[{layer!r}]" if layer else "adata.X"
     tokenizer = encoder.tokenizer_for(
         ids, tokens_of, medians, special_tokens=special_tokens, where=where, where_counts=where_counts
     )
     what = "embed_geneformer: the Geneformer dictionaries"
-    warned = warn_on_first_chunk(source, tokenizer.matched, chunk_size, what, "ensembl")
+    warned = warn_on_first_chunk(source, tokenizer.matched, execution.chunk_size, what, "ensembl")
     options = {"emb_layer": emb_layer, "special_tokens": bool(special_tokens), "emb_mode": emb_mode}
     run = run_encoder(
         adata, encoder, tokenizer, source, function="embed_geneformer",
-        spec=worker_spec("geneformer", model_dir, encoder, scheduler), device=device, precision=precision,
-        batch_size=batch_size, options=options, per_cell=PER_CELL, chunk_size=chunk_size,
-        store=store, scheduler=scheduler,
+        spec=worker_spec("geneformer", model, encoder, execution.scheduler), device=device, precision=precision,
+        batch_size=batch_size, options=options, per_cell=PER_CELL, execution=execution,
     )  # fmt: skip
     coverage = coverage_of_run(run.per_cell, tokenizer.matched, warned, what, "ensembl")
     n_genes = run.per_cell["n_genes"]
@@ -138,20 +142,24 @@ def embed_geneformer(
             "embed_geneformer: %d cells express none of the matched genes (e.g. %s); their embedding is NaN. "
             "Filter them first (e.g. sc.pp.filter_cells).", n_empty, format_examples(adata.obs_names[n_genes == 0]),
         )  # fmt: skip
-    info = {
+    params = {
         "model": encoder.identity(),
         "precision": run.precision,
         **options,
-        "ensembl_col": ensembl_col or "var_names",
+        "gene_ids": gene_ids or "var_names",
+        "species": species,
+        "layer": layer,
+    }
+    results = {
         "n_genes_matched": int(len(tokenizer.token_ids)),
         "fraction_genes_matched": len(tokenizer.cols) / max(len(source.var), 1),
         "genes_per_cell": count_stats(np.minimum(n_genes, tokenizer.n_keep)),
         "n_cells_truncated": int((n_genes > tokenizer.n_keep).sum()),
         "n_cells_without_genes": n_empty,
         "coverage": coverage,
-        "gene_ids": id_report,
+        "id_conversion": id_report,
     }
-    write_embedding(adata, key_added, run.embedding, info, store)
+    write_embedding(adata, key_added, run.embedding, params, results, execution)
     return adata if copy else None
 
 

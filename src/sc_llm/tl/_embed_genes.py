@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._distributed import Scheduler
-from .._docs import doc_chunks, doc_copy, doc_params
+from .._deprecations import moved_to_config
+from .._docs import doc_copy, doc_execution, doc_params
+from .._execution import Execution, resolve_execution
 from .._sources import MatrixSource
 from .._utils import check_key, gene_names, maybe_copy
 from ..models._gene_mode import GeneModeEncoder, GeneModeTokenizer
@@ -20,9 +20,11 @@ from ..models._text import load_text_encoder
 from ._embedding import run_encoder, write_embedding
 
 Weighting = Literal["expression", "rank"]
+_CELL_CHUNK = 4096
 
 
-@doc_params(doc_chunks=doc_chunks, doc_copy=doc_copy)
+@moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
+@doc_params(doc_execution=doc_execution, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy)
 def embed_text_genes(
     adata: AnnData,
     model: Any = None,
@@ -38,9 +40,7 @@ def embed_text_genes(
     device: Any = None,
     precision: Precision = "auto",
     normalize: bool = True,
-    chunk_size: int = 4096,
-    store: str | Path | None = None,
-    scheduler: Scheduler = None,
+    execution: Execution | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed each gene's text once; a cell is the weighted average of its genes' embeddings.
@@ -76,16 +76,18 @@ def embed_text_genes(
     normalize
         L2-normalize the cell embeddings (gene embeddings are always L2-normalized, so every gene
         counts by its weight alone). Without it a cell is the weighted mean of its genes.
-    {doc_chunks}
+    {doc_execution}
     {doc_copy}
 
     Returns
     -------
     ``None`` or a copy. Sets ``obsm[key_added]`` (float32, cells × dim), the gene embedding and
-    ``uns[key_added]`` (model identity, weighting, number of genes described, empty cells).
+    ``uns[key_added]``: ``"params"`` (model identity, ``mode="gene"``, weighting, expression source,
+    precision, ``normalize``, execution settings) beside ``"n_genes_described"`` and ``"n_empty_cells"``.
     Cells with no expressed gene get a zero vector.
     """
     check_key(key_added)
+    execution = resolve_execution(execution, _CELL_CHUNK)
     adata = maybe_copy(adata, copy)
     source = MatrixSource(adata, layer=layer, use_raw=use_raw)
     names = gene_names(source.var, gene_symbols)
@@ -97,11 +99,11 @@ def embed_text_genes(
     encoder = GeneModeEncoder(genes, text_encoder.identity(), text_encoder.device)
     run = run_encoder(
         adata, encoder, tokenizer, source, function="embed_text_genes", spec=encoder, device=device,
-        precision=used, batch_size=batch_size, options={"normalize": normalize}, chunk_size=chunk_size,
-        store=store, scheduler=scheduler, params={"gene_symbols": gene_symbols},
+        precision=used, batch_size=batch_size, options={"normalize": normalize}, execution=execution,
+        params={"gene_symbols": gene_symbols},
     )  # fmt: skip
     cells = np.nan_to_num(run.embedding, nan=0.0)  # cells with no expressed gene: a zero vector
-    info = {
+    params = {
         "model": text_encoder.identity(),
         "mode": "gene",
         "weighting": weighting,
@@ -111,14 +113,13 @@ def embed_text_genes(
         "gene_symbols": gene_symbols,
         "precision": used,
         "normalize": normalize,
-        "n_genes_described": n_described,
-        "n_empty_cells": int((~cells.any(axis=1)).sum()),
     }
+    results = {"n_genes_described": n_described, "n_empty_cells": int((~cells.any(axis=1)).sum())}
     if use_raw:
-        info["gene_embedding"] = genes
+        results["gene_embedding"] = genes
     else:
         adata.varm[key_added] = genes
-    write_embedding(adata, key_added, cells, info, store)
+    write_embedding(adata, key_added, cells, params, results, execution)
     return adata if copy else None
 
 

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from .._distributed import Scheduler
-from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
+from .._deprecations import moved_to_config, renamed_params
+from .._docs import doc_copy, doc_device_precision, doc_execution, doc_params
+from .._execution import Execution, resolve_execution
 from .._sources import MatrixSource
 from .._utils import check_key, gene_names, logger, maybe_copy
 from ..models._runtime import Precision
@@ -20,12 +21,16 @@ _CELL_CHUNK = 1024
 PER_CELL = {"n_genes": np.int64, "counts_covered": np.float64, "counts_total": np.float64}
 
 
-@doc_params(doc_device_precision=doc_device_precision, doc_chunks=doc_chunks, doc_copy=doc_copy)
+@moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
+@renamed_params(model_dir="model", gene_col="gene_symbols")
+@doc_params(
+    doc_device_precision=doc_device_precision, doc_execution=doc_execution, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
+)
 def embed_scgpt(
     adata: AnnData,
-    model_dir: str | Path | Any,
+    model: str | Path | Any,
     *,
-    gene_col: str | None = None,
+    gene_symbols: str | None = None,
     species: str = "human",
     layer: str | None = None,
     max_length: int = 1200,
@@ -35,9 +40,7 @@ def embed_scgpt(
     random_state: int = 0,
     min_gene_fraction: float = 0.1,
     key_added: str = "X_scgpt",
-    chunk_size: int = _CELL_CHUNK,
-    store: str | Path | None = None,
-    scheduler: Scheduler = None,
+    execution: Execution | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed cells with a pretrained scGPT model (the ``<cls>`` output, L2-normalized).
@@ -59,10 +62,10 @@ def embed_scgpt(
     adata
         Annotated data matrix with non-negative expression (counts or log-normalized; binning
         per cell is rank-based, so either works).
-    model_dir
+    model
         Folder with ``args.json``, ``vocab.json`` and ``best_model.pt`` as released
         (e.g. ``scGPT_human/``), or an encoder from :func:`sc_llm.models.load_scgpt`.
-    gene_col
+    gene_symbols
         ``var`` column with gene names; ``None`` uses ``var_names``. Symbols are matched to the
         vocabulary as they are; Ensembl IDs are first converted to symbols with the gene table shipped
         with sc_llm (see :func:`sc_llm.pp.map_gene_ids`; genes without a unique symbol are left out).
@@ -80,40 +83,42 @@ def embed_scgpt(
         Seed for bin tie-breaking and gene subsampling.
     min_gene_fraction
         Error when fewer than this fraction of ``adata``'s genes are in the vocabulary
-        (usually a sign of Ensembl IDs or another species in ``gene_col``).
+        (usually a sign of Ensembl IDs or another species in ``gene_symbols``).
     key_added
         ``obsm`` key for the embedding; details go to ``uns[key_added]``.
-    {doc_chunks}
+    {doc_execution}
     {doc_copy}
 
     Returns
     -------
     ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × embsize) and
-    ``adata.uns[key_added]`` with the model identity, precision, matched genes (count, fraction,
-    column), genes per cell (mean, min, max), the number of subsampled cells, ``coverage`` (genes
+    ``adata.uns[key_added]``: ``"params"`` (model identity, precision used, ``max_length``,
+    ``random_state``, gene column, layer, execution settings) beside the matched genes (count,
+    fraction), genes per cell (mean, min, max), the number of subsampled cells, ``coverage`` (genes
     matched, share of the expressed counts they hold overall and per cell; a warning naming
     :func:`sc_llm.pp.map_gene_ids` when it is under half, checked on the first chunk before any
-    compute) and ``gene_ids`` (whether and how identifiers were converted).
+    compute) and ``id_conversion`` (whether and how identifiers were converted).
     """
     from ..models._scgpt import load_scgpt
 
     check_key(key_added)
+    execution = resolve_execution(execution, _CELL_CHUNK)
     adata = maybe_copy(adata, copy)
-    encoder = load_scgpt(model_dir, device)
+    encoder = load_scgpt(model, device)
     source = MatrixSource(adata, layer=layer)
-    where = f"var[{gene_col!r}]" if gene_col else "var_names"
-    names = gene_names(source.var, gene_col)
+    where = f"var[{gene_symbols!r}]" if gene_symbols else "var_names"
+    names = gene_names(source.var, gene_symbols)
     symbols, id_report = to_model_ids(names, "symbol", species)
     tokenizer = encoder.tokenizer_for(
         symbols, max_length=max_length, random_state=random_state, min_gene_fraction=min_gene_fraction,
         where=where, shown_names=names, where_values=f"adata.layers[{layer!r}]" if layer else "adata.X",
     )  # fmt: skip
     what = "embed_scgpt: the scGPT vocabulary"
-    warned = warn_on_first_chunk(source, tokenizer.matched, chunk_size, what, "symbol")
+    warned = warn_on_first_chunk(source, tokenizer.matched, execution.chunk_size, what, "symbol")
     run = run_encoder(
         adata, encoder, tokenizer, source, function="embed_scgpt",
-        spec=worker_spec("scgpt", model_dir, encoder, scheduler), device=device, precision=precision,
-        batch_size=batch_size, per_cell=PER_CELL, chunk_size=chunk_size, store=store, scheduler=scheduler,
+        spec=worker_spec("scgpt", model, encoder, execution.scheduler), device=device, precision=precision,
+        batch_size=batch_size, per_cell=PER_CELL, execution=execution,
     )  # fmt: skip
     coverage = coverage_of_run(run.per_cell, tokenizer.matched, warned, what, "symbol")
     n_genes = run.per_cell["n_genes"]
@@ -122,19 +127,23 @@ def embed_scgpt(
         logger.warning(
             "embed_scgpt: %d cells express no vocabulary gene; they get the <cls>-only embedding.", n_empty
         )
-    info = {
+    params = {
         "model": encoder.identity(),
         "precision": run.precision,
         "max_length": max_length,
         "random_state": random_state,
-        "gene_col": gene_col or "var_names",
+        "gene_symbols": gene_symbols or "var_names",
+        "species": species,
+        "layer": layer,
+    }
+    results = {
         "n_genes_matched": len(tokenizer.cols),
         "fraction_genes_matched": len(tokenizer.cols) / max(len(source.var), 1),
         "genes_per_cell": count_stats(np.minimum(n_genes, max_length - 1)),
         "n_cells_subsampled": int((n_genes > max_length - 1).sum()),
         "n_cells_without_genes": n_empty,
         "coverage": coverage,
-        "gene_ids": id_report,
+        "id_conversion": id_report,
     }
-    write_embedding(adata, key_added, run.embedding, info, store)
+    write_embedding(adata, key_added, run.embedding, params, results, execution)
     return adata if copy else None

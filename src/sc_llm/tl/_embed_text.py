@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
-from .._distributed import Scheduler
-from .._docs import doc_chunks, doc_copy, doc_device_precision, doc_params
+from .._deprecations import moved_to_config
+from .._docs import doc_copy, doc_device_precision, doc_execution, doc_params
+from .._execution import Execution, resolve_execution
 from .._sources import MatrixSource, SentenceSource
 from .._utils import check_key, maybe_copy
 from ..models._runtime import Precision
@@ -20,7 +20,10 @@ from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 _CELL_CHUNK = 2048
 
 
-@doc_params(doc_device_precision=doc_device_precision, doc_chunks=doc_chunks, doc_copy=doc_copy)
+@moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
+@doc_params(
+    doc_device_precision=doc_device_precision, doc_execution=doc_execution, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
+)
 def embed_text(
     adata: AnnData,
     model: Any = None,
@@ -36,9 +39,7 @@ def embed_text(
     use_raw: bool = False,
     gene_symbols: str | None = None,
     store_sentences: bool = False,
-    chunk_size: int = _CELL_CHUNK,
-    store: str | Path | None = None,
-    scheduler: Scheduler = None,
+    execution: Execution | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed each cell's sentence with a text encoder (GenePT-s / CELLama style).
@@ -77,14 +78,15 @@ def embed_text(
         Expression source and names for on-the-fly sentences (see :func:`sc_llm.pp.cell_sentences`).
     store_sentences
         When sentences are built on the fly, also store the full sentences in ``obs[sentence_key]``.
-    {doc_chunks}
+    {doc_execution}
     {doc_copy}
 
     Returns
     -------
     ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × dim) and
-    ``adata.uns[key_added]`` with the model identity, dimension, token limit, precision used
-    and how many genes fit (mean, min, max).
+    ``adata.uns[key_added]``: ``"params"`` (model identity, precision used, ``normalize``, ``prefix``,
+    where the sentences came from, execution settings) beside ``"dim"``, ``"max_tokens"`` and
+    ``"genes_in_context"`` (genes that fit per cell: mean, min, max).
 
     Notes
     -----
@@ -94,6 +96,7 @@ def embed_text(
     is read and tokenized while the current one runs on the device).
     """
     check_key(key_added)
+    execution = resolve_execution(execution, _CELL_CHUNK)
     adata = maybe_copy(adata, copy)
     encoder = load_text_encoder(model, device)
     if sentence_key not in adata.obs and store_sentences:
@@ -110,26 +113,29 @@ def embed_text(
         encoder.tokenizer_for(prefix, genes),
         source,
         function="embed_text",
-        spec=worker_spec("text", model, encoder, scheduler),
+        spec=worker_spec("text", model, encoder, execution.scheduler),
         device=device,
         precision=precision,
         batch_size=batch_size,
         options={"normalize": normalize},
         per_cell={"n_fit": np.int64},
-        chunk_size=chunk_size,
-        store=store,
-        scheduler=scheduler,
+        execution=execution,
         params={"gene_symbols": gene_symbols},
     )
-    info = {
+    params = {
         "model": encoder.identity(),
-        "dim": encoder.dim,
-        "max_tokens": encoder.max_tokens,
         "precision": run.precision,
         "normalize": normalize,
         "prefix": prefix or "",
         "sentences": f"obs[{sentence_key!r}]" if from_obs else "built from the matrix (not stored)",
+        "layer": layer,
+        "use_raw": use_raw,
+        "gene_symbols": gene_symbols,
+    }
+    results = {
+        "dim": encoder.dim,
+        "max_tokens": encoder.max_tokens,
         "genes_in_context": count_stats(run.per_cell["n_fit"]),
     }
-    write_embedding(adata, key_added, run.embedding, info, store)
+    write_embedding(adata, key_added, run.embedding, params, results, execution)
     return adata if copy else None

@@ -15,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
 from .._distributed import Scheduler, client_for, map_chunks, share
+from .._execution import Execution
 from .._progress import progress
 from .._sources import MatrixSource, SentenceSource
 from .._store import ChunkedResults, names_digest
@@ -52,9 +53,7 @@ def run_encoder(
     batch_size: int | None,
     options: Mapping[str, Any] | None = None,
     per_cell: Mapping[str, Any] | None = None,
-    chunk_size: int,
-    store: str | Path | None,
-    scheduler: Scheduler,
+    execution: Execution,
     params: Mapping[str, Any] | None = None,
 ) -> EmbedRun:
     """Embed every cell of ``adata`` chunk by chunk; see the module docstring.
@@ -83,13 +82,14 @@ def run_encoder(
         "embedding": ((encoder.dim,), np.float32),
         **{k: ((), dt) for k, dt in (per_cell or {}).items()},
     }
+    store = execution.store
     results = ChunkedResults(
-        adata.n_obs, chunk_size, arrays, store=store, fingerprint=fingerprint if store is not None else None
+        adata.n_obs, execution.chunk_size, arrays, store=store, fingerprint=fingerprint if store is not None else None
     )
     with progress(adata.n_obs, function, unit="cell") as bar:
         bar.update(results.n_done_cells)
         inputs = _pending_inputs(results, source, tokenizer)
-        if scheduler is None:
+        if execution.scheduler is None:
             _run_here(results, inputs, encoder, used, batch_size, tokenizer.max_tokens, options, bar)
             precisions = {used}
         else:
@@ -102,7 +102,7 @@ def run_encoder(
                 batch_size,
                 tokenizer.max_tokens,
                 options,
-                scheduler,
+                execution.scheduler,
                 bar,
             )
     return EmbedRun(
@@ -229,11 +229,19 @@ def count_stats(n: np.ndarray) -> dict[str, float]:
 
 
 def write_embedding(
-    adata: AnnData, key_added: str, embedding: np.ndarray, info: dict[str, Any], store
+    adata: AnnData,
+    key_added: str,
+    embedding: np.ndarray,
+    params: Mapping[str, Any],
+    results: Mapping[str, Any],
+    execution: Execution,
 ) -> None:
-    """Put the embedding in ``obsm[key_added]`` and its record in ``uns[key_added]``."""
+    """Put the embedding in ``obsm[key_added]`` and its record in ``uns[key_added]``.
+
+    The record has scanpy's shape: the call's settings (model identity included) under ``"params"``,
+    what the run found (dimension, genes per cell, coverage, ...) beside it.
+    """
     warn_overwrite(adata.obsm, key_added, "adata.obsm")
     adata.obsm[key_added] = embedding
-    if store is not None:
-        info["store"] = str(store)
-    adata.uns[key_added] = info
+    run = {"chunk_size": execution.chunk_size, "store": None if execution.store is None else str(execution.store)}
+    adata.uns[key_added] = {"params": {**params, **run}, **results}

@@ -8,6 +8,7 @@ import numpy as np
 from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
+from .._docs import doc_copy, doc_params, doc_split
 from .._utils import format_examples, maybe_copy
 from ._candidates import N_CANDIDATES, label_categories, top3_accuracy, write_candidates
 from ._heads import warn_unseen
@@ -17,6 +18,7 @@ TIE_RULE = "among labels with equal votes, the one with the nearer closest neigh
 APPROX_THRESHOLD = 50_000
 
 
+@doc_params(doc_split=doc_split, doc_copy=doc_copy)
 def knn_annotate(
     adata: AnnData,
     use_rep: str,
@@ -42,8 +44,7 @@ def knn_annotate(
         ``obsm`` key of the embedding (e.g. ``"X_text"``).
     labels_key
         ``obs`` column with the labels of the training cells.
-    split_key, train_value
-        Training cells are those with ``obs[split_key] == train_value`` and a label.
+    {doc_split}
     k
         Number of neighbours (the paper uses 10).
     metric
@@ -61,8 +62,7 @@ def knn_annotate(
         Training-set size from which ``approx=None`` uses the approximate index.
     random_state
         Seed of the approximate index (results are reproducible for a given seed).
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_copy}
 
     Returns
     -------
@@ -127,8 +127,11 @@ def knn_annotate(
             "use_rep": use_rep,
             "labels_key": labels_key,
             "split_key": split_key,
+            "train_value": train_value,
             "k": k,
             "metric": metric,
+            "approx": bool(use_approx),
+            "random_state": random_state,
         },
         "index": "pynndescent (approximate)" if use_approx else "exact",
         "tie_rule": TIE_RULE,

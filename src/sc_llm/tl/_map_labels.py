@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples, logger, maybe_copy, warn_overwrite
+from .._utils import embedding_record, format_examples, logger, maybe_copy, warn_overwrite
 from ._candidates import label_categories, top3_accuracy, write_candidates
 from ._heads import UNKNOWN
 from ._knn import APPROX_THRESHOLD, TIE_RULE, nearest_reference, rank_votes
@@ -173,14 +173,14 @@ def check_same_embedding(
             f"obsm[{use_rep!r}] has {Xq.shape[1]} dimensions in the query but {Xr.shape[1]} in the reference: "
             "embed both with the same model."
         )
-    q_info, r_info = query.uns.get(use_rep), reference.uns.get(use_rep)
-    if not (isinstance(q_info, Mapping) and isinstance(r_info, Mapping)):
+    q_info, r_info = embedding_record(query, use_rep), embedding_record(reference, use_rep)
+    if not (q_info and r_info):
         return
     q_model, r_model = _model_key(q_info.get("model")), _model_key(r_info.get("model"))
     if q_model is not None and r_model is not None and q_model != r_model:
         raise ValueError(
             f"obsm[{use_rep!r}] comes from different encoders: query {q_model}, reference {r_model} "
-            f"(uns[{use_rep!r}]['model']). Embed the query with the reference's model."
+            f"(uns[{use_rep!r}]['params']['model']). Embed the query with the reference's model."
         )
     # embed_text records no "mode"; embed_text_genes records "gene" (same model, another embedding).
     q_info, r_info = ({"mode": "sentence", **info} for info in (q_info, r_info))

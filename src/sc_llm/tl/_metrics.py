@@ -17,7 +17,19 @@ from .._utils import format_examples
 
 
 def classification_metrics(y_true, y_pred) -> dict[str, float]:
-    """Accuracy and macro precision/recall/F1 (labels: union of true and predicted; 0 where undefined)."""
+    """Accuracy and macro precision/recall/F1 (labels: union of true and predicted; 0 where undefined).
+
+    Parameters
+    ----------
+    y_true
+        True labels of the evaluated cells.
+    y_pred
+        Predicted labels, same length and order.
+
+    Returns
+    -------
+    ``accuracy``, ``precision``, ``recall``, ``f1`` and ``n_cells``.
+    """
     y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
     if y_true.size == 0:
         raise ValueError("No labelled held-out cells to evaluate.")
