@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 import warnings
 
 import anndata as ad
@@ -110,11 +109,11 @@ def test_spatial_genes_mode_validates_expression(tissue):
     tissue.X = tissue.X.copy()
     tissue.X.data[tissue.X.indptr[2]] = -1.0
     with pytest.raises(ValueError, match="adata.X contains negative values \\(first in cell 'cell2'\\)"):
-        scl.pp.spatial_sentences(tissue, mode="genes", n_neighs=2)
+        scl.pp.spatial_sentences(tissue, mode="genes", neighbors=2)
     tissue.layers["bad"] = tissue.X.copy()
     tissue.layers["bad"].data[:] = np.nan
     with pytest.raises(ValueError, match="adata.layers\\['bad'\\] contains NaN"):
-        scl.pp.spatial_sentences(tissue, mode="genes", n_neighs=2, layer="bad")
+        scl.pp.spatial_sentences(tissue, mode="genes", neighbors=2, layer="bad")
     assert "cell_sentence_spatial" not in tissue.obs
 
 
@@ -150,7 +149,7 @@ def test_public_functions_refuse_unsavable_keys(small, tissue, key):
     with pytest.raises(ValueError, match="h5ad"):
         scl.tl.ablate(small, "gene_hash", key_added=key)
     with pytest.raises(ValueError, match="h5ad"):
-        scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=2, key_added=key)
+        scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=2, key_added=key)
     assert set(small.obs.columns) == before
 
 
@@ -240,30 +239,28 @@ def test_shuffle_top_named_alike_by_ablate_and_ablation_study(small, text_encode
 def test_spatial_sentences_refuse_missing_sentences(tissue):
     tissue.obs.loc["cell3", "cell_sentence"] = np.nan
     with pytest.raises(ValueError, match="obs\\['cell_sentence'\\] is missing for 1 cells: 'cell3'"):
-        scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=2)
+        scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=2)
     assert "cell_sentence_spatial" not in tissue.obs
 
 
 def test_squidpy_import_error_is_reported_when_installed(tissue, monkeypatch):
-    import builtins
     import importlib.util
 
-    real_import = builtins.__import__
+    real_import = importlib.import_module
 
     def broken(name, *args, **kwargs):
         if name == "squidpy":
             raise ModuleNotFoundError("No module named 'pkg_resources'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.delitem(sys.modules, "squidpy", raising=False)
-    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(importlib, "import_module", broken)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "squidpy" else None)
     with pytest.raises(ImportError, match="installed but failed to import.*pkg_resources") as info:
-        scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=2)
-    assert "needs squidpy" not in str(info.value)
+        scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=2)
+    assert "needs the optional" not in str(info.value)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(ImportError, match="needs squidpy: pip install"):
-        scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=2)
+    with pytest.raises(ImportError, match=r"spatial_sentences needs the optional dependency 'squidpy': pip install 'sc-llm\[spatial\]'"):
+        scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=2)
 
 
 @pytest.mark.parametrize(

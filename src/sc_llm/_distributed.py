@@ -14,15 +14,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import PurePath
 from typing import Any
 
+from ._utils import import_optional
+
 Scheduler = Any  # None | "local" | "tcp://host:port" | distributed.Client | distributed.LocalCluster
 
 
 def require_distributed():
-    try:
-        import distributed
-    except ImportError as e:  # pragma: no cover - distributed ships with the scale extra
-        raise ImportError("scheduler= needs dask.distributed: pip install 'sc-llm[scale]'") from e
-    return distributed
+    return import_optional("distributed", "scale", "Execution(scheduler=...)")
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ._utils import logger
+from ._utils import import_optional, logger
 
 _ATTR = "sc_llm"
 #: Version of the store layout; 0.1.0 stores (no per-chunk digests) have none.
@@ -35,13 +35,7 @@ STORE_FORMAT = 2
 
 
 def require_zarr():
-    try:
-        import zarr
-    except ImportError as e:  # pragma: no cover - zarr ships with the scale extra
-        raise ImportError(
-            "Writing results to an on-disk store needs zarr: pip install 'sc-llm[scale]'"
-        ) from e
-    return zarr
+    return import_optional("zarr", "scale", "A resumable store (Execution(store=...))")
 
 
 def names_digest(names) -> str:

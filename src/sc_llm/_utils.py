@@ -218,20 +218,39 @@ def format_examples(values, n: int = 5) -> str:
     return shown + (f", … ({len(values)} in all)" if len(values) > n else "")
 
 
-def import_optional(module: str, extra: str, purpose: str) -> Any:
-    """Import an optional dependency, or raise an ImportError naming the extra that provides it.
+def import_optional(module: str, extra: str | None, purpose: str) -> Any:
+    """Import an optional dependency, or raise an ImportError that says how to get it.
 
     The one pattern for optional back ends: imported when first needed, so ``import sc_llm`` stays light.
+    A package that is installed but fails to import is reported with its own error, since installing
+    it again would not help.
+
+    Parameters
+    ----------
+    module
+        Module to import (e.g. ``"zarr"`` or ``"captum.attr"``).
+    extra
+        The sc-llm extra that installs it (``None``: a plain ``pip install`` of the package).
+    purpose
+        What needs it, for the message (e.g. ``"execution=Execution(store=...)"``).
     """
     import importlib
+    import importlib.util
 
+    top = module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        top = module.split(".")[0]
-        raise ImportError(
-            f"{purpose} needs the optional dependency {top!r}: pip install 'sc-llm[{extra}]'."
-        ) from e
+        if importlib.util.find_spec(top) is not None:
+            raise ImportError(
+                f"{top} is installed but failed to import ({type(e).__name__}: {e}). This is not a missing "
+                f"package: fix that error (e.g. pip install -U 'sc-llm[{extra}]', whose lower bounds are known "
+                "to import)."
+                if extra
+                else f"{top} is installed but failed to import ({type(e).__name__}: {e})."
+            ) from e
+        how = f"pip install 'sc-llm[{extra}]'" if extra else f"pip install {top}"
+        raise ImportError(f"{purpose} needs the optional dependency {top!r}: {how}.") from e
 
 
 def embedding_record(adata: AnnData, key: str) -> dict[str, Any]:

@@ -364,7 +364,7 @@ def match_dictionaries(ids: np.ndarray, tokens_of: Mapping, medians: Mapping, wh
         raise ValueError(
             f"None of the {len(ids)} genes in {where} are in both Geneformer dictionaries; examples: "
             f"{format_examples(ids)}. Geneformer needs Ensembl gene IDs (e.g. 'ENSG00000167286'): pass "
-            "ensembl_col= with the column that holds them."
+            "gene_ids= with the column that holds them."
         )
     no_median = int((in_tokens & ~ok).sum())
     if no_median:

@@ -506,7 +506,7 @@ def match_vocab(names: np.ndarray, vocab: dict[str, int], min_fraction: float, w
             f"Only {len(cols)} of {len(names)} genes in {where} are in the scGPT vocabulary "
             f"(fraction {fraction:.3f} < min_gene_fraction={min_fraction}). Unmatched names: "
             f"{format_examples(shown[ids < 0])}. scGPT matches exact gene symbols (e.g. 'CD3E'; Ensembl IDs are "
-            "converted to symbols first where the shipped gene table allows); pass gene_col= with the column "
+            "converted to symbols first where the shipped gene table allows); pass gene_symbols= with the column "
             "that holds symbols, or convert them with sc_llm.pp.map_gene_ids."
         )
     if fraction < 0.5:

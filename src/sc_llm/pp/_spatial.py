@@ -17,6 +17,7 @@ from .._utils import (
     check_values,
     format_examples,
     get_matrix,
+    import_optional,
     logger,
     maybe_copy,
     warn_overwrite,
@@ -222,19 +223,8 @@ def _squidpy_knn(shell: AnnData, n_neighs: int, library_key: str | None):
 
 
 def import_squidpy():
-    """Import squidpy; tell "not installed" apart from "installed but broken" (with the real error)."""
-    import importlib.util
-
-    try:
-        import squidpy as sq
-    except ImportError as e:
-        if importlib.util.find_spec("squidpy") is None:
-            raise ImportError("spatial_sentences needs squidpy: pip install 'sc-llm[spatial]'.") from e
-        raise ImportError(
-            f"squidpy is installed but failed to import ({type(e).__name__}: {e}). This is not a missing package: "
-            "fix that error, e.g. with pip install -U 'sc-llm[spatial]', whose lower bounds are known to import."
-        ) from e
-    return sq
+    """Import squidpy; "not installed" and "installed but broken" (with the real error) are told apart."""
+    return import_optional("squidpy", "spatial", "spatial_sentences")
 
 
 def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:

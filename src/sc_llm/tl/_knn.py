@@ -9,7 +9,7 @@ from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
 from .._docs import doc_copy, doc_params, doc_split
-from .._utils import format_examples, maybe_copy
+from .._utils import format_examples, import_optional, maybe_copy
 from ._candidates import N_CANDIDATES, label_categories, top3_accuracy, write_candidates
 from ._heads import warn_unseen
 from ._metrics import classification_metrics, get_labels, get_rep, train_mask
@@ -193,10 +193,7 @@ def _neighbours(
 def _approx_kneighbors(
     Xq: np.ndarray, Xr: np.ndarray, n: int, metric: str, random_state: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from pynndescent import NNDescent
-    except ImportError as e:  # pragma: no cover - pynndescent comes with scanpy
-        raise ImportError("approx=True needs pynndescent: pip install pynndescent") from e
+    NNDescent = import_optional("pynndescent", None, "approx=True").NNDescent
     data = np.ascontiguousarray(Xr, dtype=np.float32)
     # A graph degree of at least 30 keeps recall high for k = 10 (pynndescent's default).
     index = NNDescent(
