@@ -24,7 +24,9 @@ def _public_functions():
                 yield f"{ns.__name__}.{name}", obj
 
 
-@pytest.mark.parametrize(("name", "fn"), list(_public_functions()), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    ("name", "fn"), list(_public_functions()), ids=lambda x: x if isinstance(x, str) else ""
+)
 def test_public_function_has_few_documented_parameters(name, fn):
     params = [p for p in inspect.signature(fn).parameters if p not in ("args", "kwargs")]
     assert len(params) <= MAX_PARAMS, f"{name} has {len(params)} parameters; group some in a config object"
@@ -59,7 +61,9 @@ def test_cell_sentences_and_split_record_params(pbmc):
 
 def test_old_execution_keywords_warn_and_give_the_same_result(pbmc, text_encoder, tmp_path):
     adata = pbmc[:24].copy()
-    scl.tl.embed_text(adata, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=5), key_added="new")
+    scl.tl.embed_text(
+        adata, text_encoder, precision="fp32", execution=scl.Execution(chunk_size=5), key_added="new"
+    )
     with pytest.warns(FutureWarning, match=r"embed_text\(\): `chunk_size/store` is deprecated.*Execution\("):
         scl.tl.embed_text(
             adata, text_encoder, precision="fp32", chunk_size=5, store=tmp_path / "x.zarr", key_added="old"
@@ -93,7 +97,9 @@ def test_renamed_geneformer_keywords_warn_and_give_the_same_result(pbmc, tmp_pat
     scl.tl.embed_geneformer(cells, model_dir, gene_ids="ids", layer="counts", key_added="new", **common)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scl.tl.embed_geneformer(cells, model_dir, ensembl_col="ids", counts_layer="counts", key_added="old", **common)
+        scl.tl.embed_geneformer(
+            cells, model_dir, ensembl_col="ids", counts_layer="counts", key_added="old", **common
+        )
     messages = [str(w.message) for w in caught if w.category is FutureWarning]
     assert any("`ensembl_col` is deprecated, use `gene_ids`" in m for m in messages)
     assert any("`counts_layer` is deprecated, use `layer`" in m for m in messages)

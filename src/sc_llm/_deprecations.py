@@ -35,7 +35,9 @@ def renamed_params(**renames: str) -> Callable[[F], F]:
                 if old not in kwargs:
                     continue
                 if new in kwargs:
-                    raise TypeError(f"{fn.__name__}() got both `{old}` (deprecated) and `{new}`; pass only `{new}`.")
+                    raise TypeError(
+                        f"{fn.__name__}() got both `{old}` (deprecated) and `{new}`; pass only `{new}`."
+                    )
                 _warn(fn, old, f"`{new}`")
                 kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)

@@ -27,6 +27,11 @@ execution
     (:class:`sc_llm.Execution`). ``None`` runs here, in memory, in chunks of {chunk} cells. The 0.1
     keywords ``chunk_size``, ``store`` and ``scheduler`` still work, with a FutureWarning."""
 
+doc_embedding_key = """\
+key_added
+    ``obsm`` key for the embedding; its record (``"params"`` with the model identity, and the
+    results) goes to ``uns[key_added]``."""
+
 doc_split = """\
 split_key, train_value
     The training (reference) cells are those with ``obs[split_key] == train_value`` and a label; the

@@ -10,7 +10,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._deprecations import moved_to_config, renamed_params
-from .._docs import doc_copy, doc_device_precision, doc_execution, doc_params
+from .._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
 from .._execution import Execution, resolve_execution
 from .._sources import MatrixSource
 from .._utils import check_key, format_examples, gene_names, logger, maybe_copy
@@ -25,7 +25,7 @@ _CELL_CHUNK = 1024
 @moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
 @renamed_params(model_dir="model", ensembl_col="gene_ids", counts_layer="layer")
 @doc_params(
-    doc_device_precision=doc_device_precision, doc_execution=doc_execution, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
+    doc_device_precision=doc_device_precision, doc_execution=doc_execution, doc_embedding_key=doc_embedding_key, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
 )
 def embed_geneformer(
     adata: AnnData,
@@ -92,8 +92,7 @@ def embed_geneformer(
         Cells per forward pass at the model's input size; batches group cells of similar length and
         are capped at ``batch_size × input size`` tokens. ``None``: 512 on CUDA, 64 elsewhere.
     {doc_device_precision}
-    key_added
-        ``obsm`` key for the embedding; details go to ``uns[key_added]``.
+    {doc_embedding_key}
     {doc_execution}
     {doc_copy}
 

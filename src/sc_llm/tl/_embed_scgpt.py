@@ -9,7 +9,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._deprecations import moved_to_config, renamed_params
-from .._docs import doc_copy, doc_device_precision, doc_execution, doc_params
+from .._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
 from .._execution import Execution, resolve_execution
 from .._sources import MatrixSource
 from .._utils import check_key, gene_names, logger, maybe_copy
@@ -24,7 +24,7 @@ PER_CELL = {"n_genes": np.int64, "counts_covered": np.float64, "counts_total": n
 @moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
 @renamed_params(model_dir="model", gene_col="gene_symbols")
 @doc_params(
-    doc_device_precision=doc_device_precision, doc_execution=doc_execution, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
+    doc_device_precision=doc_device_precision, doc_execution=doc_execution, doc_embedding_key=doc_embedding_key, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
 )
 def embed_scgpt(
     adata: AnnData,
@@ -84,8 +84,7 @@ def embed_scgpt(
     min_gene_fraction
         Error when fewer than this fraction of ``adata``'s genes are in the vocabulary
         (usually a sign of Ensembl IDs or another species in ``gene_symbols``).
-    key_added
-        ``obsm`` key for the embedding; details go to ``uns[key_added]``.
+    {doc_embedding_key}
     {doc_execution}
     {doc_copy}
 

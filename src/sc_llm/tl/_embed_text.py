@@ -8,7 +8,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._deprecations import moved_to_config
-from .._docs import doc_copy, doc_device_precision, doc_execution, doc_params
+from .._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
 from .._execution import Execution, resolve_execution
 from .._sources import MatrixSource, SentenceSource
 from .._utils import check_key, maybe_copy
@@ -22,7 +22,7 @@ _CELL_CHUNK = 2048
 
 @moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
 @doc_params(
-    doc_device_precision=doc_device_precision, doc_execution=doc_execution, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
+    doc_device_precision=doc_device_precision, doc_execution=doc_execution, doc_embedding_key=doc_embedding_key, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
 )
 def embed_text(
     adata: AnnData,
@@ -62,8 +62,7 @@ def embed_text(
         ``obs`` column with sentences (e.g. from :func:`sc_llm.pp.cell_sentences` or an ablation).
         If it does not exist, sentences are ranked on the fly from the matrix given by
         ``layer`` / ``use_raw`` / ``gene_symbols`` and not stored unless ``store_sentences``.
-    key_added
-        ``obsm`` key for the embedding; details go to ``uns[key_added]``.
+    {doc_embedding_key}
     batch_size
         Cells per forward pass at the encoder's full token length; batches are capped at
         ``batch_size × max_tokens`` tokens, so batches of shorter cells hold more of them.
