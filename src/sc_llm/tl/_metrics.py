@@ -105,3 +105,19 @@ def cluster_metrics(
     }
     adata.uns.setdefault(key_added, {})[use_rep] = result
     return result
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; NaN for a single run) of a metric over runs.
+
+    The one definition of "mean (sd) over seeds" in every table sc_llm writes.
+    """
+    values = np.asarray(values, dtype=float)
+    sd = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+    return float(values.mean()), sd
+
+
+def run_summary(runs: pd.DataFrame, columns) -> tuple[dict[str, float], dict[str, float]]:
+    """``(means, sds)`` of each metric column over the rows (runs) of ``runs``, by :func:`mean_sd`."""
+    stats = {c: mean_sd(runs[c]) for c in columns if c in runs}
+    return {c: m for c, (m, _) in stats.items()}, {c: s for c, (_, s) in stats.items()}
