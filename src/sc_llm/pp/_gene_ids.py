@@ -276,7 +276,8 @@ def map_gene_ids(
     species
         ``"human"`` or ``"mouse"``.
     column
-        ``var`` column holding the names to convert; ``None`` uses ``var_names``.
+        ``var`` column holding the names to convert; ``None`` uses ``var_names``. Missing values
+        (e.g. genes an earlier conversion could not convert) are ``"unmatched"`` unless restored.
     key_added
         ``var`` column for the result (``None``: ``"ensembl_id"``, the column
         :func:`sc_llm.tl.embed_geneformer` reads, or ``"gene_symbol"``); how each gene matched
@@ -323,11 +324,8 @@ def map_gene_ids(
     if column is not None and column not in adata.var:
         raise KeyError(f"Column {column!r} not found in adata.var; available: {list(adata.var.columns)}.")
     names = adata.var_names if column is None else adata.var[column]
-    if pd.isna(names).any():
-        raise ValueError(
-            f"var[{column!r}] has {int(pd.isna(names).sum())} missing names; fill or drop them first."
-        )
-    names = np.asarray([str(n) for n in names], dtype=object)
+    # Missing names (genes an earlier conversion left empty) stay missing unless restored.
+    names = np.asarray([None if pd.isna(n) else str(n) for n in names], dtype=object)
     restored_from, restored = _find_record(adata, names, to, species, restore)
     conv = _convert_rest(names, to, species, restored)
     where = "var_names" if column is None else f"var[{column!r}]"
@@ -343,7 +341,7 @@ def map_gene_ids(
     adata.var[f"{key_added}_match"] = pd.Categorical(conv.status, categories=list(STATUSES))
     adata.var[f"{key_added}_from"] = names
     if set_var_names:
-        adata.var_names = pd.Index(np.where(conv.matched, conv.converted, names).astype(str))
+        adata.var_names = _new_var_names(adata, conv)
     warn_overwrite(adata.uns, key_added, "adata.uns")
     adata.uns[key_added] = {
         "params": {
@@ -391,7 +389,8 @@ def _restorable(adata: AnnData, names: np.ndarray, key: str) -> np.ndarray:
     left = np.where(pd.isna(made), before, made)
     out = np.full(len(names), None, dtype=object)
     for i, (n, w, b) in enumerate(zip(names, left, before, strict=True)):
-        if not pd.isna(b) and n == str(w):
+        # A missing name is unchanged where the call left none (its result column, read back).
+        if not pd.isna(b) and (n == str(w) if n is not None else pd.isna(made[i])):
             out[i] = str(b)
     return out
 
@@ -412,8 +411,12 @@ def _find_record(
                 f"Found: {keys or 'none'}; pass one of them, True to pick one, or False."
             )
         return restore, _restorable(adata, names, restore)
+    # Chosen by the genes whose present name matches (a missing name says little about the record).
+    present = np.array([n is not None for n in names], dtype=bool)
     found = [
-        (int(pd.notna(r).sum()), i, k, r) for i, k in enumerate(keys) for r in [_restorable(adata, names, k)]
+        (int(pd.notna(r[present]).sum()), i, k, r)
+        for i, k in enumerate(keys)
+        for r in [_restorable(adata, names, k)]
     ]
     best = max(found, key=lambda f: f[:2], default=None)
     if best is None or best[0] == 0:
@@ -427,7 +430,8 @@ def _convert_rest(names: np.ndarray, to: str, species: str, restored: np.ndarray
     load_gene_table(species)  # validates species even when every name is restored
     converted, status = restored.copy(), np.full(len(names), "restored", dtype=object)
     candidates = [(r,) for r in restored]
-    idx = np.flatnonzero(pd.isna(restored))
+    status[[r is None and n is None for r, n in zip(restored, names, strict=True)]] = "unmatched"
+    idx = np.flatnonzero([r is None and n is not None for r, n in zip(restored, names, strict=True)])
     if len(idx):
         rest = convert_gene_ids(names[idx], to, species)
         converted[idx], status[idx] = rest.converted, rest.status
@@ -441,7 +445,8 @@ def _check_overlap(conv: Conversion, where: str) -> None:
         return
     other = "mouse" if conv.species == "human" else "human"
     raise ValueError(
-        f"No gene of {where} matched the {conv.species} table (e.g. {format_examples(conv.names, 3)}). "
+        f"No gene of {where} matched the {conv.species} table "
+        f"(e.g. {format_examples([n for n in conv.names if n is not None], 3)}). "
         f"Check the identifier kind (to={conv.to!r}) and the species (species={other!r}?)."
     )
 
@@ -458,8 +463,14 @@ def _warn_case(conv: Conversion) -> None:
         )
 
 
+def _new_var_names(adata: AnnData, conv: Conversion) -> pd.Index:
+    return pd.Index(
+        np.where(conv.matched, conv.converted, np.asarray(adata.var_names, dtype=object)).astype(str)
+    )
+
+
 def _check_unique(adata: AnnData, conv: Conversion) -> None:
-    new = pd.Index(np.where(conv.matched, conv.converted, conv.names).astype(str))
+    new = _new_var_names(adata, conv)
     dup = new[new.duplicated()].unique()
     if len(dup):
         raise ValueError(
