@@ -28,7 +28,7 @@ def test_pbmc_table_round_trip_gives_todays_symbols(pbmc):
     matched = pbmc.var["ensembl_id"].notna().to_numpy()
     back = pbmc[:, matched].copy()
     scl.pp.map_gene_ids(back, "symbol", column="ensembl_id", restore=False)
-    assert back.uns["gene_symbol"]["restored_from"] is None and back.uns["gene_symbol"]["n_restored"] == 0
+    assert back.uns["gene_symbol"]["restored_from"] == "" and back.uns["gene_symbol"]["n_restored"] == 0
     exact = (back.var["ensembl_id_match"] == "exact").to_numpy()
     got, orig = back.var["gene_symbol"].astype(str).to_numpy(), back.var_names.to_numpy()
     assert (got[exact] == orig[exact]).all()
@@ -120,7 +120,7 @@ def test_restore_by_key_and_bad_keys():
         scl.pp.map_gene_ids(a.copy(), "symbol", species="mouse", restore="ens")
     del a.var["ens_from"]  # a record whose columns are gone is ignored
     scl.pp.map_gene_ids(a, "symbol")
-    assert list(a.var["gene_symbol"]) == ["JCHAIN", "TP53"] and a.uns["gene_symbol"]["restored_from"] is None
+    assert list(a.var["gene_symbol"]) == ["JCHAIN", "TP53"] and a.uns["gene_symbol"]["restored_from"] == ""
 
 
 def test_versions_case_previous_symbols_and_unnamed_genes():

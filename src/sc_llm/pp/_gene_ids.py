@@ -300,7 +300,7 @@ def map_gene_ids(
     ``var[f"{key_added}_match"]`` (one of ``restored``, ``exact``, ``version``, ``official``,
     ``case``, ``alias``, ``ambiguous``, ``no_symbol``, ``unmatched``), ``var[f"{key_added}_from"]``
     (the names converted from) and ``uns[key_added]`` with ``params``, ``table`` (sources and
-    versions), ``restored_from`` (the earlier call's key, or ``None``), ``counts`` (genes per match
+    versions), ``restored_from`` (the earlier call's key, or ``""``), ``counts`` (genes per match
     kind), ``n_matched`` (restored ones included), ``n_restored``, ``n_ambiguous``, ``n_unmatched``,
     ``ambiguous`` (one-to-many: each name and its candidates) and ``many_to_one`` (targets reached
     from several names; never merged).
@@ -352,7 +352,7 @@ def map_gene_ids(
             "restore": restore,
         },
         "table": dict(_table_summary(species)),
-        "restored_from": restored_from,
+        "restored_from": restored_from or "",  # "" not None: older anndata cannot write None
         "counts": counts,
         "n_matched": int(conv.matched.sum()),
         "n_restored": counts["restored"],
