@@ -148,6 +148,8 @@ def cell_counts(rows, matched: np.ndarray) -> dict[str, np.ndarray]:
 def warn_on_first_chunk(source, matched: np.ndarray, chunk_size: int, what: str, ids: str) -> bool:
     """Coverage of the first chunk of cells, warned about before any compute; returns whether it warned."""
     rows = source.chunk(0, min(chunk_size, source.X.shape[0])).rows
+    if rows.data.size and not (np.isfinite(rows.data).all() and rows.data.min() >= 0):
+        return False  # invalid values: the tokenizer refuses them with the cell's name, no "nan %" warning first
     counts = cell_counts(rows, matched)
     return warn_low_coverage(coverage_from_cells(counts["counts_covered"], counts["counts_total"], matched), what, ids)
 
