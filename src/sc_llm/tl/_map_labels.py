@@ -106,9 +106,9 @@ def map_labels(
       reference itself, leave-one-out: its ``accuracy``, share ``rejected`` and share
       ``correct_rejected``, an estimate of the accuracy the threshold costs on known types; empty with
       ``min_confidence=None``), ``n_reference``, ``reference_labels``, ``index``, and with query
-      labels ``metrics``: ``accuracy`` (``"unknown"`` counts as wrong), ``accuracy_without_rejection``, ``accuracy_accepted``, ``known``/``novel`` (cells whose label
-      is / is not in the reference: their accuracy with and without rejection, share rejected)
-      and ``novel_labels``.
+      labels ``metrics``: ``accuracy`` (``"unknown"`` counts as wrong), ``accuracy_without_rejection``,
+      ``accuracy_accepted``, ``known``/``novel`` (cells whose label is / is not in the reference:
+      their accuracy with and without rejection, share rejected) and ``novel_labels``.
     """
     if k < 1:
         raise ValueError(f"k must be positive, got {k}.")
@@ -270,7 +270,10 @@ class _ReferenceProfile:
         return profile
 
     def confidence(self, ranked, fractions, idx, dist, codes, in_profile=None) -> np.ndarray:
-        """``in_profile``: cells whose own distances are among the profile's (reference cells, leave-one-out)."""
+        """Confidence of cells with these neighbours.
+
+        ``in_profile``: cells whose own distances are in the profile (reference cells, leave-one-out).
+        """
         d = _same_label_distance(ranked, idx, dist, codes)
         inside = np.zeros(d.size, dtype=bool) if in_profile is None else in_profile
         p = np.empty(d.size)
