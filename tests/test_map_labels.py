@@ -101,7 +101,9 @@ def brute_force_confidence(Xq, Xr, labels, k):
     ranked = np.sort(r_conf[ok])
     threshold = ranked[int(np.floor(0.025 * len(labels)))]
     q_top, q_frac, q_dl, q_da = summarise(Xq, loo=False)
-    return q_top, confidence(q_top, q_frac, q_dl, q_da, np.zeros(len(Xq), bool)), threshold
+    loo = {"accuracy": ok.mean(), "rejected": (r_conf < threshold).mean(),
+           "correct_rejected": ((r_conf < threshold) & ok).mean()}  # fmt: skip
+    return q_top, confidence(q_top, q_frac, q_dl, q_da, np.zeros(len(Xq), bool)), threshold, loo
 
 
 def brute_force_votes_from(nearest_labels):
@@ -131,10 +133,12 @@ def test_confidence_and_auto_threshold_match_an_independent_computation():
     query = ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(60)]))
     query.obsm["E"] = Xq
     scl.tl.map_labels(query, ref, "E", "y", k=5, metric="euclidean")
-    top, conf, threshold = brute_force_confidence(Xq, Xr, labels, 5)
+    top, conf, threshold, loo = brute_force_confidence(Xq, Xr, labels, 5)
     np.testing.assert_array_equal(query.obs["mapped_top1"].astype(str), top)
     np.testing.assert_allclose(query.obs["mapped_confidence"], conf, rtol=1e-5)
     assert query.uns["mapped"]["threshold"] == pytest.approx(threshold)
+    assert query.uns["mapped"]["reference_loo"] == pytest.approx(loo)
+    assert loo["correct_rejected"] <= 0.025
     np.testing.assert_array_equal(query.obs["mapped"].astype(str) == "unknown", conf < threshold)
     assert 0 < (conf < threshold).mean() < 0.5  # the example does exercise rejection
 
