@@ -7,12 +7,15 @@ and without rejection. Printed per held-out type, mean (sd) over seeds:
 - ``novel→unknown``: share of the held-out type's query cells called "unknown" (target ≥ 0.50);
 - ``known drop``: accuracy of known-type query cells without rejection minus with it, in points
   ("unknown" counts as wrong; target ≤ 3);
-- ``known rejected``: share of known-type query cells called "unknown".
+- ``known rejected``: share of known-type query cells called "unknown";
+- ``LOO est.``: what ``min_confidence="auto"`` expected the known drop to be, in points: the share of
+  the reference's own cells that leave-one-out classifies correctly yet rejects
+  (``uns["auto"]["reference_loo"]["correct_rejected"]``; the threshold keeps it at most 2.5).
 
 Embeddings: ``X_pca`` shipped with pbmc68k_reduced, and ``X_text`` (bundled MiniLM on cell
 sentences; computed once, cached under ``--cache``).
 
-Usage: ``python benchmarks/bench_map_labels.py [--seeds 3] [--reps X_pca X_text]``
+Usage: ``python benchmarks/bench_map_labels.py [--seeds 5] [--reps X_pca X_text]``
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ def load(cache: Path, reps: list[str]):
     return adata
 
 
-def run(adata, rep: str, seeds: int) -> dict[str, list[tuple[float, float, float]]]:
+def run(adata, rep: str, seeds: int) -> dict[str, list[tuple[float, float, float, float]]]:
     y = adata.obs["cell_type"].astype(str).to_numpy()
-    out: dict[str, list[tuple[float, float, float]]] = {}
+    out: dict[str, list[tuple[float, float, float, float]]] = {}
     for seed in range(seeds):
         perm = np.random.default_rng(seed).permutation(adata.n_obs)
         ref_all, query = (
@@ -60,13 +63,14 @@ def run(adata, rep: str, seeds: int) -> dict[str, list[tuple[float, float, float
                 scl.tl.map_labels(query, ref, rep, "cell_type", min_confidence=None, key_added="plain")
             m, m0 = query.uns["auto"]["metrics"], query.uns["plain"]["metrics"]
             drop = 100 * (m0["known"]["accuracy"] - m["known"]["accuracy"])
-            out.setdefault(held, []).append((m["novel"]["rejected"], drop, m["known"]["rejected"]))
+            est = 100 * query.uns["auto"]["reference_loo"]["correct_rejected"]
+            out.setdefault(held, []).append((m["novel"]["rejected"], drop, m["known"]["rejected"], est))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--reps", nargs="+", default=["X_pca", "X_text"])
     parser.add_argument("--cache", type=Path, default=Path("bench_results"))
     args = parser.parse_args()
@@ -75,21 +79,23 @@ def main() -> None:
         res = run(adata, rep, args.seeds)
         print(f"\n== {rep}: {args.seeds} seeds, mean (sd)")
         print(
-            f"{'held-out type':32s} {'n query':>7s} {'novel→unknown':>15s} {'known drop (pts)':>17s} {'known rejected':>15s}"
+            f"{'held-out type':32s} {'n query':>7s} {'novel→unknown':>15s} {'known drop (pts)':>17s} "
+            f"{'known rejected':>15s} {'LOO est.':>9s}"
         )
         n_q = adata.obs["cell_type"].value_counts() / 2
         for held, rows in res.items():
             v = np.asarray(rows)
-            sd = v.std(axis=0, ddof=1) if len(v) > 1 else np.zeros(3)
+            sd = v.std(axis=0, ddof=1) if len(v) > 1 else np.zeros(4)
             print(
                 f"{held:32s} {n_q[held]:7.0f} {v[:, 0].mean():8.2f} ({sd[0]:.2f}) "
-                f"{v[:, 1].mean():10.1f} ({sd[1]:.1f}) {v[:, 2].mean():8.2f} ({sd[2]:.2f})"
+                f"{v[:, 1].mean():10.1f} ({sd[1]:.1f}) {v[:, 2].mean():8.2f} ({sd[2]:.2f}) {v[:, 3].mean():9.1f}"
             )
         allv = np.asarray([r for rows in res.values() for r in rows])
         per_type = np.asarray([np.mean(r, axis=0) for r in res.values()])
         print(
             f"{'mean over types':32s} {'':7s} {per_type[:, 0].mean():8.2f} ({per_type[:, 0].std(ddof=1):.2f}) "
-            f"{per_type[:, 1].mean():10.1f} ({per_type[:, 1].std(ddof=1):.1f}) {per_type[:, 2].mean():8.2f}"
+            f"{per_type[:, 1].mean():10.1f} ({per_type[:, 1].std(ddof=1):.1f}) {per_type[:, 2].mean():8.2f} "
+            f"{'':6s} {per_type[:, 3].mean():9.1f}"
         )
         print(
             f"types with novel→unknown ≥ 0.5: {(per_type[:, 0] >= 0.5).sum()}/{len(per_type)}; "

@@ -2,8 +2,10 @@
 
 The classifier is ``knn_annotate``'s (same neighbour search, votes, tie rule and candidate
 columns) across two AnnData objects. What it adds is rejection: a query cell whose vote is weak, or
-which lies farther from its predicted type than that type's own reference cells do, is called
-``"unknown"`` instead of being forced into a reference label.
+which lies farther from its predicted type (or from the reference as a whole) than the reference's
+own cells do, is called ``"unknown"`` instead of being forced into a reference label. The automatic
+threshold is set on the quantity users pay for: the accuracy lost on known types, estimated by
+leave-one-out on the reference.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from ._heads import UNKNOWN
 from ._knn import APPROX_THRESHOLD, TIE_RULE, nearest_reference, rank_votes
 from ._metrics import classification_metrics, get_rep
 
-AUTO_QUANTILE = 0.03
+AUTO_LOSS = 0.025
 AUTO_RULE = (
-    "the {q:g} quantile of the leave-one-out confidences of the reference cells that leave-one-out "
-    "classification labels correctly (so about {pct:g} % of such known cells would be rejected)"
+    "the largest threshold at which at most {pct:g} % of the reference's cells are classified correctly "
+    "by leave-one-out yet rejected (the leave-one-out estimate of the accuracy lost on known types, in "
+    "the reference, is at most {pct:g} points)"
 )
 CONFIDENCE_RULE = (
-    "top vote fraction × typicality; typicality = min(1, 2p), p = the conformal share (1 + m) / (n + 1) "
-    "of the predicted label's n reference cells (leave-one-out, correctly classified) of which m lie "
-    "at least as far from their same-label neighbours (mean distance) as the cell"
+    "top vote fraction × typicality; typicality = min(1, 2 min(p_label, p_all)), conformal shares "
+    "(1 + m) / (n + 1) of reference cells (leave-one-out, correctly classified) that lie at least as far "
+    "from their neighbours as the cell: p_label among the predicted label's n cells (mean distance to the "
+    "neighbours with that label), p_all among all n such cells (mean distance to all k neighbours)"
 )
 # Settings of uns[use_rep] that change the embedding besides the model itself.
 _EMBED_SETTINGS = (
@@ -98,11 +102,13 @@ def map_labels(
     - ``obs[f"{{key_added}}_top{{i}}"]`` / ``_top{{i}}_frac`` for i = 1..3: the three most voted labels
       and their vote fractions, as :func:`sc_llm.tl.knn_annotate` writes them;
     - ``uns[key_added]``: ``params``, ``threshold``, ``threshold_rule`` (how it was chosen),
-      ``confidence_rule``, ``rejection_rate``, ``n_reference``, ``reference_labels``, ``index``,
-      and with query labels ``metrics``: ``accuracy`` (``"unknown"`` counts as wrong),
-      ``accuracy_without_rejection``, ``accuracy_accepted``, ``known``/``novel`` (cells whose label
-      is / is not in the reference: their accuracy with and without rejection, share rejected)
-      and ``novel_labels``.
+      ``confidence_rule``, ``rejection_rate``, ``reference_loo`` (the threshold applied to the
+      reference itself, leave-one-out: its ``accuracy``, share ``rejected`` and share
+      ``correct_rejected``, an estimate of the accuracy the threshold costs on known types; empty with
+      ``min_confidence=None``), ``n_reference``, ``reference_labels``, ``index``, and with query
+      labels ``metrics``: ``accuracy`` (``"unknown"`` counts as wrong), ``accuracy_without_rejection``,
+      ``accuracy_accepted``, ``known``/``novel`` (cells whose label is / is not in the reference:
+      their accuracy with and without rejection, share rejected) and ``novel_labels``.
     """
     if k < 1:
         raise ValueError(f"k must be positive, got {k}.")
@@ -147,6 +153,7 @@ def map_labels(
         "threshold_rule": rule,
         "confidence_rule": CONFIDENCE_RULE if profile is not None else "top vote fraction",
         "rejection_rate": float(rejected.mean()),
+        "reference_loo": {} if profile is None else profile.effect(threshold),
         "n_reference": int(Xr.shape[0]),
         "reference_labels": [str(c) for c in classes],
         "index": "pynndescent (approximate)" if use_approx else "exact",
@@ -160,7 +167,7 @@ def map_labels(
 map_labels.__doc__ = map_labels.__doc__.format(
     tie_rule=TIE_RULE,
     confidence_rule=CONFIDENCE_RULE,
-    auto_rule=AUTO_RULE.format(q=AUTO_QUANTILE, pct=100 * AUTO_QUANTILE),
+    auto_rule=AUTO_RULE.format(pct=100 * AUTO_LOSS),
 )
 
 
@@ -232,12 +239,18 @@ def _effective_k(k: int, n_ref: int, min_confidence) -> int:
 
 
 class _ReferenceProfile:
-    """Per label, how far the reference's own correctly classified cells lie from their neighbours."""
+    """How far the reference's own correctly classified cells lie from their neighbours (leave-one-out).
 
-    def __init__(self, sorted_dists: list[np.ndarray], loo_confidence: np.ndarray, loo_correct: np.ndarray):
-        self.sorted_dists = sorted_dists
-        self.loo_confidence = loo_confidence
-        self.loo_correct = loo_correct
+    Two yardsticks: per label (distance to the neighbours carrying that label) and over all labels
+    (distance to all k neighbours). A label whose cells are spread out makes the first lenient; the
+    second still flags a cell far from every reference cell, e.g. a missing type next to a diffuse one.
+    """
+
+    def __init__(self, label_dists: list[np.ndarray], all_dists: np.ndarray):
+        self.label_dists = label_dists
+        self.all_dists = all_dists
+        self.loo_confidence = np.empty(0)
+        self.loo_correct = np.empty(0, dtype=bool)
 
     @classmethod
     def fit(
@@ -247,25 +260,58 @@ class _ReferenceProfile:
         ranked, fractions = rank_votes(codes[idx], n_classes, k)
         d = _same_label_distance(ranked, idx, dist, codes)
         correct = ranked[:, 0] == codes
-        pooled = np.sort(d[correct]) if correct.any() else np.sort(d)
+        ok = correct if correct.any() else np.ones_like(correct)
+        pooled = np.sort(d[ok])
         # A label with fewer than 3 correctly classified cells borrows the pooled distribution.
-        dists = [np.sort(d[correct & (codes == c)]) for c in range(n_classes)]
-        profile = cls([x if x.size >= 3 else pooled for x in dists], np.empty(0), correct)
-        profile.loo_confidence = profile.confidence(ranked, fractions, idx, dist, codes, in_profile=correct)
+        dists = [np.sort(d[ok & (codes == c)]) for c in range(n_classes)]
+        profile = cls([x if x.size >= 3 else pooled for x in dists], np.sort(dist[ok].mean(axis=1)))
+        profile.loo_correct = correct
+        profile.loo_confidence = profile.confidence(ranked, fractions, idx, dist, codes, in_profile=ok)
         return profile
 
     def confidence(self, ranked, fractions, idx, dist, codes, in_profile=None) -> np.ndarray:
-        """``in_profile``: cells whose own distance is among the label's (reference cells, leave-one-out)."""
+        """Confidence of cells with these neighbours.
+
+        ``in_profile``: cells whose own distances are in the profile (reference cells, leave-one-out).
+        """
         d = _same_label_distance(ranked, idx, dist, codes)
         inside = np.zeros(d.size, dtype=bool) if in_profile is None else in_profile
         p = np.empty(d.size)
-        for c, ref in enumerate(self.sorted_dists):
+        for c, ref in enumerate(self.label_dists):
             m = ranked[:, 0] == c
-            at_least = ref.size - np.searchsorted(ref, d[m], side="left")
-            # Conformal p-value: a new cell counts itself among the n + 1, so p is never 0 and small
-            # labels (few reference cells) cannot reject on distance alone.
-            p[m] = np.where(inside[m], at_least / ref.size, (at_least + 1) / (ref.size + 1))
+            p[m] = _conformal_p(ref, d[m], inside[m])
+        p = np.minimum(p, _conformal_p(self.all_dists, dist.mean(axis=1), inside))
         return fractions[:, 0] * np.minimum(1.0, 2 * p)
+
+    def auto_threshold(self) -> float:
+        """Largest threshold rejecting at most AUTO_LOSS of the reference's cells, among those correct.
+
+        "Correct": classified correctly by leave-one-out.
+        """
+        conf, correct = self.loo_confidence, self.loo_correct
+        ok = np.sort(conf[correct]) if correct.any() else np.sort(conf)
+        # Rejection is `confidence < threshold`: at most n cells lie below ok[n].
+        n = int(np.floor(AUTO_LOSS * conf.size))
+        return float(ok[min(n, ok.size - 1)])
+
+    def effect(self, threshold: float) -> dict[str, float]:
+        """What the threshold does to the reference itself (leave-one-out): an estimate of its cost."""
+        rejected = self.loo_confidence < threshold
+        return {
+            "accuracy": float(self.loo_correct.mean()),
+            "rejected": float(rejected.mean()),
+            "correct_rejected": float((rejected & self.loo_correct).mean()),
+        }
+
+
+def _conformal_p(ref: np.ndarray, d: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Share of the sorted ``ref`` at least ``d`` (conformal p-value).
+
+    A new cell counts itself among the n + 1, so p is never 0 and a small reference cannot reject on
+    distance alone; a cell inside ``ref`` (leave-one-out) is already counted.
+    """
+    at_least = ref.size - np.searchsorted(ref, d, side="left")
+    return np.where(inside, at_least / ref.size, (at_least + 1) / (ref.size + 1))
 
 
 def _same_label_distance(ranked, idx, dist, codes) -> np.ndarray:
@@ -282,14 +328,7 @@ def _threshold(min_confidence, profile: _ReferenceProfile | None) -> tuple[float
             raise ValueError(
                 f"min_confidence must be 'auto', a float in [0, 1] or None, got {min_confidence!r}."
             )
-        conf = (
-            profile.loo_confidence[profile.loo_correct]
-            if profile.loo_correct.any()
-            else profile.loo_confidence
-        )
-        return float(np.quantile(conf, AUTO_QUANTILE)), "auto: " + AUTO_RULE.format(
-            q=AUTO_QUANTILE, pct=100 * AUTO_QUANTILE
-        )
+        return profile.auto_threshold(), "auto: " + AUTO_RULE.format(pct=100 * AUTO_LOSS)
     value = float(min_confidence)
     if not 0 <= value <= 1:
         raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence!r}.")
