@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 import sc_llm as scl
-from sc_llm._llm_client import ChatClient, ChatError, ChatRequest
+from sc_llm.llm import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, ChatClient, ChatError, ChatRequest, parse_answer
 from sc_llm.testing import LLAMA_CPP_FORMAT_ERROR, ChatServer
-from sc_llm.tl._llm import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, parse_answer
+from sc_llm.tl import LLMAnnotateConfig
 
 MODEL = "test-model"
 FIG5 = (
@@ -82,7 +82,9 @@ def client(server, tmp_path, **kw):
 
 
 def test_rerank_prompts_structured_output_and_bookkeeping(toy, server, tmp_path):
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, max_concurrency=1)
+    scl.tl.llm_annotate(
+        toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path, "max_concurrency": 1}
+    )
     # The paper's Figure 5 prompt, candidates in kNN order, and a json_schema enum of exactly those.
     first = server.requests[0]
     assert first["model"] == MODEL
@@ -140,8 +142,9 @@ def test_zero_shot_uses_training_labels_with_figure4_prompt(toy, tmp_path):
     }
     with ChatServer(table) as srv:
         scl.tl.llm_annotate(
-            toy, model=MODEL, mode="zero_shot", base_url=srv.base_url, cache_dir=tmp_path, temperature=0
-        )
+            toy, MODEL, mode="zero_shot",
+            client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path, "temperature": 0},
+        )  # fmt: skip
         assert srv.n_requests == 5
         prompts = dict(zip([p.split('"""')[1] for p in srv.prompts()], srv.prompts(), strict=True))
         # Training cells are B, T, NK: Mono is not in the zero-shot list.
@@ -158,8 +161,9 @@ def test_zero_shot_uses_training_labels_with_figure4_prompt(toy, tmp_path):
 def test_explicit_labels_and_template(toy, tmp_path):
     with ChatServer(lambda prompt, body: answer("x")) as srv:
         scl.tl.llm_annotate(
-            toy, model=MODEL, mode="zero_shot", labels=["x", "y"], template="{labels}|{sentence}",
-            base_url=srv.base_url, cache_dir=tmp_path, split_key=None,
+            toy, MODEL, mode="zero_shot", split_key=None,
+            config=LLMAnnotateConfig(labels=["x", "y"], template="{labels}|{sentence}"),
+            client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path},
         )  # fmt: skip
         assert sorted(srv.prompts()) == [f"['x', 'y']|{s}" for s in sorted(toy.obs["cell_sentence"])]
     assert (toy.obs["llm"] == "x").all()
@@ -169,7 +173,7 @@ def test_explicit_labels_and_template(toy, tmp_path):
 def test_server_rejecting_json_schema_and_json_object_gets_json_in_the_prompt(toy, server, tmp_path):
     server.reject_format("json_schema")
     server.reject_format("json_object", status=422)
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    scl.tl.llm_annotate(toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path})
     kinds = [(b.get("response_format") or {}).get("type") for b in server.requests]
     # Negotiated once, by the first request alone: json_schema (400), json_object (422), then text.
     assert kinds == ["json_schema", "json_object"] + [None] * 4
@@ -222,7 +226,9 @@ def test_persistent_500_flags_the_cell_and_a_rerun_asks_only_it(toy, server, tmp
 
     n = server.n_requests
     with pytest.warns(UserWarning, match="already exists"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path / "cache")
+        scl.tl.llm_annotate(
+            toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path / "cache"}
+        )
     assert server.n_requests == n  # everything from the cache: zero requests
     assert toy.uns["llm"]["usage"]["requests"] == 0 and toy.uns["llm"]["usage"]["cached"] == 4
     pd.testing.assert_frame_equal(toy.obs[["llm", "llm_fallback"]], first)
@@ -283,8 +289,11 @@ def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
         s["c3"]: [answer("B"), answer("Mono"), answer("Mono")],
     }
     with ChatServer(table) as srv:
-        kw = dict(model=MODEL, base_url=srv.base_url, cache_dir=tmp_path, n_runs=3, max_concurrency=1)
-        scl.tl.llm_annotate(toy, **kw)
+        kw = dict(
+            config=LLMAnnotateConfig(n_runs=3),
+            client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path, "max_concurrency": 1},
+        )
+        scl.tl.llm_annotate(toy, MODEL, **kw)
         assert srv.n_requests == 12
         m = toy.uns["llm"]["metrics"]
         np.testing.assert_allclose(m["accuracy"], [3 / 5, 2 / 5, 3 / 5])
@@ -293,13 +302,13 @@ def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
         assert toy.obs["llm_run2"].iloc[3:].tolist() == ["B", "B", "T", "Mono", "NK"]
         assert toy.obs["llm"].equals(toy.obs["llm_run1"])
         with pytest.warns(UserWarning, match="already exists"):
-            scl.tl.llm_annotate(toy, **kw)
+            scl.tl.llm_annotate(toy, MODEL, **kw)
         assert srv.n_requests == 12  # all three runs resumed from the cache
         np.testing.assert_allclose(toy.uns["llm"]["metrics"]["accuracy"], [3 / 5, 2 / 5, 3 / 5])
 
 
 def test_cell_selection_subsample_is_seeded(toy, server, tmp_path):
-    kw = dict(model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    kw = dict(model=MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path})
     scl.tl.llm_annotate(toy, n_cells=2, random_state=3, **kw)
     held_out = np.flatnonzero(toy.obs["split"] != "train")
     expected = np.sort(np.random.default_rng(3).choice(held_out, size=2, replace=False))
@@ -314,18 +323,19 @@ def test_cell_selection_subsample_is_seeded(toy, server, tmp_path):
 
 def test_api_key_from_environment_and_errors(toy, server, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-local-test")
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    scl.tl.llm_annotate(toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path})
     assert set(server.auth) == {"Bearer sk-local-test"}
     assert "sk-local-test" not in repr(ChatClient(MODEL, cache_dir=False))
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
-        scl.tl.llm_annotate(toy, model=MODEL, cache_dir=tmp_path)  # hosted default needs a key
+        scl.tl.llm_annotate(toy, MODEL, client_kwargs={"cache_dir": tmp_path})  # hosted default needs a key
+    local = {"base_url": server.base_url}
     with pytest.raises(KeyError, match="knn_annotate"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, candidates_key="other")
+        scl.tl.llm_annotate(toy, MODEL, candidates_key="other", client_kwargs=local)
     with pytest.raises(KeyError, match="cell_sentences"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, sentence_key="missing")
+        scl.tl.llm_annotate(toy, MODEL, sentence_key="missing", client_kwargs=local)
     with pytest.raises(ValueError, match="mode"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, mode="vote")
+        scl.tl.llm_annotate(toy, MODEL, mode="vote", client_kwargs=local)
 
 
 def test_non_retryable_error_is_not_retried(tmp_path):
@@ -371,7 +381,9 @@ def test_marker_matching_counts_correct_matches(tmp_path):
 
     table = {prompt("MS4A1"): '{"list": "1"}', prompt("NKG7"): '{"list": "1"}', prompt("CD3E"): "no idea"}
     with ChatServer(table) as srv:
-        result = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path)
+        result = scl.tl.llm_marker_matching(
+            markers, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path}
+        )
         assert srv.n_requests == 3 and all(b["temperature"] == 0 for b in srv.requests)
         assert srv.requests[0]["response_format"]["json_schema"]["schema"]["properties"]["list"]["enum"] == [
             "1",
@@ -387,10 +399,12 @@ def test_marker_matching_counts_correct_matches(tmp_path):
     frame = pd.DataFrame({"B": ["MS4A1", "CD79A"], "NK": ["NKG7", "GNLY"]})
     with pytest.raises(ValueError, match="fewer than 2"):
         scl.tl.llm_marker_matching(
-            {"B": ["MS4A1"], "T": ["CD3E", "CD3D"]}, model=MODEL, base_url=srv.base_url
+            {"B": ["MS4A1"], "T": ["CD3E", "CD3D"]}, MODEL, client_kwargs={"base_url": srv.base_url}
         )
     with ChatServer(lambda p, b: '{"list": "2"}' if "NKG7" in p else '{"list": "1"}') as srv:
-        result = scl.tl.llm_marker_matching(frame, model=MODEL, base_url=srv.base_url, cache_dir=False)
+        result = scl.tl.llm_marker_matching(
+            frame, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": False}
+        )
     assert str(result) == "2/2"
 
 
@@ -407,7 +421,9 @@ def test_rerank_on_real_pbmc_with_an_oracle_server(pbmc, tmp_path):
         return answer(label if label in allowed else "not a label")
 
     with ChatServer(oracle) as srv:
-        scl.tl.llm_annotate(pbmc, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path, n_cells=100)
+        scl.tl.llm_annotate(
+            pbmc, MODEL, n_cells=100, client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path}
+        )
         n_requests = srv.n_requests
     chosen = pbmc.obs["llm"].notna().to_numpy()
     assert chosen.sum() == 100 and (pbmc.obs["split"][chosen] == "test").all()
@@ -426,13 +442,13 @@ def test_retry_after_header_forms():
 
     import httpx
 
-    from sc_llm._llm_client import _retry_after
+    from sc_llm.llm._http import retry_after
 
-    assert _retry_after(httpx.Headers({"Retry-After": "3"})) == 3.0
-    assert _retry_after(httpx.Headers({"retry-after-ms": "250", "Retry-After": "1"})) == 0.25
-    assert 8 < _retry_after(httpx.Headers({"Retry-After": formatdate(time.time() + 10, usegmt=True)})) <= 10
-    assert _retry_after(httpx.Headers({"Retry-After": "soon"})) is None
-    assert _retry_after(httpx.Headers({})) is None
+    assert retry_after(httpx.Headers({"Retry-After": "3"})) == 3.0
+    assert retry_after(httpx.Headers({"retry-after-ms": "250", "Retry-After": "1"})) == 0.25
+    assert 8 < retry_after(httpx.Headers({"Retry-After": formatdate(time.time() + 10, usegmt=True)})) <= 10
+    assert retry_after(httpx.Headers({"Retry-After": "soon"})) is None
+    assert retry_after(httpx.Headers({})) is None
 
 
 # --- issue 14: reliability --------------------------------------------------------------------
@@ -504,7 +520,7 @@ def test_retry_after_nan_and_inf_fall_back_to_backoff(toy, server, tmp_path):
 
 
 def test_usage_counts_of_odd_types_are_read_or_zero():
-    from sc_llm._llm_client import _parse_completion
+    from sc_llm.llm._client import _parse_completion
 
     data = json.loads(
         completion(
@@ -577,18 +593,18 @@ def test_retry_flagged_asks_again_only_for_flagged_cached_answers(toy, server, t
     table[sentence(toy, "c2")] = answer("NK")
     table[sentence(toy, "c3")] = answer("B")
     n = server.n_requests
-    kw = dict(model=MODEL, base_url=server.base_url, cache_dir=tmp_path / "cache")
+    kw = dict(model=MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path / "cache"})
     with pytest.warns(UserWarning, match="already exists"):
         scl.tl.llm_annotate(toy, **kw)
     assert server.n_requests == n  # by default a flagged answer is an answer: not paid for again
     with pytest.warns(UserWarning, match="already exists"):
-        scl.tl.llm_annotate(toy, retry_flagged=True, **kw)
+        scl.tl.llm_annotate(toy, config=LLMAnnotateConfig(retry_flagged=True), **kw)
     assert sorted(server.prompts()[n:]) == sorted(p for p in server.prompts()[:4] if "G5" in p or "G6" in p)
     assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "NK", "B", "NK"]
     assert (toy.obs["llm_fallback"].iloc[3:] == "ok").all()
     n = server.n_requests
     with pytest.warns(UserWarning, match="already exists"):
-        scl.tl.llm_annotate(toy, retry_flagged=True, **kw)
+        scl.tl.llm_annotate(toy, config=LLMAnnotateConfig(retry_flagged=True), **kw)
     assert server.n_requests == n  # the new answers replaced the flagged ones in the cache
 
 
@@ -599,8 +615,10 @@ def test_cache_key_includes_the_server(toy, tmp_path):
         ChatServer(dict.fromkeys(s.values(), answer("B"))) as one,
         ChatServer(dict.fromkeys(s.values(), answer("T"))) as two,
     ):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=one.base_url, cache_dir=tmp_path, key_added="one")
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=two.base_url, cache_dir=tmp_path, key_added="two")
+        for srv, key in ((one, "one"), (two, "two")):
+            scl.tl.llm_annotate(
+                toy, MODEL, key_added=key, client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path}
+            )
         assert one.n_requests == 4 and two.n_requests == 4
     assert (toy.obs["one"].iloc[3:7] == "B").all() and toy.obs.loc["c0", "two"] == "T"
 
@@ -610,7 +628,9 @@ def test_unwritable_cache_fails_before_any_request(toy, server, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match=r"answer cache .*file/cache is not writable.*cache_dir=False"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=blocker / "cache")
+        scl.tl.llm_annotate(
+            toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": blocker / "cache"}
+        )
     assert server.n_requests == 0 and "llm" not in toy.obs
 
 
@@ -652,13 +672,13 @@ def test_error_bodies_and_logs_are_redacted(toy, server, tmp_path, caplog):
 
 
 def test_redact_patterns():
-    from sc_llm._llm_client import _redact
+    from sc_llm.llm._http import redact
 
     text = (
         'Authorization: Bearer abc.def-123 {"api_key": "k-9876543210"} x-api-key=zzzzzzzz '
         "https://user:pw123456@example.org/v1 token sk-ABCDEFGH12345678 keep this"
     )
-    out = _redact(text, ["k-9876543210"])
+    out = redact(text, ["k-9876543210"])
     for secret in ("abc.def-123", "9876543210", "zzzzzzzz", "pw123456", "sk-ABCDEFGH12345678"):
         assert secret not in out
     assert out.endswith("keep this") and "example.org/v1" in out
@@ -667,7 +687,7 @@ def test_redact_patterns():
 def test_key_in_base_url_userinfo_is_sent_but_never_stored(toy, server, tmp_path):
     """B15: a key in base_url userinfo was stored in uns and the h5ad."""
     url = server.base_url.replace("http://", "http://me:sk-userinfo-secret-42@")
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=url, cache_dir=tmp_path)
+    scl.tl.llm_annotate(toy, MODEL, client_kwargs={"base_url": url, "cache_dir": tmp_path})
     assert toy.uns["llm"]["params"]["base_url"] == server.base_url
     assert server.auth[0].startswith("Basic ")  # sent as basic auth
     toy.write_h5ad(tmp_path / "out.h5ad")
@@ -680,8 +700,9 @@ def test_template_with_braces_is_filled_safely(toy, server, tmp_path):
     """B20: a JSON example in the template raised KeyError (str.format)."""
     template = 'Answer like {"cell_type": "X"} with one of {labels}; {{kept}} {other}\n"""{sentence}"""'
     scl.tl.llm_annotate(
-        toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, template=template, max_concurrency=1
-    )
+        toy, MODEL, config=LLMAnnotateConfig(template=template),
+        client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path, "max_concurrency": 1},
+    )  # fmt: skip
     assert server.prompts()[0] == (
         f'Answer like {{"cell_type": "X"}} with one of [\'B\', \'T\', \'NK\']; {{{{kept}}}} {{other}}\n"""{sentence(toy, "c0")}"""'
     )
@@ -689,19 +710,27 @@ def test_template_with_braces_is_filled_safely(toy, server, tmp_path):
 
 
 def test_sentence_with_braces_is_not_substituted_again(tmp_path):
-    from sc_llm.tl._llm import _render
+    from sc_llm.llm._prompts import render
 
-    assert _render("{labels}|{sentence}", labels="['a']", sentence="{labels} {x}") == "['a']|{labels} {x}"
+    assert render("{labels}|{sentence}", labels="['a']", sentence="{labels} {x}") == "['a']|{labels} {x}"
 
 
 @pytest.mark.parametrize("template", ["{labels} only", "no fields", '"""{sentence}"""'])
 def test_template_without_required_fields_is_refused(toy, server, template):
     """B21: a template without {sentence} was accepted (every prompt lacked the cell)."""
     with pytest.raises(ValueError, match=r"template lacks .*must contain \{labels\} and \{sentence\}"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, template=template)
+        scl.tl.llm_annotate(
+            toy,
+            MODEL,
+            config=LLMAnnotateConfig(template=template),
+            client_kwargs={"base_url": server.base_url},
+        )
     with pytest.raises(ValueError, match=r"template lacks \{gene\}"):
         scl.tl.llm_marker_matching(
-            {"B": ["A", "B"], "T": ["C", "D"]}, model=MODEL, base_url=server.base_url, template="{lists}"
+            {"B": ["A", "B"], "T": ["C", "D"]},
+            MODEL,
+            template="{lists}",
+            client_kwargs={"base_url": server.base_url},
         )
     assert server.n_requests == 0
 
@@ -712,12 +741,11 @@ def test_rerank_on_query_cells_only(toy, server, tmp_path, split):
     query = toy[3:].copy()
     if split == "no_column":
         del query.obs["split"]
-    scl.tl.llm_annotate(query, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    local = {"base_url": server.base_url, "cache_dir": tmp_path}
+    scl.tl.llm_annotate(query, MODEL, client_kwargs=local)
     assert query.obs["llm"].tolist() == ["T", "B", "T", "Mono", "NK"]
     with pytest.raises((KeyError, ValueError), match="split"):  # zero-shot without labels still needs them
-        scl.tl.llm_annotate(
-            query, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, mode="zero_shot"
-        )
+        scl.tl.llm_annotate(query, MODEL, mode="zero_shot", client_kwargs=local)
 
 
 def test_llama_cpp_style_500_negotiates_json_object_once_without_retries(toy, server, tmp_path):
@@ -734,7 +762,7 @@ def test_llama_cpp_style_500_negotiates_json_object_once_without_retries(toy, se
     assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
     # The client remembers: a second call with the same client asks json_object straight away.
     n = server.n_requests
-    scl.tl.llm_annotate(toy, model=c, key_added="again", n_runs=2)
+    scl.tl.llm_annotate(toy, c, key_added="again", config=LLMAnnotateConfig(n_runs=2))
     assert {b["response_format"]["type"] for b in server.requests[n:]} == {"json_object"}
 
 
@@ -761,7 +789,9 @@ def test_marker_matching_flags_a_failed_request(tmp_path):
     markers = {"B": ["MS4A1", "CD79A"], "NK": ["NKG7", "GNLY"], "T": ["CD3E", "CD3D"]}
     with ChatServer(lambda p, b: '{"list": "3"}' if "CD3E" in p else '{"list": "1"}') as srv:
         srv.fail(400, match="NKG7", body=json.dumps({"error": {"message": "bad"}}))
-        result = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path)
+        result = scl.tl.llm_marker_matching(
+            markers, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path}
+        )
     t = result.table
     assert t["reason"].tolist() == ["ok", "failed", "ok"] and t["correct"].tolist() == [True, False, True]
     assert "HTTP 400: bad" in t.loc["NK", "error"] and pd.isna(t.loc["NK", "answer"])
