@@ -329,8 +329,10 @@ class ChatClient:
         return results  # type: ignore[return-value]
 
     def cache_key(self, request: ChatRequest) -> str:
-        """Hash of everything that determines the answer: server address (without credentials),
-        model, messages, request parameters, schema and tag."""
+        """Hash of everything that determines the answer.
+
+        That is the server address (without credentials), model, messages, request parameters, schema and tag.
+        """
         material = {
             "v": _CACHE_VERSION,
             "base_url": self.base_url,

@@ -20,7 +20,7 @@ from anndata import AnnData
 
 from .._deprecations import moved_to_config
 from .._docs import doc_copy, doc_llm_client, doc_params, doc_random_state
-from .._utils import check_key, format_examples, logger, maybe_copy, warn_overwrite
+from .._utils import check_key, embedding_record, format_examples, logger, maybe_copy, warn_overwrite
 from ..llm._answers import REASONS, answer_schema, parse_answer
 from ..llm._client import ChatClient, ChatRequest
 from ..llm._open import client_keywords_moved, open_client
@@ -236,9 +236,8 @@ def _labels_key(adata: AnnData, labels_key: str | None, candidates_key: str) -> 
         if labels_key not in adata.obs:
             raise KeyError(f"Column {labels_key!r} not found in adata.obs.")
         return labels_key
-    recorded = adata.uns.get(candidates_key, {})
-    recorded = recorded.get("params", {}).get("labels_key") if isinstance(recorded, Mapping) else None
-    return recorded if recorded in adata.obs else None
+    recorded = embedding_record(adata, candidates_key).get("labels_key")  # reads 0.1's flat records too
+    return recorded if isinstance(recorded, str) and recorded in adata.obs else None
 
 
 def _has_training_cells(adata: AnnData, split_key: str, train_value: str) -> bool:
@@ -310,7 +309,8 @@ def _options(adata, idx, mode, candidates_key, labels, labels_key, split_key, tr
     if labels is None:
         if labels_key is None or split_key is None:
             raise ValueError(
-                "Zero-shot mode needs `labels`, or `labels_key` and `split_key` to read training labels."
+                "Zero-shot mode needs `config=LLMAnnotateConfig(labels=[...])`, or `labels_key` and "
+                "`split_key` to read the training cells' labels."
             )
         train = train_mask(adata, split_key, train_value)
         labels = sorted(adata.obs[labels_key][train].dropna().astype(str).unique())
@@ -321,8 +321,11 @@ def _options(adata, idx, mode, candidates_key, labels, labels_key, split_key, tr
 
 
 def _ask(client, names, sentences, options, template, extra, config: LLMAnnotateConfig):
-    """Answers and errors as ``answers[run][cell]``, ``errors[run][cell]`` (answers are ``None``
-    where a single option needs no request or the request failed; errors are ``None`` unless it failed)."""
+    """Ask every (run, cell) with two options or more: answers and errors as ``answers[run][cell]``.
+
+    Answers are ``None`` where a single option needs no request or the request failed; errors are
+    ``None`` unless it failed.
+    """
     n_runs = config.n_runs
     requests, where = [], []
     for r in range(n_runs):
@@ -364,8 +367,7 @@ def _ask(client, names, sentences, options, template, extra, config: LLMAnnotate
 
 
 def _decide(answers, errors, options, names):
-    """Per-run predictions and reasons; a bad answer or a failed request becomes the cell's first
-    option, flagged."""
+    """Per-run predictions and reasons; a bad answer or a failed request becomes the cell's first option, flagged."""
     preds, reasons, rows = [], [], []
     for r, (run, run_errors) in enumerate(zip(answers, errors, strict=True)):
         p, why = [], []
