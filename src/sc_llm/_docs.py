@@ -62,11 +62,13 @@ copy
     Return a copy instead of writing into ``adata``."""
 
 
-doc_llm_client = """\
+doc_llm_model = """\
 model
     Model name as the server knows it (``"o3-mini-2025-01-31"``, ``"Qwen/Qwen2.5-7B-Instruct"``), for a
     client built from ``client_kwargs`` for this call; or a configured :class:`sc_llm.llm.ChatClient`, used
-    as is (its usage counters, negotiated response format and connections carry over between calls).
+    as is (its usage counters, negotiated response format and connections carry over between calls)."""
+
+doc_llm_client_kwargs = """\
 client_kwargs
     Keyword arguments of :class:`sc_llm.llm.ChatClient` when ``model`` is a name: ``base_url`` (``None``:
     OpenAI; a local server such as ``"http://localhost:8000/v1"``), ``api_key`` or ``api_key_env`` (default

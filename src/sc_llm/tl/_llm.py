@@ -19,7 +19,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._deprecations import moved_to_config
-from .._docs import doc_copy, doc_llm_client, doc_params, doc_random_state
+from .._docs import doc_copy, doc_llm_client_kwargs, doc_llm_model, doc_params, doc_random_state
 from .._utils import check_key, embedding_record, format_examples, logger, maybe_copy, warn_overwrite
 from ..llm._answers import REASONS, answer_schema, parse_answer
 from ..llm._client import ChatClient, ChatRequest
@@ -78,7 +78,12 @@ class LLMAnnotateConfig:
     names=("labels", "template", "n_genes", "n_runs", "retry_flagged"),
 )
 @client_keywords_moved(wrappers_outside=1)
-@doc_params(doc_llm_client=doc_llm_client, doc_random_state=doc_random_state, doc_copy=doc_copy)
+@doc_params(
+    doc_llm_model=doc_llm_model,
+    doc_llm_client_kwargs=doc_llm_client_kwargs,
+    doc_random_state=doc_random_state,
+    doc_copy=doc_copy,
+)
 def llm_annotate(
     adata: AnnData,
     model: str | ChatClient,
@@ -117,7 +122,7 @@ def llm_annotate(
     ----------
     adata
         Annotated data matrix with cell sentences in ``obs[sentence_key]``.
-    {doc_llm_client}
+    {doc_llm_model}
     mode
         ``"rerank"`` (choose among kNN candidates) or ``"zero_shot"`` (choose among all labels).
     candidates_key
@@ -144,6 +149,7 @@ def llm_annotate(
     config
         Prompt and runs: zero-shot ``labels``, ``template``, ``n_genes``, ``n_runs``,
         ``retry_flagged`` (see :class:`LLMAnnotateConfig`; ``None``: the defaults).
+    {doc_llm_client_kwargs}
     key_added
         Prefix of the ``obs`` columns and key of the ``uns`` record.
     {doc_copy}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._docs import doc_llm_client, doc_params
+from .._docs import doc_llm_client_kwargs, doc_llm_model, doc_params
 from .._utils import format_examples
 from ..llm._answers import answer_schema, parse_answer
 from ..llm._client import ChatClient, ChatRequest
@@ -58,7 +58,7 @@ class MarkerMatching:
 
 
 @client_keywords_moved()
-@doc_params(doc_llm_client=doc_llm_client)
+@doc_params(doc_llm_model=doc_llm_model, doc_llm_client_kwargs=doc_llm_client_kwargs)
 def llm_marker_matching(
     markers: Mapping[str, Sequence[str]] | pd.DataFrame | str | Path,
     model: str | ChatClient,
@@ -82,13 +82,14 @@ def llm_marker_matching(
         :func:`read_markers`), or a DataFrame with one column per type (as
         ``pd.DataFrame(adata.uns["rank_genes_groups"]["names"])``). Genes are de-duplicated,
         first occurrence kept.
-    {doc_llm_client}
-        The temperature is 0 (the paper's) unless ``client_kwargs`` or the client sets one.
+    {doc_llm_model}
     n_markers
         Markers used per type (the paper: top 5 from PanglaoDB).
     template
         Prompt with ``{gene}`` and ``{lists}`` fields, both required (``None``:
         :data:`sc_llm.llm.MARKER_TEMPLATE`); other braces stay as written.
+    {doc_llm_client_kwargs}
+        The temperature is 0 (the paper's) unless ``client_kwargs`` or the client sets one.
 
     Returns
     -------
