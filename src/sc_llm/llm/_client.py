@@ -30,7 +30,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,6 +159,22 @@ class Usage:
         return out
 
 
+def with_temperature(params: Mapping[str, Any] | None, temperature: float | None) -> dict[str, Any]:
+    """A copy of the request fields ``params`` with ``temperature`` added (unless ``None``).
+
+    A temperature given both ways must agree, so that no call silently drops one of them.
+    """
+    out = dict(params or {})
+    if temperature is not None:
+        if out.get("temperature", temperature) != temperature:
+            raise ValueError(
+                f"temperature={temperature} and params['temperature']={out['temperature']} disagree; "
+                "pass one of them."
+            )
+        out["temperature"] = temperature
+    return out
+
+
 def default_cache_dir() -> Path:
     """``$SC_LLM_CACHE`` or ``$XDG_CACHE_HOME/sc_llm/chat`` (``~/.cache/sc_llm/chat``)."""
     if os.environ.get("SC_LLM_CACHE"):
@@ -248,14 +264,7 @@ class ChatClient:
             raise ValueError(
                 f"max_consecutive_failures must be at least 1, got {self.max_consecutive_failures}."
             )
-        self.params = dict(self.params or {})
-        if self.temperature is not None:
-            if self.params.get("temperature", self.temperature) != self.temperature:
-                raise ValueError(
-                    f"temperature={self.temperature} and params['temperature']={self.params['temperature']} "
-                    "disagree; pass one of them."
-                )
-            self.params["temperature"] = self.temperature
+        self.params = with_temperature(self.params, self.temperature)
         if self.structured_output is True:
             self._format = RESPONSE_FORMATS[0]
         elif self.structured_output is False:

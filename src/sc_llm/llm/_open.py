@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from .._deprecations import REMOVED_IN
-from ._client import ChatClient
+from ._client import ChatClient, with_temperature
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,13 +53,7 @@ def open_client(model: str | ChatClient, client_kwargs: Mapping[str, Any] | None
                 f"client_kwargs {building} configure a new client, but `model` is a ChatClient: set them "
                 f"when building it (ChatClient(..., {building[0]}=…)) or pass the model's name instead."
             )
-        params = dict(kwargs.get("params") or {})
-        if kwargs.get("temperature") is not None:
-            if params.get("temperature", kwargs["temperature"]) != kwargs["temperature"]:
-                raise ValueError(
-                    "client_kwargs 'temperature' and params['temperature'] disagree; pass one of them."
-                )
-            params["temperature"] = kwargs["temperature"]
+        params = with_temperature(kwargs.get("params"), kwargs.get("temperature"))
         yield ClientCall(model, params, kwargs.get("price_per_1m_tokens", model.price_per_1m_tokens))
         return
     if not isinstance(model, str):
