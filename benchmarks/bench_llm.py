@@ -45,22 +45,24 @@ def main() -> None:
 
     with ChatServer(first) as server, tempfile.TemporaryDirectory() as tmp:
         server.slow(args.latency)
-        kw = dict(model="bench", base_url=server.base_url, n_cells=n_cells)
-        timings = {}
-        for conc in (1, 8):
+
+        def annotate(max_concurrency, cache_dir):
+            client_kwargs = {
+                "base_url": server.base_url,
+                "max_concurrency": max_concurrency,
+                "cache_dir": cache_dir,
+            }
             t0 = time.perf_counter()
-            scl.tl.llm_annotate(adata, max_concurrency=conc, cache_dir=Path(tmp) / str(conc), **kw)
-            timings[conc] = time.perf_counter() - t0
+            scl.tl.llm_annotate(adata, "bench", n_cells=n_cells, client_kwargs=client_kwargs)
+            return time.perf_counter() - t0
+
+        timings = {conc: annotate(conc, Path(tmp) / str(conc)) for conc in (1, 8)}
         n_req = adata.uns["llm"]["usage"]["requests"]
-        t0 = time.perf_counter()
-        scl.tl.llm_annotate(adata, max_concurrency=8, cache_dir=Path(tmp) / "8", **kw)
-        cached = time.perf_counter() - t0
+        cached = annotate(8, Path(tmp) / "8")
         assert adata.uns["llm"]["usage"]["requests"] == 0
 
         server.clear_rules()
-        t0 = time.perf_counter()
-        scl.tl.llm_annotate(adata, max_concurrency=1, cache_dir=False, **kw)
-        no_latency = time.perf_counter() - t0
+        no_latency = annotate(1, False)
 
     done = adata.obs["llm"].notna()
     agree = float(np.mean(adata.obs["llm"][done].astype(str) == adata.obs["knn_top1"][done].astype(str)))

@@ -1,7 +1,11 @@
 """llm_annotate / llm_marker_matching against a real HTTP chat server on 127.0.0.1 (sc_llm.testing.ChatServer)."""
 
+import dataclasses
+import inspect
 import json
 import re
+import subprocess
+import sys
 import time
 
 import anndata as ad
@@ -10,9 +14,9 @@ import pandas as pd
 import pytest
 
 import sc_llm as scl
-from sc_llm._llm_client import ChatClient, ChatError, ChatRequest
+from sc_llm.llm import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, ChatClient, ChatError, ChatRequest, parse_answer
 from sc_llm.testing import LLAMA_CPP_FORMAT_ERROR, ChatServer
-from sc_llm.tl._llm import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, parse_answer
+from sc_llm.tl import LLMAnnotateConfig
 
 MODEL = "test-model"
 FIG5 = (
@@ -82,7 +86,9 @@ def client(server, tmp_path, **kw):
 
 
 def test_rerank_prompts_structured_output_and_bookkeeping(toy, server, tmp_path):
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, max_concurrency=1)
+    scl.tl.llm_annotate(
+        toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path, "max_concurrency": 1}
+    )
     # The paper's Figure 5 prompt, candidates in kNN order, and a json_schema enum of exactly those.
     first = server.requests[0]
     assert first["model"] == MODEL
@@ -140,8 +146,9 @@ def test_zero_shot_uses_training_labels_with_figure4_prompt(toy, tmp_path):
     }
     with ChatServer(table) as srv:
         scl.tl.llm_annotate(
-            toy, model=MODEL, mode="zero_shot", base_url=srv.base_url, cache_dir=tmp_path, temperature=0
-        )
+            toy, MODEL, mode="zero_shot",
+            client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path, "temperature": 0},
+        )  # fmt: skip
         assert srv.n_requests == 5
         prompts = dict(zip([p.split('"""')[1] for p in srv.prompts()], srv.prompts(), strict=True))
         # Training cells are B, T, NK: Mono is not in the zero-shot list.
@@ -158,8 +165,9 @@ def test_zero_shot_uses_training_labels_with_figure4_prompt(toy, tmp_path):
 def test_explicit_labels_and_template(toy, tmp_path):
     with ChatServer(lambda prompt, body: answer("x")) as srv:
         scl.tl.llm_annotate(
-            toy, model=MODEL, mode="zero_shot", labels=["x", "y"], template="{labels}|{sentence}",
-            base_url=srv.base_url, cache_dir=tmp_path, split_key=None,
+            toy, MODEL, mode="zero_shot", split_key=None,
+            config=LLMAnnotateConfig(labels=["x", "y"], template="{labels}|{sentence}"),
+            client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path},
         )  # fmt: skip
         assert sorted(srv.prompts()) == [f"['x', 'y']|{s}" for s in sorted(toy.obs["cell_sentence"])]
     assert (toy.obs["llm"] == "x").all()
@@ -169,7 +177,7 @@ def test_explicit_labels_and_template(toy, tmp_path):
 def test_server_rejecting_json_schema_and_json_object_gets_json_in_the_prompt(toy, server, tmp_path):
     server.reject_format("json_schema")
     server.reject_format("json_object", status=422)
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    scl.tl.llm_annotate(toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path})
     kinds = [(b.get("response_format") or {}).get("type") for b in server.requests]
     # Negotiated once, by the first request alone: json_schema (400), json_object (422), then text.
     assert kinds == ["json_schema", "json_object"] + [None] * 4
@@ -222,7 +230,9 @@ def test_persistent_500_flags_the_cell_and_a_rerun_asks_only_it(toy, server, tmp
 
     n = server.n_requests
     with pytest.warns(UserWarning, match="already exists"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path / "cache")
+        scl.tl.llm_annotate(
+            toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path / "cache"}
+        )
     assert server.n_requests == n  # everything from the cache: zero requests
     assert toy.uns["llm"]["usage"]["requests"] == 0 and toy.uns["llm"]["usage"]["cached"] == 4
     pd.testing.assert_frame_equal(toy.obs[["llm", "llm_fallback"]], first)
@@ -283,8 +293,11 @@ def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
         s["c3"]: [answer("B"), answer("Mono"), answer("Mono")],
     }
     with ChatServer(table) as srv:
-        kw = dict(model=MODEL, base_url=srv.base_url, cache_dir=tmp_path, n_runs=3, max_concurrency=1)
-        scl.tl.llm_annotate(toy, **kw)
+        kw = dict(
+            config=LLMAnnotateConfig(n_runs=3),
+            client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path, "max_concurrency": 1},
+        )
+        scl.tl.llm_annotate(toy, MODEL, **kw)
         assert srv.n_requests == 12
         m = toy.uns["llm"]["metrics"]
         np.testing.assert_allclose(m["accuracy"], [3 / 5, 2 / 5, 3 / 5])
@@ -293,13 +306,13 @@ def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
         assert toy.obs["llm_run2"].iloc[3:].tolist() == ["B", "B", "T", "Mono", "NK"]
         assert toy.obs["llm"].equals(toy.obs["llm_run1"])
         with pytest.warns(UserWarning, match="already exists"):
-            scl.tl.llm_annotate(toy, **kw)
+            scl.tl.llm_annotate(toy, MODEL, **kw)
         assert srv.n_requests == 12  # all three runs resumed from the cache
         np.testing.assert_allclose(toy.uns["llm"]["metrics"]["accuracy"], [3 / 5, 2 / 5, 3 / 5])
 
 
 def test_cell_selection_subsample_is_seeded(toy, server, tmp_path):
-    kw = dict(model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    kw = dict(model=MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path})
     scl.tl.llm_annotate(toy, n_cells=2, random_state=3, **kw)
     held_out = np.flatnonzero(toy.obs["split"] != "train")
     expected = np.sort(np.random.default_rng(3).choice(held_out, size=2, replace=False))
@@ -314,18 +327,19 @@ def test_cell_selection_subsample_is_seeded(toy, server, tmp_path):
 
 def test_api_key_from_environment_and_errors(toy, server, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-local-test")
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    scl.tl.llm_annotate(toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path})
     assert set(server.auth) == {"Bearer sk-local-test"}
     assert "sk-local-test" not in repr(ChatClient(MODEL, cache_dir=False))
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
-        scl.tl.llm_annotate(toy, model=MODEL, cache_dir=tmp_path)  # hosted default needs a key
+        scl.tl.llm_annotate(toy, MODEL, client_kwargs={"cache_dir": tmp_path})  # hosted default needs a key
+    local = {"base_url": server.base_url}
     with pytest.raises(KeyError, match="knn_annotate"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, candidates_key="other")
+        scl.tl.llm_annotate(toy, MODEL, candidates_key="other", client_kwargs=local)
     with pytest.raises(KeyError, match="cell_sentences"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, sentence_key="missing")
+        scl.tl.llm_annotate(toy, MODEL, sentence_key="missing", client_kwargs=local)
     with pytest.raises(ValueError, match="mode"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, mode="vote")
+        scl.tl.llm_annotate(toy, MODEL, mode="vote", client_kwargs=local)
 
 
 def test_non_retryable_error_is_not_retried(tmp_path):
@@ -371,7 +385,9 @@ def test_marker_matching_counts_correct_matches(tmp_path):
 
     table = {prompt("MS4A1"): '{"list": "1"}', prompt("NKG7"): '{"list": "1"}', prompt("CD3E"): "no idea"}
     with ChatServer(table) as srv:
-        result = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path)
+        result = scl.tl.llm_marker_matching(
+            markers, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path}
+        )
         assert srv.n_requests == 3 and all(b["temperature"] == 0 for b in srv.requests)
         assert srv.requests[0]["response_format"]["json_schema"]["schema"]["properties"]["list"]["enum"] == [
             "1",
@@ -387,10 +403,12 @@ def test_marker_matching_counts_correct_matches(tmp_path):
     frame = pd.DataFrame({"B": ["MS4A1", "CD79A"], "NK": ["NKG7", "GNLY"]})
     with pytest.raises(ValueError, match="fewer than 2"):
         scl.tl.llm_marker_matching(
-            {"B": ["MS4A1"], "T": ["CD3E", "CD3D"]}, model=MODEL, base_url=srv.base_url
+            {"B": ["MS4A1"], "T": ["CD3E", "CD3D"]}, MODEL, client_kwargs={"base_url": srv.base_url}
         )
     with ChatServer(lambda p, b: '{"list": "2"}' if "NKG7" in p else '{"list": "1"}') as srv:
-        result = scl.tl.llm_marker_matching(frame, model=MODEL, base_url=srv.base_url, cache_dir=False)
+        result = scl.tl.llm_marker_matching(
+            frame, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": False}
+        )
     assert str(result) == "2/2"
 
 
@@ -407,7 +425,9 @@ def test_rerank_on_real_pbmc_with_an_oracle_server(pbmc, tmp_path):
         return answer(label if label in allowed else "not a label")
 
     with ChatServer(oracle) as srv:
-        scl.tl.llm_annotate(pbmc, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path, n_cells=100)
+        scl.tl.llm_annotate(
+            pbmc, MODEL, n_cells=100, client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path}
+        )
         n_requests = srv.n_requests
     chosen = pbmc.obs["llm"].notna().to_numpy()
     assert chosen.sum() == 100 and (pbmc.obs["split"][chosen] == "test").all()
@@ -426,13 +446,13 @@ def test_retry_after_header_forms():
 
     import httpx
 
-    from sc_llm._llm_client import _retry_after
+    from sc_llm.llm._http import retry_after
 
-    assert _retry_after(httpx.Headers({"Retry-After": "3"})) == 3.0
-    assert _retry_after(httpx.Headers({"retry-after-ms": "250", "Retry-After": "1"})) == 0.25
-    assert 8 < _retry_after(httpx.Headers({"Retry-After": formatdate(time.time() + 10, usegmt=True)})) <= 10
-    assert _retry_after(httpx.Headers({"Retry-After": "soon"})) is None
-    assert _retry_after(httpx.Headers({})) is None
+    assert retry_after(httpx.Headers({"Retry-After": "3"})) == 3.0
+    assert retry_after(httpx.Headers({"retry-after-ms": "250", "Retry-After": "1"})) == 0.25
+    assert 8 < retry_after(httpx.Headers({"Retry-After": formatdate(time.time() + 10, usegmt=True)})) <= 10
+    assert retry_after(httpx.Headers({"Retry-After": "soon"})) is None
+    assert retry_after(httpx.Headers({})) is None
 
 
 # --- issue 14: reliability --------------------------------------------------------------------
@@ -504,7 +524,7 @@ def test_retry_after_nan_and_inf_fall_back_to_backoff(toy, server, tmp_path):
 
 
 def test_usage_counts_of_odd_types_are_read_or_zero():
-    from sc_llm._llm_client import _parse_completion
+    from sc_llm.llm._client import _parse_completion
 
     data = json.loads(
         completion(
@@ -577,18 +597,18 @@ def test_retry_flagged_asks_again_only_for_flagged_cached_answers(toy, server, t
     table[sentence(toy, "c2")] = answer("NK")
     table[sentence(toy, "c3")] = answer("B")
     n = server.n_requests
-    kw = dict(model=MODEL, base_url=server.base_url, cache_dir=tmp_path / "cache")
+    kw = dict(model=MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path / "cache"})
     with pytest.warns(UserWarning, match="already exists"):
         scl.tl.llm_annotate(toy, **kw)
     assert server.n_requests == n  # by default a flagged answer is an answer: not paid for again
     with pytest.warns(UserWarning, match="already exists"):
-        scl.tl.llm_annotate(toy, retry_flagged=True, **kw)
+        scl.tl.llm_annotate(toy, config=LLMAnnotateConfig(retry_flagged=True), **kw)
     assert sorted(server.prompts()[n:]) == sorted(p for p in server.prompts()[:4] if "G5" in p or "G6" in p)
     assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "NK", "B", "NK"]
     assert (toy.obs["llm_fallback"].iloc[3:] == "ok").all()
     n = server.n_requests
     with pytest.warns(UserWarning, match="already exists"):
-        scl.tl.llm_annotate(toy, retry_flagged=True, **kw)
+        scl.tl.llm_annotate(toy, config=LLMAnnotateConfig(retry_flagged=True), **kw)
     assert server.n_requests == n  # the new answers replaced the flagged ones in the cache
 
 
@@ -599,8 +619,10 @@ def test_cache_key_includes_the_server(toy, tmp_path):
         ChatServer(dict.fromkeys(s.values(), answer("B"))) as one,
         ChatServer(dict.fromkeys(s.values(), answer("T"))) as two,
     ):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=one.base_url, cache_dir=tmp_path, key_added="one")
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=two.base_url, cache_dir=tmp_path, key_added="two")
+        for srv, key in ((one, "one"), (two, "two")):
+            scl.tl.llm_annotate(
+                toy, MODEL, key_added=key, client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path}
+            )
         assert one.n_requests == 4 and two.n_requests == 4
     assert (toy.obs["one"].iloc[3:7] == "B").all() and toy.obs.loc["c0", "two"] == "T"
 
@@ -610,7 +632,9 @@ def test_unwritable_cache_fails_before_any_request(toy, server, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match=r"answer cache .*file/cache is not writable.*cache_dir=False"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, cache_dir=blocker / "cache")
+        scl.tl.llm_annotate(
+            toy, MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": blocker / "cache"}
+        )
     assert server.n_requests == 0 and "llm" not in toy.obs
 
 
@@ -652,13 +676,13 @@ def test_error_bodies_and_logs_are_redacted(toy, server, tmp_path, caplog):
 
 
 def test_redact_patterns():
-    from sc_llm._llm_client import _redact
+    from sc_llm.llm._http import redact
 
     text = (
         'Authorization: Bearer abc.def-123 {"api_key": "k-9876543210"} x-api-key=zzzzzzzz '
         "https://user:pw123456@example.org/v1 token sk-ABCDEFGH12345678 keep this"
     )
-    out = _redact(text, ["k-9876543210"])
+    out = redact(text, ["k-9876543210"])
     for secret in ("abc.def-123", "9876543210", "zzzzzzzz", "pw123456", "sk-ABCDEFGH12345678"):
         assert secret not in out
     assert out.endswith("keep this") and "example.org/v1" in out
@@ -667,7 +691,7 @@ def test_redact_patterns():
 def test_key_in_base_url_userinfo_is_sent_but_never_stored(toy, server, tmp_path):
     """B15: a key in base_url userinfo was stored in uns and the h5ad."""
     url = server.base_url.replace("http://", "http://me:sk-userinfo-secret-42@")
-    scl.tl.llm_annotate(toy, model=MODEL, base_url=url, cache_dir=tmp_path)
+    scl.tl.llm_annotate(toy, MODEL, client_kwargs={"base_url": url, "cache_dir": tmp_path})
     assert toy.uns["llm"]["params"]["base_url"] == server.base_url
     assert server.auth[0].startswith("Basic ")  # sent as basic auth
     toy.write_h5ad(tmp_path / "out.h5ad")
@@ -680,8 +704,9 @@ def test_template_with_braces_is_filled_safely(toy, server, tmp_path):
     """B20: a JSON example in the template raised KeyError (str.format)."""
     template = 'Answer like {"cell_type": "X"} with one of {labels}; {{kept}} {other}\n"""{sentence}"""'
     scl.tl.llm_annotate(
-        toy, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, template=template, max_concurrency=1
-    )
+        toy, MODEL, config=LLMAnnotateConfig(template=template),
+        client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path, "max_concurrency": 1},
+    )  # fmt: skip
     assert server.prompts()[0] == (
         f'Answer like {{"cell_type": "X"}} with one of [\'B\', \'T\', \'NK\']; {{{{kept}}}} {{other}}\n"""{sentence(toy, "c0")}"""'
     )
@@ -689,19 +714,27 @@ def test_template_with_braces_is_filled_safely(toy, server, tmp_path):
 
 
 def test_sentence_with_braces_is_not_substituted_again(tmp_path):
-    from sc_llm.tl._llm import _render
+    from sc_llm.llm._prompts import render
 
-    assert _render("{labels}|{sentence}", labels="['a']", sentence="{labels} {x}") == "['a']|{labels} {x}"
+    assert render("{labels}|{sentence}", labels="['a']", sentence="{labels} {x}") == "['a']|{labels} {x}"
 
 
 @pytest.mark.parametrize("template", ["{labels} only", "no fields", '"""{sentence}"""'])
 def test_template_without_required_fields_is_refused(toy, server, template):
     """B21: a template without {sentence} was accepted (every prompt lacked the cell)."""
     with pytest.raises(ValueError, match=r"template lacks .*must contain \{labels\} and \{sentence\}"):
-        scl.tl.llm_annotate(toy, model=MODEL, base_url=server.base_url, template=template)
+        scl.tl.llm_annotate(
+            toy,
+            MODEL,
+            config=LLMAnnotateConfig(template=template),
+            client_kwargs={"base_url": server.base_url},
+        )
     with pytest.raises(ValueError, match=r"template lacks \{gene\}"):
         scl.tl.llm_marker_matching(
-            {"B": ["A", "B"], "T": ["C", "D"]}, model=MODEL, base_url=server.base_url, template="{lists}"
+            {"B": ["A", "B"], "T": ["C", "D"]},
+            MODEL,
+            template="{lists}",
+            client_kwargs={"base_url": server.base_url},
         )
     assert server.n_requests == 0
 
@@ -712,12 +745,11 @@ def test_rerank_on_query_cells_only(toy, server, tmp_path, split):
     query = toy[3:].copy()
     if split == "no_column":
         del query.obs["split"]
-    scl.tl.llm_annotate(query, model=MODEL, base_url=server.base_url, cache_dir=tmp_path)
+    local = {"base_url": server.base_url, "cache_dir": tmp_path}
+    scl.tl.llm_annotate(query, MODEL, client_kwargs=local)
     assert query.obs["llm"].tolist() == ["T", "B", "T", "Mono", "NK"]
     with pytest.raises((KeyError, ValueError), match="split"):  # zero-shot without labels still needs them
-        scl.tl.llm_annotate(
-            query, model=MODEL, base_url=server.base_url, cache_dir=tmp_path, mode="zero_shot"
-        )
+        scl.tl.llm_annotate(query, MODEL, mode="zero_shot", client_kwargs=local)
 
 
 def test_llama_cpp_style_500_negotiates_json_object_once_without_retries(toy, server, tmp_path):
@@ -734,7 +766,7 @@ def test_llama_cpp_style_500_negotiates_json_object_once_without_retries(toy, se
     assert toy.obs["llm"].iloc[3:].tolist() == ["T", "B", "T", "Mono", "NK"]
     # The client remembers: a second call with the same client asks json_object straight away.
     n = server.n_requests
-    scl.tl.llm_annotate(toy, model=c, key_added="again", n_runs=2)
+    scl.tl.llm_annotate(toy, c, key_added="again", config=LLMAnnotateConfig(n_runs=2))
     assert {b["response_format"]["type"] for b in server.requests[n:]} == {"json_object"}
 
 
@@ -761,7 +793,9 @@ def test_marker_matching_flags_a_failed_request(tmp_path):
     markers = {"B": ["MS4A1", "CD79A"], "NK": ["NKG7", "GNLY"], "T": ["CD3E", "CD3D"]}
     with ChatServer(lambda p, b: '{"list": "3"}' if "CD3E" in p else '{"list": "1"}') as srv:
         srv.fail(400, match="NKG7", body=json.dumps({"error": {"message": "bad"}}))
-        result = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=tmp_path)
+        result = scl.tl.llm_marker_matching(
+            markers, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path}
+        )
     t = result.table
     assert t["reason"].tolist() == ["ok", "failed", "ok"] and t["correct"].tolist() == [True, False, True]
     assert "HTTP 400: bad" in t.loc["NK", "error"] and pd.isna(t.loc["NK", "answer"])
@@ -815,3 +849,173 @@ def test_deadline_also_bounds_trickled_headers(tmp_path):
         c.close()
         thread.join(5)
         listener.close()
+
+
+# --- 0.2.0 API: model + client_kwargs, LLMAnnotateConfig, the 0.1 keywords ------------------------
+
+
+def _bodies(requests):
+    return sorted(json.dumps(b, sort_keys=True) for b in requests)
+
+
+def _cache_names(folder):
+    return sorted(p.name for p in folder.rglob("*.json"))
+
+
+def test_old_keywords_warn_and_give_the_same_result(toy, tmp_path):
+    """0.1 spellings fold into client_kwargs/config: same requests, cache entries, obs and uns."""
+    template = 'Pick one of {labels} for """{sentence}"""'
+
+    def last_offered(prompt, body):  # c3's answer is unreadable: flagged in both calls alike
+        enum = body["response_format"]["json_schema"]["schema"]["properties"]["cell_type"]["enum"]
+        return "no idea" if "G6A" in prompt else answer(enum[-1])
+
+    new, old = toy.copy(), toy.copy()
+    with ChatServer(last_offered) as srv:
+        scl.tl.llm_annotate(
+            new, MODEL, n_cells=4, random_state=2,
+            config=LLMAnnotateConfig(template=template, n_genes=2, n_runs=2, retry_flagged=True),
+            client_kwargs={
+                "base_url": srv.base_url, "cache_dir": tmp_path / "new", "max_concurrency": 1, "temperature": 0,
+                "params": {"seed": 1}, "price_per_1m_tokens": (1.0, 2.0), "timeout": 30.0, "max_retries": 2,
+            },
+        )  # fmt: skip
+        sent_new = srv.requests[:]
+        with pytest.warns(FutureWarning) as record:
+            scl.tl.llm_annotate(
+                old, model=MODEL, n_cells=4, random_state=2, template=template, n_genes=2, n_runs=2,
+                retry_flagged=True, base_url=srv.base_url, cache_dir=tmp_path / "old", max_concurrency=1,
+                temperature=0, params={"seed": 1}, price_per_1m_tokens=(1.0, 2.0), timeout=30.0, max_retries=2,
+            )  # fmt: skip
+        sent_old = srv.requests[len(sent_new) :]
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2
+    assert messages[0].startswith(
+        "llm_annotate(): `base_url/temperature/params/max_concurrency/timeout/max_retries/cache_dir/"
+        "price_per_1m_tokens` is deprecated, use `client_kwargs={'base_url': …"
+    )
+    assert (
+        "`template/n_genes/n_runs/retry_flagged` is deprecated, use `config=LLMAnnotateConfig(" in messages[1]
+    )
+    assert all(w.filename == __file__ for w in record)  # the warnings point at the caller's line
+    assert len(sent_new) >= 4 and _bodies(sent_old) == _bodies(sent_new)
+    assert all(b["temperature"] == 0 and b["seed"] == 1 for b in sent_new)
+    assert all(len(b["messages"][0]["content"].split('"""')[1].split()) == 2 for b in sent_new)  # n_genes
+    assert _cache_names(tmp_path / "old") == _cache_names(tmp_path / "new")  # 0.1 caches stay valid
+    pd.testing.assert_frame_equal(old.obs, new.obs)
+    assert "llm_run2" in new.obs and (new.obs["llm_fallback"] == "malformed").sum() == 1
+    for key in ("params", "labels", "metrics", "outcomes", "usage", "response_format"):
+        assert repr(old.uns["llm"][key]) == repr(new.uns["llm"][key]), key
+    usage = new.uns["llm"]["usage"]
+    assert usage["cost"] == pytest.approx((usage["prompt_tokens"] + 2 * usage["completion_tokens"]) / 1e6)
+    params = new.uns["llm"]["params"]
+    assert (params["n_runs"], params["n_genes"], params["template"]) == (2, 2, template)
+    assert json.loads(params["request_params"]) == {"seed": 1, "temperature": 0}
+
+
+def test_old_keywords_with_a_client_keep_0_1_behaviour(toy, server, tmp_path):
+    """As in 0.1, a ChatClient as model ignores the client-building keywords; temperature/params apply."""
+    c = client(server, tmp_path, max_concurrency=1)
+    with pytest.warns(FutureWarning, match="temperature/params/cache_dir"):
+        scl.tl.llm_annotate(toy, model=c, temperature=0.5, params={"seed": 3}, cache_dir=tmp_path / "ignored")
+    assert not (tmp_path / "ignored").exists() and len(_cache_names(tmp_path / "cache")) == 4
+    assert all(b["temperature"] == 0.5 and b["seed"] == 3 for b in server.requests)
+    # 0.1 sent params' temperature when both were given.
+    with pytest.warns(FutureWarning), pytest.warns(UserWarning, match="already exists"):
+        scl.tl.llm_annotate(toy, model=c, temperature=0.5, params={"temperature": 0.9})
+    assert server.requests[-1]["temperature"] == 0.9
+
+
+def test_client_kwargs_are_checked(toy, server, tmp_path):
+    c = client(server, tmp_path)
+    with pytest.raises(ValueError, match=r"client_kwargs \['cache_dir', 'timeout'\] configure a new client"):
+        scl.tl.llm_annotate(toy, c, client_kwargs={"timeout": 5, "cache_dir": tmp_path, "temperature": 0})
+    with pytest.raises(TypeError, match=r"ChatClient does not take: \['temprature'\]"):
+        scl.tl.llm_annotate(toy, MODEL, client_kwargs={"temprature": 0})
+    with pytest.raises(
+        TypeError, match=r"\['base_url'\] given both as keywords \(deprecated\) and in client_kwargs"
+    ):
+        with pytest.warns(FutureWarning):
+            scl.tl.llm_annotate(
+                toy, MODEL, base_url="http://x/v1", client_kwargs={"base_url": server.base_url}
+            )
+    with pytest.raises(TypeError, match="model must be a model name or a ChatClient"):
+        scl.tl.llm_annotate(toy, 3, client_kwargs={"base_url": server.base_url})
+    with pytest.raises(ValueError, match="disagree"):
+        scl.tl.llm_annotate(toy, c, client_kwargs={"temperature": 0, "params": {"temperature": 1}})
+    assert server.n_requests == 0 and "llm" not in toy.obs
+
+
+def test_config_is_frozen_and_validated():
+    config = LLMAnnotateConfig(labels=["B", "T"], n_runs=3)
+    assert config.labels == ("B", "T")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.n_runs = 1
+    with pytest.raises(ValueError, match="n_runs must be at least 1"):
+        LLMAnnotateConfig(n_runs=0)
+    with pytest.raises(ValueError, match="n_genes must be positive"):
+        LLMAnnotateConfig(n_genes=0)
+    with pytest.raises(TypeError, match="got the string 'B'"):
+        LLMAnnotateConfig(labels="B")
+    with pytest.raises(ValueError, match=r"template lacks \{sentence\}"):
+        LLMAnnotateConfig(template="{labels}")
+    with pytest.raises(TypeError, match="config must be an LLMAnnotateConfig"):
+        scl.tl.llm_annotate(ad.AnnData(np.zeros((1, 1))), MODEL, config={"n_runs": 2})
+    # The two tools stay within the conventions' ~15 parameters.
+    assert len(inspect.signature(scl.tl.llm_annotate).parameters) <= 15
+    assert len(inspect.signature(scl.tl.llm_marker_matching).parameters) <= 15
+
+
+def test_chat_client_temperature_and_price():
+    params = {"seed": 1}
+    c = ChatClient(MODEL, base_url="http://127.0.0.1:9/v1", cache_dir=False, temperature=0.3, params=params)
+    assert c.params == {"seed": 1, "temperature": 0.3} and params == {"seed": 1}  # the caller's dict is kept
+    assert ChatClient(MODEL, base_url="http://h/v1", params={"temperature": 0.3}, temperature=0.3).params == {
+        "temperature": 0.3
+    }
+    with pytest.raises(ValueError, match="disagree"):
+        ChatClient(MODEL, base_url="http://h/v1", params={"temperature": 1.0}, temperature=0.3)
+    usage = scl.llm.Usage(prompt_tokens=2_000_000, completion_tokens=1_000_000)
+    assert usage.summary((0.5, 4.0))["cost"] == pytest.approx(5.0)
+    assert scl.tl.ChatClient is scl.llm.ChatClient
+
+
+def test_marker_matching_old_keywords_temperature_and_params(tmp_path):
+    markers = {"B": ["MS4A1", "CD79A", "MS4A1", "CD19"], "NK": ["NKG7", "GNLY"], "T": ["CD3E", "CD3D"]}
+    with ChatServer(lambda p, b: '{"list": "1"}' if "MS4A1" in p else '{"list": "2"}') as srv:
+        new = scl.tl.llm_marker_matching(
+            markers, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": False}
+        )
+        assert [b["temperature"] for b in srv.requests] == [0.0] * 3  # the paper's, by default
+        # The duplicated MS4A1 is dropped: it would otherwise give its own list away.
+        assert srv.requests[0]["messages"][0]["content"].endswith("1. CD79A, CD19\n2. GNLY\n3. CD3D")
+        with pytest.warns(FutureWarning, match="`base_url/cache_dir` is deprecated"):
+            old = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=False)
+        assert _bodies(srv.requests[3:]) == _bodies(srv.requests[:3])
+        scl.tl.llm_marker_matching(
+            markers, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": False, "temperature": None}
+        )
+        assert all("temperature" not in b for b in srv.requests[6:9])
+        warm = ChatClient(MODEL, base_url=srv.base_url, cache_dir=False, temperature=0.7)
+        result = scl.tl.llm_marker_matching(markers, warm, client_kwargs={"price_per_1m_tokens": (1.0, 1.0)})
+        assert all(b["temperature"] == 0.7 for b in srv.requests[9:])
+    pd.testing.assert_frame_equal(old.table, new.table)
+    assert str(new) == str(old) == "2/3" and new.params == old.params
+    assert new.params["n_markers"] == 5 and json.loads(new.params["request_params"]) == {"temperature": 0.0}
+    assert json.loads(result.params["request_params"]) == {"temperature": 0.7} and "cost" in result.usage
+
+
+def test_marker_matching_reads_a_gmt_file(tmp_path):
+    gmt = tmp_path / "markers.gmt"
+    gmt.write_text("B\tna\tMS4A1\tCD79A\nT\tna\tCD3E\tCD3D\n")
+    with ChatServer(lambda p, b: '{"list": "1"}' if "MS4A1" in p else '{"list": "2"}') as srv:
+        result = scl.tl.llm_marker_matching(
+            gmt, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": False}
+        )
+    assert str(result) == "2/2" and result.table["held_out"].tolist() == ["MS4A1", "CD3E"]
+
+
+def test_import_stays_free_of_httpx_and_torch():
+    code = "import sys, sc_llm, sc_llm.llm; print(sorted({'httpx', 'httpcore', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

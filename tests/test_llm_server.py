@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import sc_llm as scl
-from sc_llm._llm_client import ChatClient
+from sc_llm.llm import ChatClient
+from sc_llm.tl import LLMAnnotateConfig
 
 try:
     import gguf  # noqa: F401
@@ -94,8 +95,11 @@ def _client(base_url, tmp_path, **kw):
 
 def test_rerank_negotiates_json_object_and_every_answer_is_an_offered_label(llama_server, query, tmp_path):
     client = _client(llama_server, tmp_path)
-    kw = dict(n_cells=12, n_genes=8, random_state=1, temperature=0, params={"max_tokens": 96, "seed": 0})
-    scl.tl.llm_annotate(query, model=client, **kw)
+    kw = dict(
+        n_cells=12, random_state=1, config=LLMAnnotateConfig(n_genes=8),
+        client_kwargs={"temperature": 0, "params": {"max_tokens": 96, "seed": 0}},
+    )  # fmt: skip
+    scl.tl.llm_annotate(query, client, **kw)
     uns = query.uns["llm"]
     chosen = query.obs["llm"].notna().to_numpy()
     cand = query.obs.loc[chosen, ["knn_top1", "knn_top2", "knn_top3"]].astype(object)
@@ -117,16 +121,16 @@ def test_rerank_negotiates_json_object_and_every_answer_is_an_offered_label(llam
 
     # A rerun with a fresh client reads every answer from the cache: zero requests.
     with pytest.warns(UserWarning, match="already exists"):
-        scl.tl.llm_annotate(query, model=_client(llama_server, tmp_path), **kw)
+        scl.tl.llm_annotate(query, _client(llama_server, tmp_path), **kw)
     assert query.uns["llm"]["usage"]["requests"] == 0 and query.uns["llm"]["usage"]["cached"] == n_asked
     assert query.obs["llm"].equals(first)
 
 
 def test_zero_shot_labels_and_plain_text_fallback(llama_server, query, tmp_path):
     labels = sorted(query.obs["cell_type"].astype(str).unique())
-    kw = dict(mode="zero_shot", labels=labels, n_cells=6, n_genes=8, temperature=0)
+    kw = dict(mode="zero_shot", n_cells=6, config=LLMAnnotateConfig(labels=labels, n_genes=8))
     client = _client(llama_server, tmp_path, structured_output="json_object")
-    scl.tl.llm_annotate(query, model=client, params={"max_tokens": 96}, **kw)
+    scl.tl.llm_annotate(query, client, client_kwargs={"temperature": 0, "params": {"max_tokens": 96}}, **kw)
     chosen = query.obs["llm"].notna()
     assert chosen.sum() == 6 and client.usage.rejected == 0 and client.usage.requests == 6
     assert (query.obs.loc[chosen, "llm_fallback"] == "ok").all()
@@ -134,7 +138,9 @@ def test_zero_shot_labels_and_plain_text_fallback(llama_server, query, tmp_path)
 
     # Plain text (no constraint): the random model writes garbage, which is flagged, never written.
     text = _client(llama_server, tmp_path / "text", structured_output=False)
-    scl.tl.llm_annotate(query, model=text, params={"max_tokens": 12}, key_added="plain", **kw)
+    scl.tl.llm_annotate(
+        query, text, key_added="plain", client_kwargs={"temperature": 0, "params": {"max_tokens": 12}}, **kw
+    )
     body_reasons = query.obs.loc[chosen, "plain_fallback"].astype(str)
     assert text.usage.requests == 6 and text.usage.failed == 0
     assert set(body_reasons) <= {"ok", "malformed", "out_of_list"}

@@ -54,6 +54,24 @@ copy
     Return a copy instead of writing into ``adata``."""
 
 
+doc_llm_model = """\
+model
+    Model name as the server knows it (``"o3-mini-2025-01-31"``, ``"Qwen/Qwen2.5-7B-Instruct"``), for a
+    client built from ``client_kwargs`` for this call; or a configured :class:`sc_llm.llm.ChatClient`, used
+    as is (its usage counters, negotiated response format and connections carry over between calls)."""
+
+doc_llm_client_kwargs = """\
+client_kwargs
+    Keyword arguments of :class:`sc_llm.llm.ChatClient` when ``model`` is a name: ``base_url`` (``None``:
+    OpenAI; a local server such as ``"http://localhost:8000/v1"``), ``api_key`` or ``api_key_env`` (default
+    ``"OPENAI_API_KEY"``), ``temperature`` (``None``: the server's default), ``params`` (other request
+    fields, e.g. ``{"reasoning_effort": "high", "seed": 0}``), ``max_concurrency`` (8), ``timeout`` (120 s,
+    a deadline per attempt), ``max_retries`` (6), ``cache_dir`` (``None``: ``$SC_LLM_CACHE`` or
+    ``~/.cache/sc_llm/chat``; ``False``: no cache), ``price_per_1m_tokens`` (``(input, output)``: adds a
+    ``"cost"`` to the usage), … With a ChatClient as ``model`` only ``temperature``, ``params`` and
+    ``price_per_1m_tokens`` may be given; they apply to this call's requests."""
+
+
 def doc_params(**blocks: str) -> Callable[[F], F]:
     """Fill ``{name}`` placeholders of a numpy docstring with shared parameter blocks."""
 

@@ -1,5 +1,6 @@
 """Tools: embeddings, annotation, evaluation."""
 
+from ..llm import ChatClient  # re-exported: scl.tl.ChatClient predates sc_llm.llm
 from ._ablate import ablate, ablation_study
 from ._attribute import attribute
 from ._compare import compare_annotators
@@ -10,8 +11,9 @@ from ._embed_scgpt import embed_scgpt
 from ._embed_text import embed_text
 from ._fusion import fuse_predict, fuse_train
 from ._knn import knn_annotate
-from ._llm import ChatClient, MarkerMatching, llm_annotate, llm_marker_matching
+from ._llm import LLMAnnotateConfig, llm_annotate
 from ._map_labels import map_labels
+from ._marker_matching import MarkerMatching, llm_marker_matching
 from ._markers import marker_overlap, marker_similarity, read_markers
 from ._metrics import classification_metrics, cluster_metrics
 from ._mlp import mlp_annotate
@@ -20,7 +22,7 @@ from ._mudata import from_mudata, to_mudata
 __all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annotate"]
 __all__ += ["embed_geneformer", "embed_scgpt"]
 __all__ += ["embed_text_genes"]
-__all__ += ["ChatClient", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
+__all__ += ["ChatClient", "LLMAnnotateConfig", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
 __all__ += ["from_mudata", "to_mudata"]
 __all__ += ["map_labels", "to_model_ids", "vocab_coverage"]
 __all__ += ["ablate", "ablation_study", "attribute", "marker_overlap", "marker_similarity", "read_markers"]

@@ -1,17 +1,16 @@
-"""scl.tl.llm_annotate and scl.tl.llm_marker_matching: generative LLMs over OpenAI-compatible APIs.
+"""scl.tl.llm_annotate: a generative LLM picks each cell's type, zero-shot or among kNN candidates.
 
 The paper (§3.3, §4.2, Appendix A.3) asks a generative LLM, given a cell sentence, for the most
 likely cell type either among all training labels (zero-shot, Figure 4) or among the three labels
 most voted by the cell's 10 nearest neighbours in scGPT space (re-ranking, Figure 5), with
-structured output so that only a label comes back.
+structured output so that only a label comes back. The client, prompts and answer parsing live in
+:mod:`sc_llm.llm`; this module selects the cells, asks, and writes the results.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -19,61 +18,87 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._llm_client import DEFAULT_API_KEY_ENV, ChatClient, ChatRequest
-from .._utils import format_examples, logger, maybe_copy, warn_overwrite
+from .._deprecations import moved_to_config
+from .._docs import doc_copy, doc_llm_client_kwargs, doc_llm_model, doc_params, doc_random_state
+from .._utils import check_key, embedding_record, format_examples, logger, maybe_copy, warn_overwrite
+from ..llm._answers import REASONS, answer_schema, parse_answer
+from ..llm._client import ChatClient, ChatRequest
+from ..llm._open import client_keywords_moved, open_client
+from ..llm._prompts import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, check_template, render
 from ._candidates import N_CANDIDATES
 from ._metrics import classification_metrics, train_mask
 
-# The words are the paper's (Figures 4 and 5); the label list is rendered as Python's str(list),
-# which is what the figures' "+ [list] +" concatenation produces. The line breaks are our choice.
-ZERO_SHOT_TEMPLATE = (
-    "Given the cell described. Output ONLY the most likely cell type from the following list: {labels}\n"
-    '"""{sentence}"""'
-)
-RERANK_TEMPLATE = (
-    "Given the cell described. Output ONLY the most likely cell type from the following list: {labels}\n"
-    "If you are not certain about what cell type this is, conclude that it is the first option in the list\n"
-    '"""{sentence}"""'
-)
-MARKER_TEMPLATE = (
-    "Which of the following lists of marker genes belongs to the same cell type as the gene {gene}? "
-    "Output ONLY the number of that list.\n{lists}"
-)
-ANSWER_FIELD = "cell_type"
-REASONS = ("ok", "malformed", "out_of_list", "failed")
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-_JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
-_FIELD = re.compile(r"\{(\w+)\}")
+
+@dataclasses.dataclass(frozen=True)
+class LLMAnnotateConfig:
+    """What :func:`llm_annotate` asks about each cell, and how often.
+
+    Parameters
+    ----------
+    labels
+        Zero-shot label list; ``None`` uses the labels of the training cells (sorted). Ignored when
+        re-ranking.
+    template
+        Prompt template with ``{labels}`` and ``{sentence}`` fields (both required); ``None`` uses
+        the paper's (:data:`sc_llm.llm.RERANK_TEMPLATE` or :data:`sc_llm.llm.ZERO_SHOT_TEMPLATE`).
+        Only these two fields are filled in; any other braces (a JSON example, say) stay as written.
+    n_genes
+        Keep only the first ``n_genes`` genes of each sentence (``None``: the whole sentence).
+    n_runs
+        Independent runs per cell (separate requests and cache entries); the paper reports mean
+        (sample sd) accuracy over 3 runs.
+    retry_flagged
+        Ask again for cells whose cached answer was flagged (``"malformed"`` or ``"out_of_list"``)
+        and replace it. Cells whose request failed are always asked again on a rerun; valid
+        answers never are.
+    """
+
+    labels: Sequence[str] | None = None
+    template: str | None = None
+    n_genes: int | None = None
+    n_runs: int = 1
+    retry_flagged: bool = False
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:
+            if isinstance(self.labels, str):
+                raise TypeError(f"labels must be a list of labels, got the string {self.labels!r}.")
+            object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        if self.template is not None:
+            check_template(self.template, ("labels", "sentence"))
+        if self.n_genes is not None and self.n_genes < 1:
+            raise ValueError(f"n_genes must be positive or None, got {self.n_genes}.")
+        if self.n_runs < 1:
+            raise ValueError(f"n_runs must be at least 1, got {self.n_runs}.")
 
 
+@moved_to_config(
+    into="config",
+    config=LLMAnnotateConfig,
+    names=("labels", "template", "n_genes", "n_runs", "retry_flagged"),
+)
+@client_keywords_moved(wrappers_outside=1)
+@doc_params(
+    doc_llm_model=doc_llm_model,
+    doc_llm_client_kwargs=doc_llm_client_kwargs,
+    doc_random_state=doc_random_state,
+    doc_copy=doc_copy,
+)
 def llm_annotate(
     adata: AnnData,
-    *,
     model: str | ChatClient,
+    *,
     mode: Literal["rerank", "zero_shot"] = "rerank",
     candidates_key: str = "knn",
-    labels: Sequence[str] | None = None,
     labels_key: str | None = None,
     sentence_key: str = "cell_sentence",
-    n_genes: int | None = None,
     split_key: str | None = "split",
     train_value: str = "train",
     cells: Sequence[str] | np.ndarray | None = None,
     n_cells: int | None = None,
     random_state: int = 0,
-    template: str | None = None,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    api_key_env: str = DEFAULT_API_KEY_ENV,
-    temperature: float | None = None,
-    params: Mapping[str, Any] | None = None,
-    n_runs: int = 1,
-    max_concurrency: int = 8,
-    timeout: float = 120.0,
-    max_retries: int = 6,
-    cache_dir: str | bool | None = None,
-    retry_flagged: bool = False,
-    price_per_1m_tokens: tuple[float, float] | None = None,
+    config: LLMAnnotateConfig | None = None,
+    client_kwargs: Mapping[str, Any] | None = None,
     key_added: str = "llm",
     copy: bool = False,
 ) -> AnnData | None:
@@ -97,71 +122,41 @@ def llm_annotate(
     ----------
     adata
         Annotated data matrix with cell sentences in ``obs[sentence_key]``.
-    model
-        Model name on the server (e.g. ``"o3-mini-2025-01-31"``), or a configured
-        :class:`sc_llm.tl.ChatClient` (then ``base_url``, ``api_key``, ``api_key_env``,
-        ``max_concurrency``, ``timeout``, ``max_retries`` and ``cache_dir`` are ignored).
+    {doc_llm_model}
     mode
         ``"rerank"`` (choose among kNN candidates) or ``"zero_shot"`` (choose among all labels).
     candidates_key
-        ``key_added`` of :func:`sc_llm.tl.knn_annotate`: candidates are read from
-        ``obs[f"{candidates_key}_top1"]`` … ``_top3`` (missing ones skipped). A cell with a single
-        candidate gets it without a request.
-    labels
-        Zero-shot label list; ``None`` uses the labels of the training cells (sorted).
+        ``key_added`` of :func:`sc_llm.tl.knn_annotate` (or :func:`sc_llm.tl.map_labels`):
+        candidates are read from ``obs[f"{candidates_key}_top1"]`` … ``_top3`` (missing ones
+        skipped). A cell with a single candidate gets it without a request.
     labels_key
         ``obs`` column with true labels, for the zero-shot list and the accuracy. ``None`` takes
         the one recorded by ``knn_annotate`` in ``uns[candidates_key]``, if any.
     sentence_key
         ``obs`` column with the cell sentences (see :func:`sc_llm.pp.cell_sentences`).
-    n_genes
-        Keep only the first ``n_genes`` genes of each sentence (``None``: the whole sentence).
     split_key, train_value
         Default cells are those with ``obs[split_key] != train_value`` (held-out cells); with
         ``split_key=None`` all cells. Re-ranking needs no training cells: when ``obs`` has no
         ``split_key`` column or no cell in it equals ``train_value`` (an AnnData of query cells
         whose candidates are already in ``obs``), all cells are annotated; so are they in
-        zero-shot mode when ``labels`` is given.
+        zero-shot mode when ``config.labels`` is given.
     cells
         Explicit cells instead (obs names or a boolean mask).
     n_cells
         Annotate a random subset of this many of those cells, drawn with ``random_state`` (the
         paper evaluates 100 random test cells, the same ones for every model).
-    random_state
-        Seed of the ``n_cells`` draw.
-    template
-        Prompt template with ``{labels}`` and ``{sentence}`` fields (both required); ``None`` uses
-        the paper's (:data:`RERANK_TEMPLATE` or :data:`ZERO_SHOT_TEMPLATE`). Only these two
-        fields are filled in; any other braces (a JSON example, say) stay as written.
-    base_url
-        API root, e.g. ``"http://localhost:8000/v1"`` for vLLM; ``None``: OpenAI.
-    api_key, api_key_env
-        Bearer token, by default read from the environment variable ``api_key_env``.
-    temperature
-        Sampling temperature (``None``: not sent, the server's default; the paper used 0 for
-        DeepSeek-V3, 0.6 for DeepSeek-R1 and defaults for OpenAI models).
-    params
-        Extra request fields, e.g. ``{"reasoning_effort": "high", "seed": 0}``.
-    n_runs
-        Independent runs per cell (separate requests and cache entries); the paper reports mean
-        (sample sd) accuracy over 3 runs.
-    max_concurrency, timeout, max_retries, cache_dir
-        Client settings (see :class:`sc_llm.tl.ChatClient`); ``timeout`` is a deadline for each
-        attempt as a whole.
-    retry_flagged
-        Ask again for cells whose cached answer was flagged (``"malformed"`` or ``"out_of_list"``)
-        and replace it. Cells whose request failed are always asked again on a rerun; valid
-        answers never are.
-    price_per_1m_tokens
-        ``(input, output)`` price per million tokens, to add a ``"cost"`` to the usage summary.
+    {doc_random_state}
+    config
+        Prompt and runs: zero-shot ``labels``, ``template``, ``n_genes``, ``n_runs``,
+        ``retry_flagged`` (see :class:`LLMAnnotateConfig`; ``None``: the defaults).
+    {doc_llm_client_kwargs}
     key_added
-        Prefix of the outputs.
-    copy
-        Return a copy instead of writing into ``adata``.
+        Prefix of the ``obs`` columns and key of the ``uns`` record.
+    {doc_copy}
 
     Returns
     -------
-    ``None`` or a copy. Sets
+    ``None``, or the annotated copy when ``copy=True``. Sets
 
     - ``obs[key_added]``: the label of run 1 for annotated cells (NaN elsewhere);
     - ``obs[f"{key_added}_fallback"]``: ``"ok"``, or why the first option was used instead
@@ -170,46 +165,46 @@ def llm_annotate(
     - ``obs[f"{key_added}_error"]``: for failed cells, the reason (HTTP status and the server's
       message, credentials redacted); NaN elsewhere;
     - with ``n_runs > 1`` also ``obs[f"{key_added}_run{r}"]``, ``…_run{r}_fallback`` and ``…_run{r}_error``;
-    - ``uns[key_added]``: ``params`` (model, mode, template, base URL without credentials, …),
-      ``labels`` (zero-shot list), ``metrics`` (per-run accuracy and macro P/R/F1,
-      ``accuracy_mean``, ``accuracy_sd`` (ddof=1), the candidates' top-1 ``baseline_accuracy``
-      on the same cells in re-rank mode; flagged cells count with their first option),
-      ``outcomes`` (answers per reason over all runs), ``fallbacks`` (table of flagged answers
-      with the error of failed ones), ``usage`` (requests, retries, rejected, failed, cache
-      hits, tokens), ``response_format`` (the form the server accepted) and
-      ``structured_output`` (whether the server constrained the answers).
+    - ``uns[key_added]``: ``params`` (the call's settings: model, base URL without credentials,
+      mode, template, request fields, …), ``labels`` (zero-shot list), ``metrics`` (per-run
+      accuracy and macro P/R/F1, ``accuracy_mean``, ``accuracy_sd`` (ddof=1), the candidates'
+      top-1 ``baseline_accuracy`` on the same cells in re-rank mode; flagged cells count with
+      their first option), ``outcomes`` (answers per reason over all runs), ``fallbacks`` (table
+      of flagged answers with the error of failed ones), ``usage`` (requests, retries, rejected,
+      failed, cache hits, tokens, and ``cost`` with ``price_per_1m_tokens``), ``response_format``
+      (the form the server accepted) and ``structured_output`` (whether the server constrained
+      the answers).
     """
     if mode not in ("rerank", "zero_shot"):
         raise ValueError(f"mode must be 'rerank' or 'zero_shot', got {mode!r}.")
-    if n_runs < 1:
-        raise ValueError(f"n_runs must be at least 1, got {n_runs}.")
+    config = LLMAnnotateConfig() if config is None else config
+    if not isinstance(config, LLMAnnotateConfig):
+        raise TypeError(f"config must be an LLMAnnotateConfig, got {type(config).__name__}.")
+    check_key(key_added)
     adata = maybe_copy(adata, copy)
     labels_key = _labels_key(adata, labels_key, candidates_key)
-    template = template or (RERANK_TEMPLATE if mode == "rerank" else ZERO_SHOT_TEMPLATE)
-    _check_template(template, ("labels", "sentence"))
+    template = config.template or (RERANK_TEMPLATE if mode == "rerank" else ZERO_SHOT_TEMPLATE)
+    selection_split = split_key
     if split_key is not None and not _has_training_cells(adata, split_key, train_value):
-        if mode == "rerank" or labels is not None:
+        if mode == "rerank" or config.labels is not None:
             # A query-only AnnData: nothing was held out, every cell is a query.
             logger.info(
                 "llm_annotate: no cell has obs[%r] == %r; annotating all cells.", split_key, train_value
             )
-            split_key = None
-    idx = _select_cells(adata, cells, split_key, train_value, n_cells, random_state)
-    sentences = _sentences(adata, sentence_key, idx, n_genes)
+            selection_split = None
+    idx = _select_cells(adata, cells, selection_split, train_value, n_cells, random_state)
+    sentences = _sentences(adata, sentence_key, idx, config.n_genes)
     options, zero_shot_labels = _options(
-        adata, idx, mode, candidates_key, labels, labels_key, split_key, train_value
+        adata, idx, mode, candidates_key, config.labels, labels_key, selection_split, train_value
     )
-    extra = {**({} if temperature is None else {"temperature": temperature}), **(params or {})}
 
-    client_kwargs = dict(
-        base_url=base_url, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
-        max_retries=max_retries, max_concurrency=max_concurrency, cache_dir=cache_dir,
-    )  # fmt: skip
-    with _client_for(model, client_kwargs) as client:
+    with open_client(model, client_kwargs) as call:
+        client = call.client
         before = dataclasses.replace(client.usage)
         answers, errors = _ask(
-            client, adata.obs_names[idx], sentences, options, template, extra, n_runs, retry_flagged
+            client, adata.obs_names[idx], sentences, options, template, call.params, config
         )
+    request_params = {**client.params, **call.params}
 
     preds, reasons, flagged = _decide(answers, errors, options, adata.obs_names[idx])
     _write_obs(adata, key_added, idx, preds, reasons, errors, options)
@@ -217,14 +212,16 @@ def llm_annotate(
         "params": {
             "mode": mode, "model": client.model, "base_url": client.base_url, "template": template,
             "candidates_key": candidates_key if mode == "rerank" else None, "labels_key": labels_key,
-            "sentence_key": sentence_key, "n_genes": n_genes, "n_runs": n_runs, "n_cells": len(idx),
-            "random_state": random_state, "request_params": json.dumps(extra, sort_keys=True),
+            "sentence_key": sentence_key, "split_key": split_key, "train_value": train_value,
+            "n_genes": config.n_genes, "n_runs": config.n_runs, "n_cells": len(idx),
+            "random_state": random_state, "retry_flagged": config.retry_flagged,
+            "request_params": json.dumps(request_params, sort_keys=True),
         },
         "labels": zero_shot_labels if zero_shot_labels is not None else [],
         "metrics": _metrics(adata, labels_key, idx, preds, options, mode),
         "outcomes": {r: int(sum(run.count(r) for run in reasons)) for r in REASONS},
         "fallbacks": flagged,
-        "usage": client.usage.since(before).summary(price_per_1m_tokens),
+        "usage": client.usage.since(before).summary(call.price_per_1m_tokens),
         "response_format": client.response_format,
         "structured_output": client.response_format != "text",
     }  # fmt: skip
@@ -232,10 +229,11 @@ def llm_annotate(
     if n_failed:
         logger.warning(
             "llm_annotate: %d of %d answers failed (see obs[%r]); call again to ask for them again.",
-            n_failed, len(idx) * n_runs, f"{key_added}_error",
+            n_failed, len(idx) * config.n_runs, f"{key_added}_error",
         )  # fmt: skip
-    n_flag = len(flagged)
-    logger.info("llm_annotate: %d cells × %d runs, %d answers flagged.", len(idx), n_runs, n_flag)
+    logger.info(
+        "llm_annotate: %d cells × %d runs, %d answers flagged.", len(idx), config.n_runs, len(flagged)
+    )
     return adata if copy else None
 
 
@@ -244,30 +242,12 @@ def _labels_key(adata: AnnData, labels_key: str | None, candidates_key: str) -> 
         if labels_key not in adata.obs:
             raise KeyError(f"Column {labels_key!r} not found in adata.obs.")
         return labels_key
-    recorded = adata.uns.get(candidates_key, {})
-    recorded = recorded.get("params", {}).get("labels_key") if isinstance(recorded, Mapping) else None
-    return recorded if recorded in adata.obs else None
+    recorded = embedding_record(adata, candidates_key).get("labels_key")  # reads 0.1's flat records too
+    return recorded if isinstance(recorded, str) and recorded in adata.obs else None
 
 
 def _has_training_cells(adata: AnnData, split_key: str, train_value: str) -> bool:
     return split_key in adata.obs and bool((adata.obs[split_key].astype(str) == str(train_value)).any())
-
-
-def _check_template(template: str, required: Sequence[str]) -> None:
-    if not isinstance(template, str):
-        raise TypeError(f"template must be a string, got {type(template).__name__}.")
-    missing = ["{" + f + "}" for f in required if "{" + f + "}" not in template]
-    if missing:
-        need = " and ".join("{" + f + "}" for f in required)
-        raise ValueError(
-            f"The template lacks {', '.join(missing)}: it must contain {need}, got {template!r}."
-        )
-
-
-def _render(template: str, **fields: str) -> str:
-    """Fill ``{name}`` fields in one pass; other braces (JSON examples) and braces inside the
-    values are left alone, unlike ``str.format``."""
-    return _FIELD.sub(lambda m: fields[m.group(1)] if m.group(1) in fields else m.group(0), template)
 
 
 def _select_cells(adata, cells, split_key, train_value, n_cells, random_state) -> np.ndarray:
@@ -284,7 +264,9 @@ def _select_cells(adata, cells, split_key, train_value, n_cells, random_state) -
                 raise KeyError(f"Cells not in adata.obs_names: {format_examples(cells[pos < 0])}.")
             uniq, counts = np.unique(cells.astype(str), return_counts=True)
             if (counts > 1).any():
-                raise ValueError(f"`cells` names some cells more than once: {format_examples(uniq[counts > 1].tolist())}.")
+                raise ValueError(
+                    f"`cells` names some cells more than once: {format_examples(uniq[counts > 1].tolist())}."
+                )
             idx = np.sort(pos)
     elif split_key is None:
         idx = np.arange(adata.n_obs)
@@ -333,7 +315,8 @@ def _options(adata, idx, mode, candidates_key, labels, labels_key, split_key, tr
     if labels is None:
         if labels_key is None or split_key is None:
             raise ValueError(
-                "Zero-shot mode needs `labels`, or `labels_key` and `split_key` to read training labels."
+                "Zero-shot mode needs `config=LLMAnnotateConfig(labels=[...])`, or `labels_key` and "
+                "`split_key` to read the training cells' labels."
             )
         train = train_mask(adata, split_key, train_value)
         labels = sorted(adata.obs[labels_key][train].dropna().astype(str).unique())
@@ -343,28 +326,23 @@ def _options(adata, idx, mode, candidates_key, labels, labels_key, split_key, tr
     return [labels] * len(idx), labels
 
 
-def _schema(options: Sequence[str], field: str = ANSWER_FIELD) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {field: {"type": "string", "enum": list(options)}},
-        "required": [field],
-        "additionalProperties": False,
-    }
+def _ask(client, names, sentences, options, template, extra, config: LLMAnnotateConfig):
+    """Ask every (run, cell) with two options or more: answers and errors as ``answers[run][cell]``.
 
-
-def _ask(client, names, sentences, options, template, extra, n_runs, retry_flagged=False):
-    """Answers and errors as ``answers[run][cell]``, ``errors[run][cell]`` (answers are ``None``
-    where a single option needs no request or the request failed; errors are ``None`` unless it failed)."""
+    Answers are ``None`` where a single option needs no request or the request failed; errors are
+    ``None`` unless it failed.
+    """
+    n_runs = config.n_runs
     requests, where = [], []
     for r in range(n_runs):
         for i, (name, sentence, opts) in enumerate(zip(names, sentences, options, strict=True)):
             if len(opts) < 2:
                 continue
-            prompt = _render(template, labels=str(list(opts)), sentence=sentence)
+            prompt = render(template, labels=str(list(opts)), sentence=sentence)
             requests.append(
                 ChatRequest(
                     messages=[{"role": "user", "content": prompt}],
-                    schema=_schema(opts),
+                    schema=answer_schema(opts),
                     tag={"run": r},
                     name=str(name) if n_runs == 1 else f"{name} (run {r + 1})",
                     params=extra or None,
@@ -372,7 +350,7 @@ def _ask(client, names, sentences, options, template, extra, n_runs, retry_flagg
             )
             where.append((r, i))
     results = client.complete_many(requests, desc="LLM annotation", errors="return")
-    if retry_flagged:
+    if config.retry_flagged:
         again = [
             k for k, (res, (_, i)) in enumerate(zip(results, where, strict=True))
             if res.ok and res.cached and parse_answer(res.content, options[i])[0] is None
@@ -394,53 +372,8 @@ def _ask(client, names, sentences, options, template, extra, n_runs, retry_flagg
     return answers, errors
 
 
-def parse_answer(content: str, allowed: Sequence[str], field: str = ANSWER_FIELD) -> tuple[str | None, str]:
-    """Read one allowed value from a model's answer: ``(value, "ok")`` or ``(None, reason)``.
-
-    Accepts a JSON object ``{field: value}`` (also inside a code fence or after a reasoning model's
-    ``<think>`` block), a JSON string, or the bare value. Values match exactly, else ignoring case
-    and surrounding whitespace/quotes/full stops when that identifies one allowed value.
-    """
-    text = _THINK.sub("", content or "").strip()
-    value, parsed = _json_value(text, field)
-    if not parsed:
-        value = text
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        return None, "malformed"
-    match = _match(str(value), allowed)
-    if match is not None:
-        return match, "ok"
-    return None, "out_of_list" if parsed else "malformed"
-
-
-def _json_value(text: str, field: str) -> tuple[Any, bool]:
-    candidates = [text, *_JSON_OBJECT.findall(text)]
-    for chunk in candidates:
-        try:
-            obj = json.loads(chunk)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            return obj.get(field), True
-        if isinstance(obj, str | int) and not isinstance(obj, bool):
-            return obj, True
-    return None, False
-
-
-def _match(value: str, allowed: Sequence[str]) -> str | None:
-    if value in allowed:
-        return value
-
-    def norm(s: str) -> str:
-        return " ".join(s.strip().strip("\"'`.").split()).casefold()
-
-    hits = [a for a in allowed if norm(a) == norm(value)]
-    return hits[0] if len(hits) == 1 else None
-
-
 def _decide(answers, errors, options, names):
-    """Per-run predictions and reasons; a bad answer or a failed request becomes the cell's first
-    option, flagged."""
+    """Per-run predictions and reasons; a bad answer or a failed request becomes the cell's first option, flagged."""
     preds, reasons, rows = [], [], []
     for r, (run, run_errors) in enumerate(zip(answers, errors, strict=True)):
         p, why = [], []
@@ -507,129 +440,3 @@ def _metrics(adata, labels_key, idx, preds, options, mode) -> dict[str, Any]:
         first = np.array([o[0] for o in options], dtype=object)[have]
         out["baseline_accuracy"] = float((first == y).mean())
     return out
-
-
-@dataclasses.dataclass
-class MarkerMatching:
-    """Result of :func:`llm_marker_matching`: ``n_correct`` of ``n_total`` held-out markers matched."""
-
-    n_correct: int
-    n_total: int
-    table: pd.DataFrame
-    usage: dict[str, Any]
-
-    def __str__(self) -> str:
-        return f"{self.n_correct}/{self.n_total}"
-
-
-def llm_marker_matching(
-    markers: Mapping[str, Sequence[str]] | pd.DataFrame,
-    *,
-    model: str | ChatClient,
-    n_markers: int = 5,
-    template: str | None = None,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    api_key_env: str = DEFAULT_API_KEY_ENV,
-    temperature: float | None = 0.0,
-    params: Mapping[str, Any] | None = None,
-    max_concurrency: int = 8,
-    timeout: float = 120.0,
-    max_retries: int = 6,
-    cache_dir: str | bool | None = None,
-) -> MarkerMatching:
-    """Test an LLM's marker-gene knowledge (the paper's Appendix A.3.3, Tables 25–26).
-
-    Each cell type's top ``n_markers`` markers are split into the first (held out) and the rest.
-    For every held-out gene the model sees the lists of remaining markers of all types, numbered
-    in the given type order and without type names, and must answer the number of the list of the
-    same cell type (structured output: ``{"list": "<number>"}``).
-
-    Parameters
-    ----------
-    markers
-        Ranked markers per cell type: a mapping ``{type: [gene, …]}`` or a DataFrame with one
-        column per type (as ``pd.DataFrame(adata.uns["rank_genes_groups"]["names"])``).
-    model
-        Model name or a :class:`sc_llm.tl.ChatClient`.
-    n_markers
-        Markers used per type (the paper: top 5 from PanglaoDB).
-    template
-        Prompt with ``{gene}`` and ``{lists}`` fields, both required (``None``: :data:`MARKER_TEMPLATE`);
-        other braces stay as written.
-    base_url, api_key, api_key_env, params, max_concurrency, timeout, max_retries, cache_dir
-        As in :func:`llm_annotate`.
-    temperature
-        The paper used 0 for this experiment.
-
-    Returns
-    -------
-    A :class:`MarkerMatching` with ``n_correct``, ``n_total`` (``str()`` gives ``"7/10"``), the
-    per-type ``table`` (held-out gene, true and answered list number, answered type, correct,
-    reason: ``"ok"``, ``"malformed"``, ``"out_of_list"`` or ``"failed"``, and the error of a
-    failed request) and the token ``usage``. A failed request counts as not matched.
-    """
-    lists = _marker_lists(markers, n_markers)
-    types = list(lists)
-    numbers = [str(i + 1) for i in range(len(types))]
-    rendered = "\n".join(f"{n}. {', '.join(lists[t][1:])}" for n, t in zip(numbers, types, strict=True))
-    template = template or MARKER_TEMPLATE
-    _check_template(template, ("gene", "lists"))
-    extra = {**({} if temperature is None else {"temperature": temperature}), **(params or {})}
-    schema = _schema(numbers, field="list")
-    requests = [
-        ChatRequest(
-            messages=[{"role": "user", "content": _render(template, gene=lists[t][0], lists=rendered)}],
-            schema=schema,
-            name=f"marker {lists[t][0]} ({t})",
-            params=extra or None,
-        )
-        for t in types
-    ]
-    client_kwargs = dict(
-        base_url=base_url, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
-        max_retries=max_retries, max_concurrency=max_concurrency, cache_dir=cache_dir,
-    )  # fmt: skip
-    with _client_for(model, client_kwargs) as client:
-        before = dataclasses.replace(client.usage)
-        results = client.complete_many(requests, desc="Marker matching", errors="return")
-    rows = []
-    for n, t, res in zip(numbers, types, results, strict=True):
-        answer, reason = parse_answer(res.content, numbers, field="list") if res.ok else (None, "failed")
-        rows.append({
-            "cell_type": t, "held_out": lists[t][0], "true_list": int(n),
-            "answer": int(answer) if answer else pd.NA, "answered_type": types[int(answer) - 1] if answer else None,
-            "correct": answer == n, "reason": reason, "error": res.error or "",
-        })  # fmt: skip
-    table = pd.DataFrame(rows).set_index("cell_type")
-    table["answer"] = table["answer"].astype("Int64")
-    return MarkerMatching(
-        int(table["correct"].sum()), len(types), table, client.usage.since(before).summary()
-    )
-
-
-def _marker_lists(markers, n_markers: int) -> dict[str, list[str]]:
-    if n_markers < 2:
-        raise ValueError(f"n_markers must be at least 2 (one held out, one to match), got {n_markers}.")
-    if isinstance(markers, pd.DataFrame):
-        markers = {str(c): markers[c].dropna().tolist() for c in markers.columns}
-    lists = {str(t): [str(g) for g in genes][:n_markers] for t, genes in markers.items()}
-    short = [t for t, genes in lists.items() if len(genes) < 2]
-    if short:
-        raise ValueError(f"Cell types with fewer than 2 markers: {format_examples(short)}.")
-    if len(lists) < 2:
-        raise ValueError("Marker matching needs at least two cell types.")
-    return lists
-
-
-@contextlib.contextmanager
-def _client_for(model: str | ChatClient, client_kwargs: Mapping[str, Any]):
-    """Use the caller's :class:`ChatClient` as is, or build one for a model name and close it after."""
-    if isinstance(model, ChatClient):
-        yield model
-        return
-    client = ChatClient(model, **client_kwargs)
-    try:
-        yield client
-    finally:
-        client.close()

@@ -24,23 +24,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ._progress import progress
-from ._utils import logger
+from .._progress import progress
+from .._utils import import_optional, logger
+from ._http import (
+    attempt_deadline,
+    content_text,
+    enforce_deadlines,
+    http_problem,
+    read_usage,
+    redact,
+    retry_after,
+    split_userinfo,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
@@ -56,19 +63,6 @@ _FORMAT_WORDS = re.compile(r"response_format|json_schema|json_object|structured 
 _LLAMA_CPP_FORMAT_500 = re.compile(
     r"response_format.*(Input should be|literal_error|validation error)", re.I | re.S
 )
-_REDACT = [
-    (re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=:-]{4,}"), r"\1\2[REDACTED]"),
-    (
-        re.compile(
-            r"(?i)([\"']?(?:authorization|api[-_]?key|x-api-key|access[-_]?token)[\"']?\s*[:=]\s*[\"']?)"
-            r"(?!\[REDACTED\])[^\"'\s,;}]+"
-        ),
-        r"\1[REDACTED]",
-    ),
-    (re.compile(r"(?i)\b(sk-[A-Za-z0-9_-]{8,})"), "[REDACTED]"),
-    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@"), r"\1[REDACTED]@"),
-]
-_DEADLINE = threading.local()  # per worker thread: time.monotonic() by which the attempt must end
 
 
 class ChatError(RuntimeError):
@@ -124,6 +118,7 @@ class ChatResult:
 
     @property
     def ok(self) -> bool:
+        """Whether there is an answer."""
         return self.error is None
 
 
@@ -146,19 +141,38 @@ class Usage:
     reasoning_tokens: int = 0
 
     def add(self, other: Usage) -> None:
+        """Add ``other``'s counts to these."""
         for k, v in asdict(other).items():
             setattr(self, k, getattr(self, k) + v)
 
     def since(self, before: Usage) -> Usage:
+        """The counts accumulated since the copy ``before`` was taken."""
         return Usage(**{k: v - getattr(before, k) for k, v in asdict(self).items()})
 
     def summary(self, price_per_1m_tokens: tuple[float, float] | None = None) -> dict[str, Any]:
+        """The counts as a dict with ``total_tokens``, and the ``cost`` when prices per million tokens are given."""
         out: dict[str, Any] = asdict(self)
         out["total_tokens"] = self.prompt_tokens + self.completion_tokens
         if price_per_1m_tokens is not None:
             p_in, p_out = price_per_1m_tokens
             out["cost"] = (self.prompt_tokens * p_in + self.completion_tokens * p_out) / 1e6
         return out
+
+
+def with_temperature(params: Mapping[str, Any] | None, temperature: float | None) -> dict[str, Any]:
+    """A copy of the request fields ``params`` with ``temperature`` added (unless ``None``).
+
+    A temperature given both ways must agree, so that no call silently drops one of them.
+    """
+    out = dict(params or {})
+    if temperature is not None:
+        if out.get("temperature", temperature) != temperature:
+            raise ValueError(
+                f"temperature={temperature} and params['temperature']={out['temperature']} disagree; "
+                "pass one of them."
+            )
+        out["temperature"] = temperature
+    return out
 
 
 def default_cache_dir() -> Path:
@@ -214,6 +228,11 @@ class ChatClient:
         are reported as failed (``ChatResult.error``).
     headers
         Extra HTTP headers.
+    temperature
+        Sampling temperature sent with every request, the same as ``params={"temperature": …}``
+        (``None``: not sent, the server's default).
+    price_per_1m_tokens
+        ``(input, output)`` price per million tokens: usage summaries then include a ``"cost"``.
     """
 
     model: str
@@ -230,6 +249,8 @@ class ChatClient:
     structured_output: bool | Literal["json_schema", "json_object", "text"] = True
     max_consecutive_failures: int = 5
     headers: dict[str, str] | None = None
+    temperature: float | None = None
+    price_per_1m_tokens: tuple[float, float] | None = None
     usage: Usage = field(default_factory=Usage, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -243,6 +264,7 @@ class ChatClient:
             raise ValueError(
                 f"max_consecutive_failures must be at least 1, got {self.max_consecutive_failures}."
             )
+        self.params = with_temperature(self.params, self.temperature)
         if self.structured_output is True:
             self._format = RESPONSE_FORMATS[0]
         elif self.structured_output is False:
@@ -253,7 +275,7 @@ class ChatClient:
             raise ValueError(
                 f"structured_output must be True, False or one of {RESPONSE_FORMATS}, got {self.structured_output!r}."
             )
-        self.base_url, self._basic_auth = _split_userinfo((self.base_url or DEFAULT_BASE_URL).rstrip("/"))
+        self.base_url, self._basic_auth = split_userinfo((self.base_url or DEFAULT_BASE_URL).rstrip("/"))
         if self.api_key is None:
             self.api_key = os.environ.get(self.api_key_env) or None
         if self.api_key is None and self._basic_auth is None and self.base_url == DEFAULT_BASE_URL:
@@ -316,8 +338,10 @@ class ChatClient:
         return results  # type: ignore[return-value]
 
     def cache_key(self, request: ChatRequest) -> str:
-        """Hash of everything that determines the answer: server address (without credentials),
-        model, messages, request parameters, schema and tag."""
+        """Hash of everything that determines the answer.
+
+        That is the server address (without credentials), model, messages, request parameters, schema and tag.
+        """
         material = {
             "v": _CACHE_VERSION,
             "base_url": self.base_url,
@@ -332,9 +356,10 @@ class ChatClient:
 
     def redact(self, text: str) -> str:
         """``text`` with this client's key and anything that looks like a credential replaced."""
-        return _redact(text, self._secrets)
+        return redact(text, self._secrets)
 
     def close(self) -> None:
+        """Close the connection pool (a later request opens a new one)."""
         if self._http is not None:
             self._http.close()
             self._http = None
@@ -506,10 +531,7 @@ class ChatClient:
 
     def _client(self):
         if self._http is None:
-            try:
-                import httpx
-            except ImportError as e:  # pragma: no cover - httpx ships with the llm extra
-                raise ImportError("LLM annotation needs httpx: pip install 'sc-llm[llm]'.") from e
+            httpx = import_optional("httpx", "llm", "LLM annotation")
             headers = {"Content-Type": "application/json", **(self.headers or {})}
             if self.api_key:
                 headers["Authorization"] = f"Bearer {self.api_key}"
@@ -518,21 +540,20 @@ class ChatClient:
             )
             timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
             self._http = httpx.Client(headers=headers, timeout=timeout, limits=limits, auth=self._basic_auth)
-            _enforce_deadlines(self._http)
+            enforce_deadlines(self._http)
         return self._http
 
     def _post(self, body: dict[str, Any]) -> Any:
-        import httpx
-
         url = f"{self.base_url}/chat/completions"
         client = self._client()
+        httpx = import_optional("httpx", "llm", "LLM annotation")
         for attempt in range(self.max_retries + 1):
-            retry_after = None
+            wait_hint = None
             with self._lock:
                 self.usage.requests += 1
-            _DEADLINE.value = time.monotonic() + self.timeout
             try:
-                response = client.post(url, json=body)
+                with attempt_deadline(self.timeout):
+                    response = client.post(url, json=body)
             except httpx.TransportError as e:
                 problem, status = f"{type(e).__name__}: {e or 'no detail'}", None
                 if isinstance(e, httpx.TimeoutException):
@@ -548,19 +569,17 @@ class ChatClient:
                             f"HTTP 200 with a body that is not JSON: {response.text[:200]!r} from {url}",
                             status=200,
                         ) from None
-                problem = _http_problem(response)
+                problem = http_problem(response)
                 if "response_format" in body and _LLAMA_CPP_FORMAT_500.search(response.text):
                     raise ChatError(f"{problem} from {url}", status=status, rejected_format=True)
                 if status in RETRY_STATUS or status >= 500:
-                    retry_after = _retry_after(response.headers)
+                    wait_hint = retry_after(response.headers)
                 else:
                     named = "response_format" in body and bool(_FORMAT_WORDS.search(problem))
                     raise ChatError(f"{problem} from {url}", status=status, rejected_format=named)
-            finally:
-                _DEADLINE.value = None
             if attempt == self.max_retries:
                 raise ChatError(f"{problem} after {attempt + 1} attempts to {url}", status=status)
-            wait_s = self._wait(attempt, retry_after)
+            wait_s = self._wait(attempt, wait_hint)
             logger.info(
                 "Chat request failed (%s); retry %d in %.2f s.", self.redact(problem), attempt + 1, wait_s
             )
@@ -612,7 +631,7 @@ class ChatClient:
         usage = entry.get("usage")
         return ChatResult(
             entry["content"],
-            _usage(usage) if isinstance(usage, dict) else {},
+            read_usage(usage) if isinstance(usage, dict) else {},
             cached=True,
             structured=bool(entry.get("structured", False)),
             response_format=entry.get("response_format")
@@ -668,7 +687,7 @@ def _parse_completion(data: Any, fmt: str) -> ChatResult:
     message = choices[0].get("message") if isinstance(choices[0], dict) else None
     if not isinstance(message, dict):
         raise ChatError(f"HTTP 200 whose choices[0].message is not an object: {snippet}", status=200)
-    content = _content_text(message.get("content"))
+    content = content_text(message.get("content"))
     if content is None:
         refusal = message.get("refusal")
         why = f" (refusal: {str(refusal)[:200]!r})" if refusal else ""
@@ -676,158 +695,5 @@ def _parse_completion(data: Any, fmt: str) -> ChatResult:
     usage = data.get("usage")
     if usage is not None and not isinstance(usage, dict):
         logger.debug("Ignoring a usage field that is not an object: %r", usage)
-    usage = _usage(usage) if isinstance(usage, dict) else {}
+    usage = read_usage(usage) if isinstance(usage, dict) else {}
     return ChatResult(content, usage, cached=False, structured=fmt != "text", response_format=fmt)
-
-
-def _content_text(content: Any) -> str | None:
-    """A message's text: a string, or the text parts of a list of content parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [
-            p if isinstance(p, str) else p.get("text")
-            for p in content
-            if isinstance(p, str) or isinstance(p, dict) and isinstance(p.get("text"), str)
-        ]
-        return "".join(texts) if texts else None
-    return None
-
-
-def _usage(raw: dict) -> dict[str, int]:
-    details = raw.get("completion_tokens_details")
-    details = details if isinstance(details, dict) else {}
-    return {
-        "prompt_tokens": _count(raw.get("prompt_tokens")),
-        "completion_tokens": _count(raw.get("completion_tokens")),
-        "reasoning_tokens": _count(details.get("reasoning_tokens")),
-    }
-
-
-def _count(value: Any) -> int:
-    """A token count, or 0 for anything that is not a non-negative whole number."""
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, str):
-        value = value.strip()
-        return int(value) if value.isdigit() else 0
-    if isinstance(value, int | float) and math.isfinite(value) and value >= 0 and float(value).is_integer():
-        return int(value)
-    return 0
-
-
-def _http_problem(response) -> str:
-    try:
-        detail = response.json().get("error", {})
-        detail = detail.get("message", detail) if isinstance(detail, dict) else detail
-    except (ValueError, AttributeError):
-        detail = response.text
-    return f"HTTP {response.status_code}: {str(detail)[:300]}"
-
-
-def _redact(text: str, secrets: Sequence[str] = ()) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "[REDACTED]")
-    for pattern, repl in _REDACT:
-        text = pattern.sub(repl, text)
-    return text
-
-
-def _split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
-    """``url`` without ``user:password@``, and the credentials (sent as basic auth, never stored)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url, None
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user, _, password = userinfo.partition(":")
-    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
-
-
-def _retry_after(headers) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (delta seconds or HTTP date)."""
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if not value:
-            continue
-        try:
-            seconds = float(value) / scale
-        except ValueError:
-            if scale != 1.0:
-                continue
-            try:
-                seconds = parsedate_to_datetime(value).timestamp() - time.time()
-            except (TypeError, ValueError):
-                return None
-        return seconds if math.isfinite(seconds) else None
-    return None
-
-
-# --- whole-request deadlines ------------------------------------------------------------------------
-# httpx's timeouts bound each read, so a server that sends a byte just before each read times out
-# keeps a request alive forever. Every socket operation of an attempt is clipped to the time left
-# until the attempt's deadline (set per thread in ChatClient._post) by wrapping the connection
-# pool's network backend.
-
-
-def _time_left(kind: str, timeout: float | None) -> float | None:
-    deadline = getattr(_DEADLINE, "value", None)
-    if deadline is None:
-        return timeout
-    import httpcore
-
-    left = deadline - time.monotonic()
-    if left <= 0:
-        error = {"read": httpcore.ReadTimeout, "write": httpcore.WriteTimeout}.get(
-            kind, httpcore.ConnectTimeout
-        )
-        raise error("the request deadline (ChatClient.timeout) passed")
-    return left if timeout is None else min(timeout, left)
-
-
-def _enforce_deadlines(client) -> None:
-    import httpcore
-
-    class Stream(httpcore.NetworkStream):
-        def __init__(self, inner):
-            self._inner = inner
-
-        def read(self, max_bytes, timeout=None):
-            return self._inner.read(max_bytes, _time_left("read", timeout))
-
-        def write(self, buffer, timeout=None):
-            return self._inner.write(buffer, _time_left("write", timeout))
-
-        def close(self):
-            self._inner.close()
-
-        def start_tls(self, ssl_context, server_hostname=None, timeout=None):
-            return Stream(self._inner.start_tls(ssl_context, server_hostname, _time_left("connect", timeout)))
-
-        def get_extra_info(self, info):
-            return self._inner.get_extra_info(info)
-
-    class Backend(httpcore.NetworkBackend):
-        def __init__(self, inner):
-            self._inner = inner
-
-        def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-            timeout = _time_left("connect", timeout)
-            return Stream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
-
-        def connect_unix_socket(self, path, timeout=None, socket_options=None):
-            return Stream(
-                self._inner.connect_unix_socket(path, _time_left("connect", timeout), socket_options)
-            )
-
-        def sleep(self, seconds):
-            self._inner.sleep(seconds)
-
-    transports = [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]
-    n = 0
-    for transport in transports:
-        pool = getattr(transport, "_pool", None)
-        if pool is not None and hasattr(pool, "_network_backend"):
-            pool._network_backend = Backend(pool._network_backend)
-            n += 1
-    if not n:  # pragma: no cover - a future httpx/httpcore layout
-        logger.warning("Could not install the request deadline; ChatClient.timeout bounds each read only.")
