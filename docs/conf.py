@@ -56,7 +56,7 @@ def _copy_tutorials(app) -> None:
             shutil.copyfile(nb, dest)
 
 
-NAMESPACES = ("pp", "tl", "pl", "models", "datasets", "testing")
+NAMESPACES = ("pp", "tl", "pl", "llm", "models", "datasets", "testing")
 
 # The API page is grouped by task (as cookiecutter-scverse's docs/api.md); "ns.*" takes a whole namespace.
 # Every public name must be in exactly one group: the build stops naming any that is not.
@@ -72,7 +72,9 @@ API_GROUPS = {
         "tl.knn_annotate", "tl.map_labels", "tl.mlp_annotate", "tl.fuse_train", "tl.fuse_predict", "tl.FusionModel",
         "tl.FusionConfig", "tl.compare_annotators",
     ],
-    "Generative LLMs": ["tl.llm_annotate", "tl.ChatClient", "tl.llm_marker_matching", "tl.MarkerMatching"],
+    "Generative LLMs": [
+        "tl.llm_annotate", "tl.LLMAnnotateConfig", "tl.llm_marker_matching", "tl.MarkerMatching", "tl.ChatClient", "llm.*",
+    ],
     "Interpretation: ablation, attribution, markers": [
         "tl.ablate", "tl.ablation_study", "tl.attribute", "tl.marker_overlap", "tl.marker_similarity",
         "tl.read_markers",

@@ -254,8 +254,8 @@ def test_llm_annotate_reranks_mapped_candidates(pbmc, tmp_path):
 
     with ChatServer(last_offered) as srv:
         scl.tl.llm_annotate(
-            query, model="m", base_url=srv.base_url, api_key="x", candidates_key="mapped",
-            cells=low, split_key=None, cache_dir=tmp_path,
+            query, "m", candidates_key="mapped", cells=low, split_key=None,
+            client_kwargs={"base_url": srv.base_url, "api_key": "x", "cache_dir": tmp_path},
         )  # fmt: skip
     got = query.obs.loc[low, "llm"].astype(str)
     cand = query.obs.loc[low, ["mapped_top1", "mapped_top2", "mapped_top3"]].astype(object)

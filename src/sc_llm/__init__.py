@@ -6,7 +6,7 @@ sentence-transformers, transformers) only when a function that needs them is cal
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, pl, pp, tl
+from . import datasets, llm, pl, pp, tl
 from ._execution import Execution
 
 try:
@@ -14,4 +14,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["Execution", "datasets", "pl", "pp", "tl", "__version__"]
+__all__ = ["Execution", "datasets", "llm", "pl", "pp", "tl", "__version__"]
