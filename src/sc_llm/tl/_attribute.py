@@ -513,15 +513,6 @@ class _Explainer:
         np.add.at(scores, gene_of[gene_of >= 0], per_token[gene_of >= 0])
         return GeneAttribution(list(words), scores, delta=float(delta.item()))
 
-    def output_difference(self, words, target: int) -> float:
-        """``F(input) - F(baseline)`` of the target logit (what IG attributions sum to)."""
-        import torch
-
-        ids, baseline, _ = self.token_inputs(words)
-        mask = torch.ones_like(ids)
-        with torch.inference_mode():
-            return float(self.forward(ids, mask)[0, target] - self.forward(baseline, mask)[0, target])
-
     # -- LIME --------------------------------------------------------------------------------
     def lime(self, words, target: int, *, rng) -> GeneAttribution:
         import torch
