@@ -58,7 +58,9 @@ show
 doc_show_save = "ax\n    Matplotlib Axes to draw into (default: a new figure)." + _doc_save_show
 
 # For plots of several panels (one Axes each).
-doc_axes_show_save = "axes\n    Matplotlib Axes to draw into, one per panel (default: a new figure)." + _doc_save_show
+doc_axes_show_save = (
+    "axes\n    Matplotlib Axes to draw into, one per panel (default: a new figure)." + _doc_save_show
+)
 
 doc_copy = """\
 copy
