@@ -25,6 +25,7 @@ from scipy.stats import spearmanr
 
 import sc_llm as scl
 from sc_llm.models import load_text_encoder
+from sc_llm.tl import AttributionConfig
 from sc_llm.tl._attribute import _Explainer, _in_context_words
 
 #: name: (precision, internal_batch_size, n_steps or None for --steps)
@@ -60,15 +61,15 @@ def main() -> None:
     )
     results, times = {}, {}
     for name, (precision, internal, steps) in SETTINGS.items():
-        steps = steps or args.steps
-        explainer = _Explainer(encoder, head, True, scl.models.resolve_precision(precision, encoder.device))
+        config = AttributionConfig(
+            n_steps=steps or args.steps, internal_batch_size=internal, precision=precision
+        )
+        used = scl.models.resolve_precision(precision, encoder.device)
+        explainer = _Explainer(encoder, head, True, used, config)
         # One untimed cell: the bf16 weight copy is made once per encoder, outside the timing.
-        explainer.integrated_gradients(words[0], targets[0], n_steps=steps, internal_batch_size=internal)
+        explainer.integrated_gradients(words[0], targets[0])
         t0 = time.perf_counter()
-        results[name] = [
-            explainer.integrated_gradients(w, t, n_steps=steps, internal_batch_size=internal)
-            for w, t in zip(words, targets, strict=True)
-        ]
+        results[name] = [explainer.integrated_gradients(w, t) for w, t in zip(words, targets, strict=True)]
         times[name] = (time.perf_counter() - t0) / len(words)
     ref_name = next(iter(SETTINGS))
     ref = results[ref_name]

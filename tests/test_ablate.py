@@ -40,7 +40,9 @@ def test_gene_hash_is_truncated_sha256_and_deterministic(small):
         for gene, code in zip(o, h, strict=True):
             assert code == hashlib.sha256(gene.encode("utf-8")).hexdigest()[:10]
             assert mapping.setdefault(gene, code) == code
-    assert small.uns["cell_sentence_gene_hash"]["kind"] == "gene_hash"
+    assert small.uns["cell_sentence_gene_hash"] == {
+        "params": {"kind": "gene_hash", "fraction": None, "random_state": 0, "sentence_key": "cell_sentence"}
+    }
     assert "cell_sentence" in small.obs and small.obs["cell_sentence"].iloc[0].split() == orig[0]
 
 
@@ -84,7 +86,10 @@ def test_shuffle_in_context_only_moves_genes_that_fit(small, text_encoder):
     assert sum(o[:n] != s[:n] for o, s, n in zip(orig, shuf, counts, strict=True)) == len(orig)
     info = small.uns["cell_sentence_shuffle_in_context"]
     assert info["genes_in_context"]["mean"] == pytest.approx(np.mean(counts))
-    assert info["model"]["max_tokens"] == limit
+    assert (
+        info["params"]["model"] == text_encoder.identity() and info["params"]["kind"] == "shuffle_in_context"
+    )
+    assert set(info) == {"params", "genes_in_context"}
 
 
 @pytest.mark.parametrize("fraction", [None, 0.25])
@@ -96,13 +101,19 @@ def test_shuffle_top_moves_only_the_top_fraction(small, text_encoder, fraction):
         n = _fit_count(text_encoder.tokenizer, text_encoder.max_tokens, o)
         k = int(np.floor((fraction or 0.1) * n + 0.5))
         assert sorted(s[:k]) == sorted(o[:k]) and s[k:] == o[k:]
-    assert small.uns[key]["fraction"] == (fraction or 0.1)
+    assert small.uns[key]["params"]["fraction"] == (fraction or 0.1)
+    assert small.uns[key]["params"]["rounding"].startswith(
+        "n_top = max(1, floor(fraction * n_in_context + 0.5))"
+    )
 
 
 def test_hash_shuffle_in_context_counts_context_on_hashed_sentence(small, text_encoder):
     scl.tl.ablate(small, "gene_hash")
     scl.tl.ablate(small, "hash_shuffle_in_context", model=text_encoder)
-    hashed, both = _words(small, "cell_sentence_gene_hash"), _words(small, "cell_sentence_hash_shuffle_in_context")
+    hashed, both = (
+        _words(small, "cell_sentence_gene_hash"),
+        _words(small, "cell_sentence_hash_shuffle_in_context"),
+    )
     for h, b in zip(hashed, both, strict=True):
         n = _fit_count(text_encoder.tokenizer, text_encoder.max_tokens, h)
         assert sorted(b[:n]) == sorted(h[:n]) and b[n:] == h[n:]
@@ -159,7 +170,9 @@ def test_ablation_study_layout_and_baseline(pbmc_embedded, text_encoder, tmp_pat
     assert counts["truncate_0.2"] < counts["truncate_0.5"] < counts["baseline"]
 
     scl.pl.ablation(adata, save=tmp_path / "ablation.png")
-    scl.pl.sentence_length(adata, baselines={"other encoder": {"accuracy": 0.5, "f1": 0.4}}, save=tmp_path / "len.png")
+    scl.pl.sentence_length(
+        adata, baselines={"other encoder": {"accuracy": 0.5, "f1": 0.4}}, save=tmp_path / "len.png"
+    )
     assert (tmp_path / "ablation.png").stat().st_size > 0 and (tmp_path / "len.png").stat().st_size > 0
     with pytest.raises(ValueError, match="listed twice"):
         scl.tl.ablation_study(adata, "cell_type", kinds=["gene_hash", "gene_hash"])

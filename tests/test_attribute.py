@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
 import sc_llm as scl
 from sc_llm.models import FusionModel
+from sc_llm.tl import AttributionConfig
 
 GROUPS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]
 
@@ -44,11 +48,11 @@ def test_integrated_gradients_table_and_completeness(pbmc_embedded, trained, tex
     genes = scl.tl.attribute(
         pbmc_embedded,
         trained,
-        groupby="cell_type",
+        labels_key="cell_type",
         groups=GROUPS,
         n_cells=2,
         top_n=5,
-        n_steps=16,
+        config=AttributionConfig(n_steps=16),
         model=text_encoder,
     )
     res = pbmc_embedded.uns["attributions_integrated_gradients"]
@@ -100,12 +104,12 @@ def test_lime_fusion_model_is_seeded(pbmc_embedded, text_encoder):
     model = scl.tl.fuse_train(pbmc_embedded, ["X_text"], "cell_type", hidden=32, epochs=5, random_state=0)
     assert isinstance(model, FusionModel)
     kwargs = dict(
-        groupby="cell_type",
+        labels_key="cell_type",
         groups=["CD56+ NK", "CD19+ B"],
         method="lime",
         n_cells=1,
         top_n=4,
-        num_samples=40,
+        config=AttributionConfig(num_samples=40),
         model=text_encoder,
     )
     first = scl.tl.attribute(pbmc_embedded, model, **kwargs).copy()
@@ -123,32 +127,36 @@ def test_predicted_target_and_errors(pbmc_embedded, trained, text_encoder):
     scl.tl.attribute(
         pbmc_embedded,
         trained,
-        groupby="cell_type",
+        labels_key="cell_type",
         groups=["CD56+ NK"],
         n_cells=1,
-        n_steps=4,
-        target="predicted",
+        config=AttributionConfig(n_steps=4, target="predicted"),
         model=text_encoder,
         split_key=None,
     )
     cells = pbmc_embedded.uns["attributions_integrated_gradients"]["cells"]
     assert (cells["target"] == cells["predicted"]).all()
     with pytest.raises(ValueError, match="Unknown attribution method"):
-        scl.tl.attribute(pbmc_embedded, trained, groupby="cell_type", method="shap")
+        scl.tl.attribute(pbmc_embedded, trained, labels_key="cell_type", method="shap")
     with pytest.raises(AttributeError, match="classes"):
-        scl.tl.attribute(pbmc_embedded, torch.nn.Linear(384, 3), groupby="cell_type")
+        scl.tl.attribute(pbmc_embedded, torch.nn.Linear(384, 3), labels_key="cell_type")
     fused = FusionModel(["X_text", "X_pca"], [384, 50], ["a", "b"], hidden=4)
     with pytest.raises(ValueError, match="this head fuses"):
-        scl.tl.attribute(pbmc_embedded, fused, groupby="cell_type")
+        scl.tl.attribute(pbmc_embedded, fused, labels_key="cell_type")
     with pytest.raises(ValueError, match="'Martian'"):
-        scl.tl.attribute(pbmc_embedded, trained, groupby="cell_type", groups=["Martian"])
+        scl.tl.attribute(pbmc_embedded, trained, labels_key="cell_type", groups=["Martian"])
     with pytest.raises(KeyError, match="'celltype' not found"):
-        scl.tl.attribute(pbmc_embedded, trained, groupby="celltype")
+        scl.tl.attribute(pbmc_embedded, trained, labels_key="celltype")
 
 
 def test_exclude_drops_genes_from_the_summary_only(pbmc_embedded, trained, text_encoder):
     kwargs = dict(
-        groupby="cell_type", groups=["CD14+ Monocyte"], n_cells=1, n_steps=4, top_n=1000, model=text_encoder
+        labels_key="cell_type",
+        groups=["CD14+ Monocyte"],
+        n_cells=1,
+        top_n=1000,
+        model=text_encoder,
+        config=AttributionConfig(n_steps=4),
     )
     full = scl.tl.attribute(pbmc_embedded, trained, key_added="all", **kwargs)
     patterns = ("^RP[SL]", "^MT-", "^hla-")  # case-insensitive: the last one matches HLA-DRA etc.
@@ -175,11 +183,12 @@ def test_bf16_attributions_agree_with_fp32(pbmc_embedded, trained, text_encoder)
 
     from sc_llm.models import resolve_precision
 
-    kwargs = dict(
-        groupby="cell_type", groups=["CD56+ NK"], n_cells=1, n_steps=8, top_n=1000, model=text_encoder
+    kwargs = dict(labels_key="cell_type", groups=["CD56+ NK"], n_cells=1, top_n=1000, model=text_encoder)
+    fp32 = scl.tl.attribute(
+        pbmc_embedded, trained, key_added="fp32", config=AttributionConfig(n_steps=8), **kwargs
     )
-    fp32 = scl.tl.attribute(pbmc_embedded, trained, key_added="fp32", **kwargs)
-    bf16 = scl.tl.attribute(pbmc_embedded, trained, precision="bf16", key_added="bf16", **kwargs)
+    bf16_config = AttributionConfig(n_steps=8, precision="bf16")
+    bf16 = scl.tl.attribute(pbmc_embedded, trained, config=bf16_config, key_added="bf16", **kwargs)
     used = pbmc_embedded.uns["bf16"]["params"]["precision"]
     assert used == resolve_precision("bf16", text_encoder.device)
     # Same genes explained; the positive-attribution genes rank nearly alike.
@@ -191,11 +200,91 @@ def test_bf16_attributions_agree_with_fp32(pbmc_embedded, trained, text_encoder)
     # Completeness holds in both: the sums are F(x) - F(baseline) of the target logit, to bf16 accuracy.
     assert s16 == pytest.approx(s32, abs=0.1)
     with pytest.raises(ValueError, match="precision must be one of"):
-        scl.tl.attribute(pbmc_embedded, trained, precision="int8", **kwargs)
+        scl.tl.attribute(pbmc_embedded, trained, config=AttributionConfig(precision="int8"), **kwargs)
 
 
 def test_duplicated_obs_names_are_refused(pbmc_embedded):
     sub = pbmc_embedded[:6].copy()
     sub.obs_names = ["a", "b", "a", "c", "d", "e"]
     with pytest.raises(ValueError, match="obs_names are not unique \\('a' repeat\\)"):
-        scl.tl.attribute(sub, object(), groupby="cell_type")
+        scl.tl.attribute(sub, object(), labels_key="cell_type")
+
+
+def test_old_keywords_warn_and_give_the_same_result(pbmc_embedded, trained, text_encoder):
+    common = dict(groups=["CD19+ B"], n_cells=1, top_n=1000, model=text_encoder)
+    new = scl.tl.attribute(
+        pbmc_embedded,
+        trained,
+        labels_key="cell_type",
+        train_value="train",
+        config=AttributionConfig(n_steps=4, batch_size=8),
+        key_added="new",
+        **common,
+    )
+    with pytest.warns(FutureWarning) as record:
+        old = scl.tl.attribute(
+            pbmc_embedded, trained, groupby="cell_type", split_value="test", n_steps=4, batch_size=8,
+            key_added="old", **common,
+        )  # fmt: skip
+    messages = " ".join(str(w.message) for w in record)
+    for name in ("`groupby`", "`split_value`", "n_steps=…, batch_size=…"):
+        assert name in messages
+    assert "AttributionConfig(" in messages and "removed in 0.3.0" in messages
+    assert old.equals(new)
+    assert pbmc_embedded.uns["old"]["cells"].equals(pbmc_embedded.uns["new"]["cells"])
+    assert pbmc_embedded.uns["old"]["params"]["split_value"] == "test"
+    assert pbmc_embedded.uns["new"]["params"]["train_value"] == "train"
+    assert pbmc_embedded.uns["new"]["params"]["labels_key"] == "cell_type"
+    with pytest.raises(TypeError, match="both `groupby` \\(deprecated\\) and `labels_key`"):
+        scl.tl.attribute(pbmc_embedded, trained, groupby="cell_type", labels_key="cell_type")
+    with pytest.raises(TypeError, match="both `split_value` \\(deprecated\\) and `train_value`"):
+        scl.tl.attribute(
+            pbmc_embedded, trained, labels_key="cell_type", split_value="test", train_value="train"
+        )
+
+
+def test_explains_every_labelled_cell_outside_training(pbmc_embedded, trained, text_encoder):
+    # A three-way split: the validation and test cells are held out, only split_value names one of them.
+    adata = pbmc_embedded
+    split = adata.obs["split"].astype(str).to_numpy().copy()
+    nk = (adata.obs["cell_type"] == "CD56+ NK").to_numpy()
+    split[np.flatnonzero(nk & (split == "train"))[:5]] = "val"
+    adata.obs["split"] = split
+    common = dict(labels_key="cell_type", groups=["CD56+ NK"], n_cells=1000, model=text_encoder)
+    config = AttributionConfig(n_steps=2)
+    scl.tl.attribute(adata, trained, config=config, key_added="held_out", **common)
+    explained = adata.obs.loc[adata.uns["held_out"]["cells"].index, "split"]
+    assert set(explained) == {"val", "test"} and len(explained) == (nk & (split != "train")).sum()
+    with pytest.warns(FutureWarning, match="split_value"):
+        scl.tl.attribute(adata, trained, config=config, split_value="val", key_added="val", **common)
+    assert set(adata.obs.loc[adata.uns["val"]["cells"].index, "split"]) == {"val"}
+    with pytest.raises(ValueError, match="No cell has obs\\['split'\\] == 'Train'"):
+        scl.tl.attribute(adata, trained, config=config, train_value="Train", **common)
+
+
+def test_config_is_checked(pbmc_embedded, trained):
+    with pytest.raises(ValueError, match="n_steps must be a positive integer, got 0"):
+        AttributionConfig(n_steps=0)
+    with pytest.raises(ValueError, match="target must be one of"):
+        AttributionConfig(target="prediction")
+    with pytest.raises(TypeError, match="config must be an AttributionConfig, got dict"):
+        scl.tl.attribute(pbmc_embedded, trained, labels_key="cell_type", config={"n_steps": 4})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AttributionConfig().n_steps = 3
+
+
+def test_normalize_is_read_from_the_embedding_record(pbmc_embedded, text_encoder):
+    classes = sorted(pbmc_embedded.obs["cell_type"].astype(str).unique())
+    head = FusionModel(["X_text"], [384], classes, hidden=4)
+    kwargs = dict(labels_key="cell_type", groups=["CD19+ B"], n_cells=1, model=text_encoder)
+    records = {
+        "nested": {"params": {"normalize": False}, "dim": 384},
+        "flat": {"normalize": False},
+    }  # 0.2, 0.1
+    for shape, record in records.items():
+        pbmc_embedded.uns["X_text"] = record
+        scl.tl.attribute(pbmc_embedded, head, config=AttributionConfig(n_steps=2), key_added=shape, **kwargs)
+        assert pbmc_embedded.uns[shape]["params"]["normalize"] is False
+    config = AttributionConfig(n_steps=2, normalize=True)
+    scl.tl.attribute(pbmc_embedded, head, config=config, key_added="given", **kwargs)
+    assert pbmc_embedded.uns["given"]["params"]["normalize"] is True

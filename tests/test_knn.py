@@ -99,10 +99,15 @@ def test_errors(pbmc_embedded):
 def test_cluster_metrics(pbmc_embedded):
     a = pbmc_embedded
     r1 = scl.tl.cluster_metrics(a, "X_text", "cell_type", random_state=0)
-    r2 = scl.tl.cluster_metrics(a, "X_text", "cell_type", random_state=0)
-    assert r1 == r2 and r1["n_clusters"] == 10
+    r2 = scl.tl.cluster_metrics(a, "X_text", "cell_type", random_state=0, key_added="again")
+    assert r1 == r2 and r1["n_clusters"] == 10 and r1["n_cells"] == a.n_obs
     assert 0.05 < r1["ari"] < 1 and 0.1 < r1["ami"] < 1
-    assert a.uns["cluster_metrics"]["X_text"] == r1
+    params = {"use_rep": "X_text", "labels_key": "cell_type", "random_state": 0, "n_init": 10}
+    assert a.uns["cluster_metrics_X_text"] == {"params": params, **r1}
+    # Each representation keeps its own record (scanpy's uns[key]["params"] shape).
+    pca = scl.tl.cluster_metrics(a, "X_pca", "cell_type")
+    assert a.uns["cluster_metrics_X_text"] == {"params": params, **r1}
+    assert a.uns["cluster_metrics_X_pca"] == {"params": {**params, "use_rep": "X_pca"}, **pca}
     shuffled = a.copy()
     shuffled.obs["cell_type"] = np.random.default_rng(0).permutation(a.obs["cell_type"].to_numpy())
     assert abs(scl.tl.cluster_metrics(shuffled, "X_text", "cell_type")["ari"]) < 0.05

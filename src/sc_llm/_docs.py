@@ -41,13 +41,18 @@ doc_random_state = """\
 random_state
     Seed of every random choice made here; the same seed and inputs give the same result."""
 
-doc_show_save = """\
-ax
-    Matplotlib Axes to draw into (default: a new figure).
+_doc_save_show = """
 save
     Path of a figure file to write.
 show
-    Show the figure (default: only when neither saving nor drawing into a given ``ax``)."""
+    Show the figure (default: only when neither saving nor drawing into given Axes)."""
+
+doc_show_save = "ax\n    Matplotlib Axes to draw into (default: a new figure)." + _doc_save_show
+
+# For plots of several panels (one Axes each).
+doc_axes_show_save = (
+    "axes\n    Matplotlib Axes to draw into, one per panel (default: a new figure)." + _doc_save_show
+)
 
 doc_copy = """\
 copy

@@ -9,23 +9,27 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._docs import doc_axes_show_save, doc_params, doc_show_save
 from ..tl._ablate import column_label
-from ._utils import finish
+from ._utils import finish, panels, uns_table
 
 _ROW_LABELS = {
-    "accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1",
-    "kmeans_ari": "k-means ARI", "kmeans_ami": "k-means AMI",
+    "accuracy": "Accuracy",
+    "precision": "Precision",
+    "recall": "Recall",
+    "f1": "F1",
+    "kmeans_ari": "k-means ARI",
+    "kmeans_ami": "k-means AMI",
 }
 
 
 def _study(data, key: str) -> tuple[pd.DataFrame, dict]:
-    if isinstance(data, pd.DataFrame):
-        return data, {}
-    if key not in data.uns or "table" not in data.uns[key]:
-        raise KeyError(f"uns[{key!r}]['table'] not found; run sc_llm.tl.ablation_study first.")
-    return data.uns[key]["table"], dict(data.uns[key].get("kinds", {}))
+    """The study table and its ``kinds`` record (empty when given the table alone)."""
+    table = uns_table(data, key, "table", "ablation_study")
+    return table, {} if isinstance(data, pd.DataFrame) else dict(data.uns[key].get("kinds", {}))
 
 
+@doc_params(doc_show_save=doc_show_save)
 def ablation(
     data: AnnData | pd.DataFrame,
     *,
@@ -49,28 +53,21 @@ def ablation(
         Rows to draw (default: all).
     columns
         Ablations to draw (default: all, baseline first).
-    ax
-        Matplotlib Axes to draw into (default: a new figure).
-    save
-        Path of a figure file to write.
-    show
-        Show the figure (default: only when neither saving nor drawing into a given ``ax``).
+    {doc_show_save}
 
     Returns
     -------
     The matplotlib Axes.
     """
-    import matplotlib.pyplot as plt
-
     table, kinds = _study(data, key)
     metrics = list(metrics) if metrics is not None else list(table.index)
     columns = list(columns) if columns is not None else list(table.columns)
     missing = [m for m in metrics if m not in table.index] + [c for c in columns if c not in table.columns]
     if missing:
-        raise KeyError(f"{missing} not in the ablation table (rows {list(table.index)}, columns {list(table.columns)}).")
-    own_ax = ax is None
-    if own_ax:
-        _, ax = plt.subplots(figsize=(2 + 1.3 * len(metrics), 4), constrained_layout=True)
+        raise KeyError(
+            f"{missing} not in the ablation table (rows {list(table.index)}, columns {list(table.columns)})."
+        )
+    fig, (ax,), own = panels(ax, figsize=(2 + 1.3 * len(metrics), 4))
     width = 0.8 / len(columns)
     x = np.arange(len(metrics))
     for i, col in enumerate(columns):
@@ -81,10 +78,11 @@ def ablation(
     ax.set_ylim(min(0.0, float(np.nanmin(table.loc[metrics, columns].to_numpy(dtype=float)))), 1)
     ax.set_ylabel("score (held-out cells; clustering: all cells)")
     ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
-    finish(ax.figure, save, show, own_ax)
+    finish(fig, save, show, own)
     return ax
 
 
+@doc_params(doc_axes_show_save=doc_axes_show_save)
 def sentence_length(
     data: AnnData | pd.DataFrame,
     *,
@@ -112,31 +110,24 @@ def sentence_length(
         panel, e.g. another encoder or scGPT with full sentences.
     include_full
         Draw the unablated sentences (``"baseline"`` column) at fraction 1.0.
-    axes
-        Sequence of Axes, one per metric (default: a new figure).
-    save
-        Path of a figure file to write.
-    show
-        Show the figure (default: only when neither saving nor drawing into given ``axes``).
+    {doc_axes_show_save}
 
     Returns
     -------
     The list of Axes.
     """
-    import matplotlib.pyplot as plt
-
     table, kinds = _study(data, key)
     fractions = _truncation_points(table, kinds, include_full)
     if not fractions:
-        raise ValueError("The ablation table has no 'truncate' columns; run ablation_study with ('truncate', f) kinds.")
-    own = axes is None
-    if own:
-        _, axes = plt.subplots(len(metrics), 1, figsize=(5, 2.6 * len(metrics)), squeeze=False, constrained_layout=True)
-        axes = list(axes[:, 0])
+        raise ValueError(
+            "The ablation table has no 'truncate' columns; run ablation_study with ('truncate', f) kinds."
+        )
+    absent = [m for m in metrics if m not in table.index]
+    if absent:
+        raise KeyError(f"Metrics {absent} not in the ablation table; rows: {list(table.index)}.")
+    fig, axes, own = panels(axes, len(metrics), figsize=(5, 2.6 * len(metrics)))
     xs = sorted(fractions)
     for ax, metric in zip(axes, metrics, strict=True):
-        if metric not in table.index:
-            raise KeyError(f"Metric {metric!r} not in the ablation table; rows: {list(table.index)}.")
         ys = [float(table.loc[metric, fractions[f]]) for f in xs]
         ax.plot([100 * f for f in xs], ys, marker="o", label="text encoder")
         for j, (name, value) in enumerate((baselines or {}).items()):
@@ -147,7 +138,7 @@ def sentence_length(
         ax.set_ylabel(_ROW_LABELS.get(metric, metric))
         ax.set_xticks([100 * f for f in xs])
         ax.legend(fontsize="small", frameon=False)
-    finish(axes[0].figure, save, show, own)
+    finish(fig, save, show, own)
     return axes
 
 

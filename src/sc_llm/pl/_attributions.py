@@ -9,9 +9,11 @@ from pathlib import Path
 import pandas as pd
 from anndata import AnnData
 
-from ._utils import finish
+from .._docs import doc_axes_show_save, doc_params
+from ._utils import finish, panels, uns_table
 
 
+@doc_params(doc_axes_show_save=doc_axes_show_save)
 def attributions(
     data: AnnData | pd.DataFrame,
     *,
@@ -22,6 +24,7 @@ def attributions(
     ncols: int = 3,
     marker_color: str = "C3",
     other_color: str = "0.6",
+    axes=None,
     save: str | Path | None = None,
     show: bool | None = None,
 ):
@@ -42,23 +45,18 @@ def attributions(
     groups
         Panels to draw (default: every group of the table).
     ncols
-        Panels per row.
+        Panels per row of a new figure.
     marker_color, other_color
         Bar colours of markers and of other genes.
-    save
-        Path of a figure file to write.
-    show
-        Show the figure (default: only when not saving).
+    {doc_axes_show_save}
 
     Returns
     -------
-    The matplotlib Figure.
+    The matplotlib Figure (one panel per group).
     """
-    import matplotlib.pyplot as plt
-
     from ..tl._markers import _match_groups, read_markers
 
-    table = _table(data, key)
+    table = uns_table(data, key, "genes", "attribute", columns=("group", "rank", "gene", "attribution"))
     groups = list(groups) if groups is not None else list(dict.fromkeys(table["group"].astype(str)))
     absent = [g for g in groups if g not in set(table["group"].astype(str))]
     if absent:
@@ -66,14 +64,17 @@ def attributions(
     marker_sets = read_markers(markers) if markers is not None else {}
     matched = _match_groups(groups, list(marker_sets), mapping)
     ncols = max(1, min(ncols, len(groups)))
-    nrows = math.ceil(len(groups) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 0.28 * table.groupby("group").size().max() * nrows + 1.2 * nrows),
-                             squeeze=False, constrained_layout=True)
-    for ax, group in zip(axes.ravel(), groups, strict=False):
+    size = (3.4 * ncols, (0.28 * table.groupby("group").size().max() + 1.2) * math.ceil(len(groups) / ncols))
+    fig, axes, own = panels(axes, len(groups), figsize=size, ncols=ncols)
+    for ax, group in zip(axes, groups, strict=True):
         rows = table[table["group"].astype(str) == group].sort_values("rank")
         known = {m.upper() for m in marker_sets.get(matched.get(group, ""), [])}
         is_marker = [g.upper() in known for g in rows["gene"]]
-        ax.barh(range(len(rows)), rows["attribution"], color=[marker_color if m else other_color for m in is_marker])
+        ax.barh(
+            range(len(rows)),
+            rows["attribution"],
+            color=[marker_color if m else other_color for m in is_marker],
+        )
         ax.set_yticks(range(len(rows)), list(rows["gene"]))
         for label, m in zip(ax.get_yticklabels(), is_marker, strict=True):
             if m:
@@ -82,24 +83,10 @@ def attributions(
         ax.invert_yaxis()
         ax.set_title(group, fontsize="medium")
         ax.set_xlabel("summed attribution", fontsize="small")
-    for ax in axes.ravel()[len(groups):]:
-        ax.set_visible(False)
-    method = str(table["method"].iloc[0]) if "method" in table and len(table) else ""
-    fig.suptitle(method.replace("_", " ") + (" (markers in bold)" if marker_sets else ""), fontsize="medium")
-    finish(fig, save, show)
+    if own:  # a caller's figure keeps its own title
+        method = str(table["method"].iloc[0]) if "method" in table else ""
+        fig.suptitle(
+            method.replace("_", " ") + (" (markers in bold)" if marker_sets else ""), fontsize="medium"
+        )
+    finish(fig, save, show, own)
     return fig
-
-
-def _table(data, key: str) -> pd.DataFrame:
-    if isinstance(data, pd.DataFrame):
-        table = data
-    else:
-        if key not in data.uns or "genes" not in data.uns[key]:
-            raise KeyError(f"uns[{key!r}]['genes'] not found; run sc_llm.tl.attribute first.")
-        table = data.uns[key]["genes"]
-    for col in ("group", "rank", "gene", "attribution"):
-        if col not in table.columns:
-            raise KeyError(f"The attribution table lacks column {col!r}; columns: {list(table.columns)}.")
-    if table.empty:
-        raise ValueError("The attribution table is empty (no gene with a positive attribution).")
-    return table

@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._utils import finish
+from .._docs import doc_axes_show_save, doc_params, doc_split
+from ._utils import finish, panels
 
 
+@doc_params(doc_split=doc_split, doc_axes_show_save=doc_axes_show_save)
 def annotation_embedding(
     adata: AnnData,
     labels_key: str,
@@ -19,6 +21,7 @@ def annotation_embedding(
     basis: str = "umap",
     split_key: str | None = "split",
     train_value: str = "train",
+    axes=None,
     save: str | Path | None = None,
     show: bool | None = None,
 ):
@@ -34,18 +37,15 @@ def annotation_embedding(
         ``obs`` column with the predictions (e.g. written by :func:`sc_llm.tl.knn_annotate`).
     basis
         Embedding to draw (``"umap"`` reads ``obsm["X_umap"]``).
-    split_key, train_value
-        Training cells are drawn as ``"train"`` in the correctness panel; ``None`` treats all cells alike.
-    save
-        Path of a figure file to write.
-    show
-        Show the figure (default: only when not saving).
+    {doc_split}
+        Here the training cells are drawn in grey as ``"train"`` in the correctness panel;
+        ``split_key=None`` treats all cells alike.
+    {doc_axes_show_save}
 
     Returns
     -------
     List of the two matplotlib Axes.
     """
-    import matplotlib.pyplot as plt
     import scanpy as sc
 
     for key in (labels_key, pred_key):
@@ -59,7 +59,7 @@ def annotation_embedding(
     view.obs["prediction"] = _correctness(adata, labels_key, pred_key, split_key, train_value)
     # Draw training cells first so the held-out cells (the point of the panel) stay on top.
     view = view[np.argsort(view.obs["prediction"].to_numpy() != "train", kind="stable")].copy()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    fig, axes, own = panels(axes, 2, figsize=(13, 5), ncols=2)
     sc.pl.embedding(view, basis=basis, color=labels_key, ax=axes[0], show=False, title=f"true {labels_key}")
     sc.pl.embedding(
         view,
@@ -70,8 +70,8 @@ def annotation_embedding(
         palette={"correct": "#2a9d8f", "wrong": "#e63946", "train": "#d9d9d9"},
         title=f"{pred_key} on held-out cells",
     )
-    finish(fig, save, show)
-    return list(axes)
+    finish(fig, save, show, own)
+    return axes
 
 
 def _correctness(adata, labels_key, pred_key, split_key, train_value) -> pd.Categorical:

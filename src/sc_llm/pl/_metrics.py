@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._utils import finish
+from .._docs import doc_params, doc_show_save
+from ._utils import finish, panels, uns_table
 
 METRICS = ("accuracy", "precision", "recall", "f1")
 
 
+@doc_params(doc_show_save=doc_show_save)
 def annotation_metrics(
     data: AnnData | pd.DataFrame,
     *,
@@ -34,30 +36,19 @@ def annotation_metrics(
         ``uns`` key of the comparison when ``data`` is an AnnData.
     metrics
         Metric columns to draw (each needs a ``<metric>_sd`` column; NaN sd draws no error bar).
-    ax
-        Matplotlib Axes to draw into (default: a new figure).
-    save
-        Path of a figure file to write.
-    show
-        Show the figure (default: only when neither saving nor drawing into a given ``ax``).
+    {doc_show_save}
 
     Returns
     -------
     The matplotlib Axes.
     """
-    import matplotlib.pyplot as plt
-
     summary = _summary(data, key)
     missing = [m for m in metrics if m not in summary or f"{m}_sd" not in summary]
     if missing or not len(metrics):
         raise KeyError(
             f"Metrics {missing or list(metrics)} not in the comparison; columns: {list(summary.columns)}."
         )
-    own_ax = ax is None
-    if own_ax:
-        _, ax = plt.subplots(
-            figsize=(1.2 + 1.1 * len(metrics) * max(len(summary), 2) / 3, 4), constrained_layout=True
-        )
+    fig, (ax,), own = panels(ax, figsize=(1.2 + 1.1 * len(metrics) * max(len(summary), 2) / 3, 4))
     width = 0.8 / len(summary)
     x = np.arange(len(metrics))
     for i, (model, row) in enumerate(summary.iterrows()):
@@ -68,19 +59,10 @@ def annotation_metrics(
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out score (macro for P/R/F1)")
     ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
-    finish(ax.figure, save, show, own_ax)
+    finish(fig, save, show, own)
     return ax
 
 
 def _summary(data, key: str) -> pd.DataFrame:
-    if isinstance(data, pd.DataFrame):
-        summary = data
-    else:
-        if key not in data.uns or "summary" not in data.uns[key]:
-            raise KeyError(f"uns[{key!r}]['summary'] not found; run sc_llm.tl.compare_annotators first.")
-        summary = data.uns[key]["summary"]
-    if "model" in summary.columns:
-        summary = summary.set_index("model")
-    if summary.empty:
-        raise ValueError("The comparison has no rows.")
-    return summary
+    summary = uns_table(data, key, "summary", "compare_annotators")
+    return summary.set_index("model") if "model" in summary.columns else summary

@@ -2,7 +2,7 @@
 
 from ..llm import ChatClient  # re-exported: scl.tl.ChatClient predates sc_llm.llm
 from ._ablate import ablate, ablation_study
-from ._attribute import attribute
+from ._attribute import AttributionConfig, attribute
 from ._compare import compare_annotators
 from ._coverage import to_model_ids, vocab_coverage
 from ._embed_geneformer import embed_geneformer
@@ -26,6 +26,7 @@ __all__ += ["ChatClient", "LLMAnnotateConfig", "MarkerMatching", "llm_annotate",
 __all__ += ["from_mudata", "to_mudata"]
 __all__ += ["map_labels", "to_model_ids", "vocab_coverage"]
 __all__ += ["ablate", "ablation_study", "attribute", "marker_overlap", "marker_similarity", "read_markers"]
+__all__ += ["AttributionConfig"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
 __all__ += ["FusionModel", "compare_annotators", "fuse_predict", "fuse_train", "mlp_annotate"]

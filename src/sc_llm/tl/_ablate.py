@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import check_key, embedding_record, format_examples, logger, maybe_copy, warn_overwrite
+from .._docs import doc_copy, doc_device_precision, doc_params, doc_random_state, doc_split
+from .._utils import check_key, embedding_record, logger, maybe_copy, obs_sentences, warn_overwrite
 from ..models._runtime import Precision
 
 HASH_LENGTH = 10
@@ -54,17 +55,28 @@ def gene_hash(gene: str) -> str:
     return hashlib.sha256(gene.encode("utf-8")).hexdigest()[:HASH_LENGTH]
 
 
+@doc_params(rounding=ROUNDING)
 def n_top(n_in_context: np.ndarray | int, fraction: float) -> np.ndarray:
-    """Number of genes making up the top ``fraction`` of ``n_in_context`` genes ({rounding})."""
+    """Number of genes making up the top ``fraction`` of ``n_in_context`` genes ({rounding}).
+
+    Parameters
+    ----------
+    n_in_context
+        Genes that fit the encoder's token limit, per cell.
+    fraction
+        Share of them to keep, in (0, 1].
+
+    Returns
+    -------
+    Integer array shaped like ``n_in_context``; 0 where no gene fits.
+    """
     n = np.asarray(n_in_context, dtype=np.int64)
     # The epsilon keeps 0.1 * 150 = 15.000000000000002 at 15 and exact halves rounding up.
     k = np.floor(fraction * n + 0.5 + 1e-9).astype(np.int64)
     return np.where(n > 0, np.clip(k, 1, n), 0)
 
 
-n_top.__doc__ = n_top.__doc__.replace("{rounding}", ROUNDING)
-
-
+@doc_params(rounding=ROUNDING, doc_random_state=doc_random_state, doc_copy=doc_copy)
 def ablate(
     adata: AnnData,
     kind: str,
@@ -109,20 +121,20 @@ def ablate(
         values as :func:`sc_llm.tl.embed_text`; ``None`` is the bundled all-MiniLM-L6-v2).
         Permuting in-context genes never changes which genes fit: each word is tokenized on
         its own, so the same words use the same number of tokens in any order.
-    random_state
-        Seed of the shuffles and per-instance hashes (bit-for-bit reproducible).
+    {doc_random_state}
+        Here: the shuffles and per-instance hashes (bit-for-bit reproducible).
     key_added
         ``obs`` column for the ablated sentences; default ``f"{sentence_key}_{kind}"`` (with
-        ``f"_{fraction:g}"`` appended for kinds that take a fraction). Parameters go to
+        ``f"_{fraction:g}"`` appended for kinds that take a fraction). The record goes to
         ``uns[key_added]``.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_copy}
 
     Returns
     -------
-    ``None`` or a copy. Sets ``obs[key_added]`` and ``uns[key_added]`` (kind, fraction, seed,
-    source column, encoder identity and in-context gene counts of the source sentences for
-    context-based kinds, plus ``genes_kept`` for ``"truncate"``).
+    ``None`` or a copy. Sets ``obs[key_added]`` and ``uns[key_added]``: ``"params"`` (kind,
+    fraction and its rounding rule, seed, source column, and the encoder identity for context-based
+    kinds) beside, for context-based kinds, ``"genes_in_context"`` (in-context genes of the source
+    sentences: mean, min, max) and, for ``"truncate"``, ``"genes_kept"``.
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
@@ -133,26 +145,24 @@ def ablate(
             f"key_added must differ from sentence_key ({sentence_key!r}): the sentences would be replaced by "
             "their ablation."
         )
-    sentences = _sentences(adata, sentence_key)
+    sentences = obs_sentences(adata, sentence_key)
     adata = maybe_copy(adata, copy)
-    ablated, info = ablate_sentences(sentences, kind, fraction=fraction, model=model, random_state=random_state)
+    ablated, info = ablate_sentences(
+        sentences, kind, fraction=fraction, model=model, random_state=random_state
+    )
     warn_overwrite(adata.obs, key_added, "adata.obs")
     adata.obs[key_added] = pd.Series(ablated, index=adata.obs_names, dtype=object)
-    adata.uns[key_added] = {
-        "kind": kind,
-        "fraction": fraction,
-        "random_state": random_state,
-        "sentence_key": sentence_key,
-        **({"rounding": ROUNDING} if fraction is not None else {}),
-        **info,
-    }
+    params = {"kind": kind, "fraction": fraction, "random_state": random_state, "sentence_key": sentence_key}
+    if fraction is not None:
+        params["rounding"] = ROUNDING
+    if "model" in info:
+        params["model"] = info.pop("model")
+    adata.uns[key_added] = {"params": params, **info}
     return adata if copy else None
 
 
-ablate.__doc__ = ablate.__doc__.replace("{rounding}", ROUNDING)
-
-
 def default_key(sentence_key: str, kind: str, fraction: float | None) -> str:
+    """The default name of an ablation: ``obs`` column of :func:`ablate`, column of :func:`ablation_study`."""
     return f"{sentence_key}_{kind}" + (f"_{fraction:g}" if fraction is not None else "")
 
 
@@ -164,7 +174,13 @@ def ablate_sentences(
     model: Any = None,
     random_state: int = 0,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Ablate a list of sentences; returns ``(ablated, info)`` (see :func:`ablate` for the kinds)."""
+    """Ablate a list of sentences without an AnnData (see :func:`ablate` for the kinds).
+
+    Returns
+    -------
+    ``(ablated sentences, info)``; ``info`` holds, for context-based kinds, the encoder identity
+    (``"model"``) and ``"genes_in_context"``, and ``"genes_kept"`` for ``"truncate"``.
+    """
     if kind not in KINDS:
         raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
     fraction = _check_fraction(kind, fraction)
@@ -183,7 +199,11 @@ def ablate_sentences(
             kept = n_top(n_fit, fraction)
             words = [w[:k] for w, k in zip(words, kept, strict=True)]
             if kept.size:
-                info["genes_kept"] = {"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max())}
+                info["genes_kept"] = {
+                    "mean": float(kept.mean()),
+                    "min": int(kept.min()),
+                    "max": int(kept.max()),
+                }
         else:
             counts = n_top(n_fit, fraction) if kind == "shuffle_top" else n_fit
             words = [_permute_prefix(w, int(k), rng) for w, k in zip(words, counts, strict=True)]
@@ -199,18 +219,6 @@ def _check_fraction(kind: str, fraction: float | None) -> float | None:
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
     return fraction
-
-
-def _sentences(adata: AnnData, key: str) -> list[str]:
-    if key not in adata.obs:
-        raise KeyError(f"Column {key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences.")
-    col = adata.obs[key]
-    missing = col.isna().to_numpy()
-    if missing.any():
-        raise ValueError(
-            f"obs[{key!r}] is missing for {int(missing.sum())} cells: {format_examples(adata.obs_names[missing])}."
-        )
-    return list(col.astype(str))
 
 
 def _hash_genes(words: list[list[str]]) -> list[list[str]]:
@@ -243,13 +251,16 @@ def _in_context(words: list[list[str]], model: Any) -> tuple[np.ndarray, dict[st
 
     encoder = load_text_encoder(model)
     _, n_fit = encoder.fit([" ".join(w) for w in words])
-    stats = {"mean": float(n_fit.mean()), "min": int(n_fit.min()), "max": int(n_fit.max())} if n_fit.size else {}
+    stats = (
+        {"mean": float(n_fit.mean()), "min": int(n_fit.min()), "max": int(n_fit.max())} if n_fit.size else {}
+    )
     return n_fit, {"model": encoder.identity(), "genes_in_context": stats}
 
 
 # -- the study (Table 2) ---------------------------------------------------------------------------------
 
 
+@doc_params(doc_split=doc_split, doc_random_state=doc_random_state, doc_device_precision=doc_device_precision)
 def ablation_study(
     adata: AnnData,
     labels_key: str,
@@ -288,14 +299,16 @@ def ablation_study(
         The baseline (unablated sentences) is always included.
     sentence_key
         ``obs`` column with the sentences.
-    split_key, train_value
-        Training cells (the kNN reference) are those with ``obs[split_key] == train_value``.
+    {doc_split}
+        Here the training cells are the kNN reference.
     k
         Neighbours of the kNN classifier.
-    random_state
-        Seed of the ablations and of k-means.
-    batch_size, device, precision
-        Passed to :func:`sc_llm.tl.embed_text`.
+    {doc_random_state}
+        Here: the ablations and k-means.
+    batch_size
+        Sentences per forward pass of :func:`sc_llm.tl.embed_text` (``device`` and ``precision`` are
+        passed on to it too).
+    {doc_device_precision}
     key_added
         ``uns`` key of the results.
 
@@ -303,8 +316,9 @@ def ablation_study(
     -------
     The table: metrics as rows (accuracy, macro precision/recall/F1, k-means ARI/AMI), one column
     per ablation (``"baseline"`` first; kinds with a fraction are named ``f"{kind}_{fraction:g}"``).
-    Also stored in ``uns[key_added]["table"]`` with ``"kinds"`` (column → kind and fraction),
-    ``"genes_in_context"`` and the parameters.
+    Also stored in ``uns[key_added]``: ``"params"`` (the call's settings and the encoder identity)
+    beside ``"table"``, ``"kinds"`` (column → kind, fraction and what :func:`ablate` records) and
+    ``"genes_in_context"`` (column → mean in-context genes of the embedded sentences).
     """
     from ._embed_text import embed_text
     from ._knn import knn_annotate
@@ -313,34 +327,52 @@ def ablation_study(
     check_key(key_added)
     get_labels(adata, labels_key)
     if split_key not in adata.obs:
-        raise KeyError(f"Column {split_key!r} not found in adata.obs; create one with sc_llm.pp.train_test_split.")
+        raise KeyError(
+            f"Column {split_key!r} not found in adata.obs; create one with sc_llm.pp.train_test_split."
+        )
     specs = _study_specs(kinds)
-    sentences = _sentences(adata, sentence_key)
+    sentences = obs_sentences(adata, sentence_key)
     base_obs = adata.obs[[labels_key, split_key]].copy()
     columns, in_context, kinds_info = {}, {}, {}
     for name, kind, fraction in specs:
         if kind is None:
             text, info = sentences, {}
         else:
-            text, info = ablate_sentences(sentences, kind, fraction=fraction, model=model, random_state=random_state)
+            text, info = ablate_sentences(
+                sentences, kind, fraction=fraction, model=model, random_state=random_state
+            )
         logger.info("ablation_study: embedding %s", name)
         scratch = AnnData(obs=base_obs.assign(_sentence=text))
-        embed_text(scratch, model, sentence_key="_sentence", key_added="_X", batch_size=batch_size, device=device,
-                   precision=precision)
-        knn_annotate(scratch, "_X", labels_key, split_key=split_key, train_value=train_value, k=k, key_added="_knn")
+        embed_text(
+            scratch,
+            model,
+            sentence_key="_sentence",
+            key_added="_X",
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+        )
+        knn_annotate(
+            scratch, "_X", labels_key, split_key=split_key, train_value=train_value, k=k, key_added="_knn"
+        )
         metrics = dict(scratch.uns["_knn"]["metrics"])
-        clusters = cluster_metrics(scratch, "_X", labels_key, random_state=random_state, key_added="_clusters")
+        clusters = cluster_metrics(
+            scratch, "_X", labels_key, random_state=random_state, key_added="_clusters"
+        )
         columns[name] = [metrics.get(m, np.nan) for m in METRIC_ROWS[:4]] + [clusters["ari"], clusters["ami"]]
-        in_context[name] = embedding_record(scratch, "_X")["genes_in_context"]["mean"]
+        record = embedding_record(scratch, "_X")
+        in_context[name] = record["genes_in_context"]["mean"]
         kinds_info[name] = {"kind": kind or "baseline", "fraction": fraction, **info}
     table = pd.DataFrame(columns, index=list(METRIC_ROWS))
     table.index.name = "metric"
+    params = {"labels_key": labels_key, "sentence_key": sentence_key, "split_key": split_key,
+              "train_value": train_value, "k": k, "random_state": random_state, "model": record["model"],
+              "precision": record.get("precision", precision)}  # fmt: skip
     adata.uns[key_added] = {
+        "params": params,
         "table": table,
         "kinds": kinds_info,
         "genes_in_context": in_context,
-        "params": {"labels_key": labels_key, "sentence_key": sentence_key, "split_key": split_key, "k": k,
-                   "random_state": random_state, "model": embedding_record(scratch, "_X")["model"]},
     }
     return table
 

@@ -4,26 +4,43 @@ The explained model is the frozen sentence-transformers encoder (transformer →
 its own normalization, then the L2 normalization :func:`sc_llm.tl.embed_text` applies) followed
 by a trained head that maps the text embedding to class logits, e.g. a single-representation
 :class:`sc_llm.models.FusionModel`. Only the genes the encoder reads (those that fit its token
-limit, whole genes) are explained.
+limit, whole genes) are explained. The encoder's own pieces do the work: its tokenizer and
+whole-gene fitting (:meth:`TextEncoder.fit`), its forward pass and reduced-precision weight copy
+(:meth:`TextEncoder.forward`, :meth:`TextEncoder.model_in`) and, for plain logits, its batched
+:meth:`TextEncoder.encode_ids`; only the token → gene bookkeeping of integrated gradients is here.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._deprecations import REMOVED_IN, moved_to_config, renamed_params
+from .._docs import doc_device_precision, doc_params, doc_random_state
 from .._progress import progress
-from .._utils import check_unique_obs_names, embedding_record, format_examples, warn_overwrite
+from .._utils import (
+    check_unique_obs_names,
+    embedding_record,
+    format_examples,
+    import_optional,
+    obs_sentences,
+    warn_overwrite,
+)
+from ..models._runtime import Precision
+from ._metrics import get_labels, train_mask
 
 METHODS = ("integrated_gradients", "lime")
+TARGETS = ("label", "predicted")
 
 
 @dataclass
@@ -40,36 +57,112 @@ class GeneAttribution:
     fit_score: float = np.nan
 
 
+@doc_params(doc_device_precision=doc_device_precision)
+@dataclass(frozen=True)
+class AttributionConfig:
+    """How :func:`sc_llm.tl.attribute` explains each cell: the target, the methods' own settings, the device.
+
+    The defaults reproduce the paper's procedure; change them with e.g.
+    ``AttributionConfig(n_steps=20, precision="bf16")`` (about 7× faster on a CPU with native bf16,
+    same gene ranking; see the interpretability how-to).
+
+    Parameters
+    ----------
+    target
+        ``"label"``: explain the logit (or probability) of the cell's own label from ``labels_key``;
+        ``"predicted"``: of the head's prediction for the cell (cells are still grouped by
+        ``labels_key``).
+    normalize
+        L2-normalize the text embedding before the head; ``None`` reads it from the record of the
+        embedding the head was trained on (``uns[head.use_reps[0]]``) when there is one, else
+        ``True`` (the :func:`sc_llm.tl.embed_text` default).
+    n_steps
+        Integration steps of integrated gradients.
+    internal_batch_size
+        Forward batch size of integrated gradients; ``None`` runs all steps of a cell in one batch
+        (fastest on CPU and GPU alike when memory allows).
+    num_samples
+        Perturbed sentences per cell for LIME (lime's own default is 5000; 1000 keeps a CPU run short).
+    batch_size
+        Sentences per forward pass for LIME and for the predictions.
+    {doc_device_precision}
+        Here the default is ``"fp32"``: the precision of the encoder's forward and backward passes
+        (the head runs in fp32). See ``benchmarks/bench_attribute.py`` for the speed and the
+        agreement with fp32.
+    """
+
+    target: Literal["label", "predicted"] = "label"
+    normalize: bool | None = None
+    n_steps: int = 50
+    internal_batch_size: int | None = None
+    num_samples: int = 1000
+    batch_size: int = 64
+    device: Any = None
+    precision: Precision = "fp32"
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {list(TARGETS)}, got {self.target!r}.")
+        for name in ("n_steps", "num_samples", "batch_size", "internal_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | np.integer) or value < 1):
+                raise ValueError(f"AttributionConfig.{name} must be a positive integer, got {value!r}.")
+
+
+class _OnlySplitValue(str):
+    """``train_value`` carrying the deprecated ``split_value``: explain the cells *equal* to it, as in 0.1."""
+
+
+def _split_value_alias(fn: Callable) -> Callable:
+    """Accept 0.1's ``split_value`` (explain cells with ``obs[split_key] == split_value``) with a warning."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "split_value" in kwargs:
+            if "train_value" in kwargs:
+                raise TypeError(
+                    f"{fn.__name__}() got both `split_value` (deprecated) and `train_value`; pass only `train_value`."
+                )
+            warnings.warn(
+                f"{fn.__name__}(): `split_value` is deprecated, use `train_value` (the training cells; the other "
+                f"labelled cells are explained); the old name is removed in {REMOVED_IN}.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            kwargs["train_value"] = _OnlySplitValue(kwargs.pop("split_value"))
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@renamed_params(groupby="labels_key")
+@moved_to_config("config", AttributionConfig, [f.name for f in dataclasses.fields(AttributionConfig)])
+@_split_value_alias
+@doc_params(doc_random_state=doc_random_state)
 def attribute(
     adata: AnnData,
     head: Any,
     *,
-    groupby: str,
-    method: str = "integrated_gradients",
+    labels_key: str,
+    method: Literal["integrated_gradients", "lime"] = "integrated_gradients",
     model: Any = None,
     sentence_key: str = "cell_sentence",
     split_key: str | None = "split",
-    split_value: str = "test",
+    train_value: str = "train",
     groups: Sequence[str] | None = None,
     n_cells: int = 10,
     top_n: int = 10,
-    target: str = "label",
-    normalize: bool | None = None,
     exclude: Sequence[str] = (),
-    n_steps: int = 50,
-    internal_batch_size: int | None = None,
-    num_samples: int = 1000,
-    batch_size: int = 64,
-    precision: str = "fp32",
+    config: AttributionConfig | None = None,
     random_state: int = 0,
-    device: Any = None,
     key_added: str | None = None,
 ) -> pd.DataFrame:
     """Gene attributions of a frozen text encoder + classification head, summed per cell type.
 
-    For up to ``n_cells`` cells of each group, every in-context gene of the cell sentence gets an
-    attribution toward the target class; attributions are summed over the cells of the group and
-    the ``top_n`` genes with the highest positive sum are kept (the paper's Table 1 procedure).
+    For up to ``n_cells`` held-out cells of each group, every in-context gene of the cell sentence
+    gets an attribution toward the target class; attributions are summed over the cells of the
+    group and the ``top_n`` genes with the highest positive sum are kept (the paper's Table 1
+    procedure).
 
     Parameters
     ----------
@@ -79,8 +172,9 @@ def attribute(
         Trained classifier on the text embedding: a ``torch.nn.Module`` whose ``forward(x)`` maps a
         float tensor ``[n, dim]`` to logits ``[n, n_classes]`` and with a ``classes`` attribute
         (logit order), e.g. a :class:`sc_llm.models.FusionModel` with one representation.
-    groupby
-        ``obs`` column with the cell types (targets when ``target="label"``).
+    labels_key
+        ``obs`` column with the cell types: the groups, and the targets unless
+        ``config.target="predicted"``. (``groupby`` in 0.1.)
     method
         ``"integrated_gradients"``: captum ``LayerIntegratedGradients`` on the encoder's input word
         embeddings, baseline = the same sequence with every gene token replaced by the pad token
@@ -93,44 +187,29 @@ def attribute(
         :func:`sc_llm.tl.embed_text`; ``None`` is the bundled all-MiniLM-L6-v2).
     sentence_key
         ``obs`` column with the (unablated) sentences.
-    split_key, split_value
-        Explain cells with ``obs[split_key] == split_value`` (the paper: test cells). ``None``
-        draws from all cells.
+    split_key, train_value
+        Cells with ``obs[split_key] == train_value`` trained the head; the other labelled cells are
+        explained (the paper: the test cells). ``split_key=None`` draws from all labelled cells.
+        (0.1's ``split_value="test"`` named the explained cells instead; it still works, with a
+        FutureWarning.)
     groups
         Groups to explain (default: every group that is also a class of the head).
     n_cells
         Cells per group (all of them when fewer), drawn at random with ``random_state``.
     top_n
         Genes kept per group.
-    target
-        ``"label"``: explain the cell's own label from ``groupby``; ``"predicted"``: the head's
-        prediction for the cell (then cells are still grouped by ``groupby``).
-    normalize
-        L2-normalize the text embedding before the head; ``None`` reads it from
-        ``uns[head.use_reps[0]]["normalize"]`` when available, else ``True``
-        (the :func:`sc_llm.tl.embed_text` default).
     exclude
         Regular expressions (case-insensitive, :func:`re.search`) of genes to leave out of the
         per-group top lists, e.g. ``("^RP[SL]", "^MT-")`` for ribosomal and mitochondrial genes,
         which otherwise dominate them. Excluded genes are still attributed (the per-cell sums and
         completeness check are unchanged); only the summary skips them.
-    n_steps, internal_batch_size
-        Integration steps and forward batch size of integrated gradients; ``None`` runs all steps
-        of a cell in one batch (fastest on CPU and GPU alike when memory allows).
-    precision
-        ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) or ``"auto"`` (fp16 on CUDA, fp32 elsewhere): the
-        precision of the encoder's forward and backward passes, through the same reduced-precision
-        weight copy :func:`sc_llm.tl.embed_text` uses. ``"bf16"`` on a CPU without native bf16
-        falls back to fp32. The head runs in fp32. See ``benchmarks/bench_attribute.py`` for the
-        speed and the agreement with fp32.
-    num_samples
-        Perturbed sentences per cell for LIME (lime's own default is 5000; 1000 keeps a CPU run short).
-    batch_size
-        Sentences per forward pass for LIME.
-    random_state
-        Seed of the cell draw and of LIME's sampling.
-    device
-        Torch device of the encoder; ``None`` picks CUDA, then MPS, then CPU.
+    config
+        Target, the methods' settings (integration steps, LIME samples, batch sizes), device and
+        precision: an :class:`AttributionConfig` (``None``: its defaults). The 0.1 keywords
+        ``target``, ``normalize``, ``n_steps``, ``internal_batch_size``, ``num_samples``,
+        ``batch_size``, ``device`` and ``precision`` still work, with a FutureWarning.
+    {doc_random_state}
+        Here: the cell draw and LIME's sampling.
     key_added
         ``uns`` key; default ``f"attributions_{method}"``.
 
@@ -138,45 +217,84 @@ def attribute(
     -------
     Tidy table with columns ``group``, ``rank``, ``gene``, ``attribution`` (sum over the
     explained cells), ``n_cells`` (explained cells of the group whose context held the gene) and
-    ``method``. Stored in ``uns[key_added]["genes"]`` next to ``"cells"`` (one row per explained
-    cell: group, target, predicted class, number of in-context genes, attribution sum, captum's
-    convergence delta or LIME's fit R²) and ``"params"``.
+    ``method``. Stored in ``uns[key_added]``: ``"params"`` (the call's settings, the encoder's
+    identity, the head's classes, the precision used) beside ``"genes"`` (this table) and
+    ``"cells"`` (one row per explained cell, indexed by obs name: group, target, predicted class,
+    number of in-context genes, attribution sum, captum's convergence delta or LIME's fit R²).
     """
     check_unique_obs_names(adata, "attribute explains and reports cells by obs name")
     if method not in METHODS:
         raise ValueError(f"Unknown attribution method {method!r}; choose one of {list(METHODS)}.")
+    config = AttributionConfig() if config is None else config
+    if not isinstance(config, AttributionConfig):
+        raise TypeError(f"config must be an AttributionConfig, got {type(config).__name__}.")
     excluded = _compile_exclude(exclude)
-    if target not in ("label", "predicted"):
-        raise ValueError(f"target must be 'label' or 'predicted', got {target!r}.")
+    classes = _head_classes(head)
+    cells = _pick_cells(
+        _explainable(adata, labels_key, split_key, train_value),
+        classes,
+        groups,
+        n_cells,
+        random_state,
+        config.target,
+    )
+    sentences = dict(zip(cells, obs_sentences(adata, sentence_key, list(cells)), strict=True))
     from ..models._runtime import resolve_precision
     from ..models._text import load_text_encoder
 
-    classes = _head_classes(head)
-    encoder = load_text_encoder(model, device)
-    used_precision = resolve_precision(precision, encoder.device)
-    normalize = _resolve_normalize(adata, head, normalize)
-    cells = _pick_cells(
-        adata, groupby, classes, split_key, split_value, groups, n_cells, random_state, target
-    )
-    sentences = adata.obs[sentence_key] if sentence_key in adata.obs else None
-    if sentences is None:
-        raise KeyError(
-            f"Column {sentence_key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences."
-        )
-    explainer = _Explainer(encoder, head, normalize, used_precision)
+    encoder = load_text_encoder(model, config.device)
+    used_precision = resolve_precision(config.precision, encoder.device)
+    normalize = _resolve_normalize(adata, head, config.normalize)
+    explainer = _Explainer(encoder, head, normalize, used_precision, config)
+    per_cell, rows = _explain_cells(explainer, cells, sentences, method, classes, config, random_state)
+    genes = _top_genes(rows, top_n, method, excluded)
+    key_added = key_added or f"attributions_{method}"
+    warn_overwrite(adata.uns, key_added, "adata.uns")
+    adata.uns[key_added] = {
+        "params": {
+            "method": method,
+            "labels_key": labels_key,
+            "sentence_key": sentence_key,
+            "split_key": split_key,
+            **_split_params(train_value),
+            "n_cells": n_cells,
+            "top_n": top_n,
+            "exclude": [p.pattern for p in excluded],
+            "random_state": random_state,
+            "target": config.target,
+            "normalize": normalize,
+            "n_steps": config.n_steps,
+            "num_samples": config.num_samples,
+            "precision": used_precision,
+            "model": encoder.identity(),
+            "classes": classes,
+            "target_score": "logit" if method == "integrated_gradients" else "probability",
+        },
+        "genes": genes,
+        "cells": pd.DataFrame(per_cell).set_index("cell"),
+    }
+    return genes
+
+
+def _split_params(train_value: str) -> dict[str, str]:
+    if isinstance(train_value, _OnlySplitValue):
+        return {"split_value": str(train_value)}
+    return {"train_value": str(train_value)}
+
+
+def _explain_cells(explainer, cells: dict[str, str], sentences, method, classes, config, random_state):
+    """Attribute every picked cell; ``(one record per cell, one gene table per cell)``."""
     lime_rng = np.random.RandomState(random_state)
     rows, per_cell = [], []
     with progress(len(cells), f"attribute ({method})", unit="cell") as bar:
         for name, group in cells.items():
-            words = _in_context_words(encoder, str(sentences[name]))
+            words = _in_context_words(explainer.encoder, sentences[name])
             predicted = int(np.argmax(explainer.logits([words])[0]))
-            tgt = predicted if target == "predicted" else classes.index(group)
+            tgt = predicted if config.target == "predicted" else classes.index(group)
             if method == "integrated_gradients":
-                res = explainer.integrated_gradients(
-                    words, tgt, n_steps=n_steps, internal_batch_size=internal_batch_size
-                )
+                res = explainer.integrated_gradients(words, tgt)
             else:
-                res = explainer.lime(words, tgt, num_samples=num_samples, batch_size=batch_size, rng=lime_rng)
+                res = explainer.lime(words, tgt, rng=lime_rng)
             rows.append(pd.DataFrame({"group": group, "gene": res.genes, "attribution": res.scores}))
             per_cell.append(
                 {
@@ -191,31 +309,7 @@ def attribute(
                 }
             )
             bar.update(1)
-    genes = _top_genes(rows, top_n, method, excluded)
-    key_added = key_added or f"attributions_{method}"
-    warn_overwrite(adata.uns, key_added, "adata.uns")
-    adata.uns[key_added] = {
-        "genes": genes,
-        "cells": pd.DataFrame(per_cell).set_index("cell"),
-        "params": {
-            "method": method,
-            "groupby": groupby,
-            "sentence_key": sentence_key,
-            "n_cells": n_cells,
-            "top_n": top_n,
-            "target": target,
-            "normalize": normalize,
-            "n_steps": n_steps,
-            "num_samples": num_samples,
-            "random_state": random_state,
-            "model": encoder.identity(),
-            "classes": classes,
-            "target_score": "logit" if method == "integrated_gradients" else "probability",
-            "exclude": [p.pattern for p in excluded],
-            "precision": used_precision,
-        },
-    }
-    return genes
+    return per_cell, rows
 
 
 def _head_classes(head) -> list[str]:
@@ -238,26 +332,33 @@ def _resolve_normalize(adata: AnnData, head, normalize: bool | None) -> bool:
     if normalize is not None:
         return bool(normalize)
     use_reps = getattr(head, "use_reps", None) or []
-    info = embedding_record(adata, use_reps[0]) if use_reps else {}
-    return bool(info.get("normalize", True))
+    return bool(embedding_record(adata, use_reps[0]).get("normalize", True)) if use_reps else True
 
 
-def _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells, random_state, target):
-    """``{obs_name: group}`` with up to ``n_cells`` random cells per group, in obs order within a group."""
-    if groupby not in adata.obs:
-        raise KeyError(f"Column {groupby!r} not found in adata.obs.")
-    if n_cells < 1:
-        raise ValueError(f"n_cells must be positive, got {n_cells}.")
-    labels = adata.obs[groupby]
+def _explainable(adata: AnnData, labels_key: str, split_key: str | None, train_value: str) -> pd.Series:
+    """Labels (as ``str``) of the cells that may be explained: labelled and not used for training."""
+    labels = get_labels(adata, labels_key)
     keep = labels.notna().to_numpy()
-    if split_key is not None:
+    if isinstance(train_value, _OnlySplitValue):
         if split_key not in adata.obs:
             raise KeyError(
                 f"Column {split_key!r} not found in adata.obs; pass split_key=None to use all cells."
             )
-        keep &= (adata.obs[split_key].astype(str) == str(split_value)).to_numpy()
+        keep &= (adata.obs[split_key].astype(str) == str(train_value)).to_numpy()
+    elif split_key is not None:
+        keep &= ~train_mask(adata, split_key, train_value)
     labels = labels[keep].astype(str)
-    present = list(dict.fromkeys(sorted(labels.unique())))
+    if labels.empty:
+        where = f" outside obs[{split_key!r}] == {str(train_value)!r}" if split_key is not None else ""
+        raise ValueError(f"No labelled cell{where} to explain in obs[{labels_key!r}].")
+    return labels
+
+
+def _pick_cells(labels: pd.Series, classes, groups, n_cells, random_state, target) -> dict[str, str]:
+    """``{obs_name: group}`` with up to ``n_cells`` random cells per group, in obs order within a group."""
+    if n_cells < 1:
+        raise ValueError(f"n_cells must be positive, got {n_cells}.")
+    present = sorted(labels.unique())
     if groups is None:
         chosen = [g for g in present if g in classes or target == "predicted"]
     else:
@@ -265,17 +366,17 @@ def _pick_cells(adata, groupby, classes, split_key, split_value, groups, n_cells
         absent = [g for g in chosen if g not in present]
         if absent:
             raise ValueError(
-                f"Groups without cells to explain in obs[{groupby!r}]: {format_examples(absent)}."
+                f"Groups without cells to explain in obs[{labels.name!r}]: {format_examples(absent)}."
             )
     unknown = [g for g in chosen if g not in classes]
     if unknown and target == "label":
         warnings.warn(
-            f"Skipping groups the head cannot predict: {format_examples(unknown)}.", UserWarning, stacklevel=3
+            f"Skipping groups the head cannot predict: {format_examples(unknown)}.", UserWarning, stacklevel=4
         )
         chosen = [g for g in chosen if g in classes]
     if not chosen:
         raise ValueError(
-            f"No group of obs[{groupby!r}] left to explain (head classes: {format_examples(classes)})."
+            f"No group of obs[{labels.name!r}] left to explain (head classes: {format_examples(classes)})."
         )
     rng = np.random.default_rng(random_state)
     cells: dict[str, str] = {}
@@ -336,36 +437,33 @@ def _top_genes(
 class _Explainer:
     """The explained function: gene sentence → frozen encoder → (normalize) → head → logits."""
 
-    def __init__(self, encoder, head, normalize: bool, precision: str = "fp32"):
-        self.encoder, self.head, self.normalize = encoder, head, normalize
+    def __init__(self, encoder, head, normalize: bool, precision: str, config: AttributionConfig):
+        self.encoder, self.head, self.normalize, self.precision = encoder, head, normalize, precision
+        self.config = config
         # The encoder's own reduced-precision weight copy (made once per precision and kept).
         self.model = encoder.model_in(precision)
         self.tokenizer = encoder.tokenizer
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         head.eval()
-        self.head_device = next(iter(head.parameters()), None)
-        self.head_device = self.head_device.device if self.head_device is not None else encoder.device
+        first = next(iter(head.parameters()), None)
+        self.head_device = first.device if first is not None else encoder.device
 
     # -- the model as a function of token ids ------------------------------------------------
     def forward(self, input_ids, attention_mask):
         emb = self.encoder.forward(self.model, input_ids, attention_mask, normalize=self.normalize).float()
         return self.head(emb.to(self.head_device))
 
-    def logits(self, sentences: Sequence[Sequence[str]], batch_size: int = 64) -> np.ndarray:
-        """Logits for whole-gene word lists (already cut to the context)."""
+    def logits(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
+        """Logits for whole-gene word lists (already cut to the context), through the encoder's batched path."""
         import torch
 
-        from ..models._runtime import pad_batch
-
-        ids = self.tokenizer(
-            [" ".join(w) for w in sentences], truncation=True, max_length=self.encoder.max_tokens
-        )["input_ids"]
-        out = []
+        emb = self.encoder.encode(
+            [" ".join(w) for w in sentences],
+            batch_size=self.config.batch_size,
+            precision=self.precision,
+            normalize=self.normalize,
+        )
         with torch.inference_mode():
-            for start in range(0, len(ids), batch_size):
-                x, mask = pad_batch(ids[start : start + batch_size], self.pad_id, self.encoder.device)
-                out.append(self.forward(x, mask).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.head.classes)), dtype=np.float32)
+            return self.head(torch.from_numpy(emb).to(self.head_device)).float().cpu().numpy()
 
     # -- integrated gradients ----------------------------------------------------------------
     def token_inputs(self, words: Sequence[str]):
@@ -389,29 +487,25 @@ class _Explainer:
         )
         ids = torch.tensor([enc["input_ids"]], device=self.encoder.device)
         baseline = ids.clone()
-        baseline[0, torch.as_tensor(gene_of >= 0, device=ids.device)] = self.pad_id
+        baseline[0, torch.as_tensor(gene_of >= 0, device=ids.device)] = self.encoder.pad_id
         return ids, baseline, gene_of
 
-    def integrated_gradients(
-        self, words, target: int, *, n_steps: int, internal_batch_size: int | None
-    ) -> GeneAttribution:
-        try:
-            from captum.attr import LayerIntegratedGradients
-        except ImportError as err:  # pragma: no cover - captum ships with the interpret extra
-            raise ImportError("Integrated gradients need captum: pip install 'sc-llm[interpret]'.") from err
+    def integrated_gradients(self, words, target: int) -> GeneAttribution:
         import torch
+
+        captum = import_optional("captum.attr", "interpret", "Integrated gradients")
 
         ids, baseline, gene_of = self.token_inputs(words)
         mask = torch.ones_like(ids)
         layer = _input_embeddings(self.model)
-        lig = LayerIntegratedGradients(self.forward, layer)
+        lig = captum.LayerIntegratedGradients(self.forward, layer)
         attr, delta = lig.attribute(
             ids,
             baselines=baseline,
             target=target,
             additional_forward_args=(mask,),
-            n_steps=n_steps,
-            internal_batch_size=internal_batch_size,
+            n_steps=self.config.n_steps,
+            internal_batch_size=self.config.internal_batch_size,
             return_convergence_delta=True,
         )
         per_token = attr.float().sum(dim=-1)[0].detach().double().cpu().numpy()
@@ -419,26 +513,12 @@ class _Explainer:
         np.add.at(scores, gene_of[gene_of >= 0], per_token[gene_of >= 0])
         return GeneAttribution(list(words), scores, delta=float(delta.item()))
 
-    def output_difference(self, words, target: int) -> float:
-        """``F(input) - F(baseline)`` of the target logit (what IG attributions sum to)."""
-        import torch
-
-        ids, baseline, _ = self.token_inputs(words)
-        mask = torch.ones_like(ids)
-        with torch.inference_mode():
-            return float(self.forward(ids, mask)[0, target] - self.forward(baseline, mask)[0, target])
-
     # -- LIME --------------------------------------------------------------------------------
-    def lime(self, words, target: int, *, num_samples: int, batch_size: int, rng) -> GeneAttribution:
-        try:
-            from lime.lime_text import LimeTextExplainer
-        except ImportError as err:
-            raise ImportError(
-                "LIME attributions need the lime package: pip install 'sc-llm[interpret]'."
-            ) from err
+    def lime(self, words, target: int, *, rng) -> GeneAttribution:
         import torch
 
-        explainer = LimeTextExplainer(
+        lime_text = import_optional("lime.lime_text", "interpret", "LIME attributions")
+        explainer = lime_text.LimeTextExplainer(
             class_names=list(self.head.classes),
             split_expression=r"\s+",
             bow=False,
@@ -447,11 +527,15 @@ class _Explainer:
         )
 
         def predict_proba(texts):
-            logits = self.logits([t.split() for t in texts], batch_size=batch_size)
+            logits = self.logits([t.split() for t in texts])
             return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
 
         exp = explainer.explain_instance(
-            " ".join(words), predict_proba, labels=(target,), num_features=len(words), num_samples=num_samples
+            " ".join(words),
+            predict_proba,
+            labels=(target,),
+            num_features=len(words),
+            num_samples=self.config.num_samples,
         )
         indexed = exp.domain_mapper.indexed_string
         # bow=False gives one feature per word position; lime's token list interleaves words and

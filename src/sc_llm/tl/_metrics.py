@@ -13,7 +13,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from .._utils import format_examples
+from .._docs import doc_params, doc_random_state
+from .._utils import check_key, format_examples, warn_overwrite
 
 
 def classification_metrics(y_true, y_pred) -> dict[str, float]:
@@ -76,6 +77,7 @@ def train_mask(adata: AnnData, split_key: str, train_value: str) -> np.ndarray:
     return mask
 
 
+@doc_params(doc_random_state=doc_random_state)
 def cluster_metrics(
     adata: AnnData,
     use_rep: str,
@@ -83,13 +85,33 @@ def cluster_metrics(
     *,
     random_state: int = 0,
     n_init: int = 10,
-    key_added: str = "cluster_metrics",
+    key_added: str | None = None,
 ) -> dict[str, float]:
     """k-means on ``obsm[use_rep]`` with k = number of labels; ARI and AMI against the labels.
 
     The paper's (and GenePT's) clustering evaluation. Cells without a label are left out.
-    Results are returned and stored in ``adata.uns[key_added][use_rep]``.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix.
+    use_rep
+        ``obsm`` key of the representation to cluster.
+    labels_key
+        ``obs`` column with the labels.
+    {doc_random_state}
+    n_init
+        k-means restarts (the best inertia is kept).
+    key_added
+        ``uns`` key; default ``f"cluster_metrics_{use_rep}"``, so each representation keeps its own
+        record (in 0.1 all of them shared ``uns["cluster_metrics"][use_rep]``).
+
+    Returns
+    -------
+    ``{"ari", "ami", "n_clusters", "n_cells"}``, also stored in ``uns[key_added]`` beside
+    ``"params"`` (``use_rep``, ``labels_key``, ``random_state``, ``n_init``).
     """
+    key_added = check_key(f"cluster_metrics_{use_rep}" if key_added is None else key_added)
     X = get_rep(adata, use_rep)
     labels = get_labels(adata, labels_key)
     keep = labels.notna().to_numpy()
@@ -102,8 +124,11 @@ def cluster_metrics(
         "ari": float(adjusted_rand_score(y, clusters)),
         "ami": float(adjusted_mutual_info_score(y, clusters)),
         "n_clusters": int(n_clusters),
+        "n_cells": int(keep.sum()),
     }
-    adata.uns.setdefault(key_added, {})[use_rep] = result
+    params = {"use_rep": use_rep, "labels_key": labels_key, "random_state": random_state, "n_init": n_init}
+    warn_overwrite(adata.uns, key_added, "adata.uns")
+    adata.uns[key_added] = {"params": params, **result}
     return result
 
 
