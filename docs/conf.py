@@ -76,7 +76,7 @@ API_GROUPS = {
         "tl.llm_annotate", "tl.LLMAnnotateConfig", "tl.llm_marker_matching", "tl.MarkerMatching", "tl.ChatClient", "llm.*",
     ],
     "Interpretation: ablation, attribution, markers": [
-        "tl.ablate", "tl.ablation_study", "tl.attribute", "tl.marker_overlap", "tl.marker_similarity",
+        "tl.ablate", "tl.ablation_study", "tl.attribute", "tl.AttributionConfig", "tl.marker_overlap", "tl.marker_similarity",
         "tl.read_markers",
     ],
     "Evaluation": ["tl.classification_metrics", "tl.cluster_metrics"],

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from ._utils import as_csr, format_examples, get_matrix
+from ._utils import as_csr, get_matrix, obs_sentences
 from .models._encoder import array_digest
 
 
@@ -53,14 +53,8 @@ class SentenceSource:
     """Sentences from an ``obs`` column, validated once (missing values are refused, not embedded as "nan")."""
 
     def __init__(self, adata: AnnData, key: str):
-        col = adata.obs[key]
-        missing = col.isna().to_numpy()
-        if missing.any():
-            raise ValueError(
-                f"obs[{key!r}] is missing for {int(missing.sum())} cells: {format_examples(adata.obs_names[missing])}."
-            )
         self.key = key
-        self.values = col.astype(str).to_numpy(dtype=object)
+        self.values = np.asarray(obs_sentences(adata, key), dtype=object)
         self.obs_names = np.asarray(adata.obs_names.astype(str))
 
     def chunk(self, start: int, stop: int) -> Chunk:

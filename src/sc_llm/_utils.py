@@ -266,14 +266,17 @@ def embedding_record(adata: AnnData, key: str) -> dict[str, Any]:
 
 
 def obs_sentences(adata: AnnData, key: str, cells: Any = None) -> list[str]:
-    """Cell sentences from ``obs[key]`` (of ``cells``, names or a mask, when given); missing ones are refused.
+    """Cell sentences from ``obs[key]`` (of ``cells``: names, a mask or positions); missing ones are refused.
 
     The one reader of a sentence column for the functions that take ``sentence_key``, so a missing
     column or a missing sentence (which would otherwise be read as the word "nan") gives the same error.
     """
     if key not in adata.obs:
         raise KeyError(f"Column {key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences.")
-    col = adata.obs[key] if cells is None else adata.obs[key].loc[cells]
+    col = adata.obs[key]
+    if cells is not None:
+        positions = np.asarray(cells).dtype.kind in "iu"
+        col = col.iloc[cells] if positions else col.loc[cells]
     missing = col.isna().to_numpy()
     if missing.any():
         raise ValueError(

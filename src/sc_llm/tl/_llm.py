@@ -20,7 +20,15 @@ from anndata import AnnData
 
 from .._deprecations import moved_to_config
 from .._docs import doc_copy, doc_llm_client_kwargs, doc_llm_model, doc_params, doc_random_state
-from .._utils import check_key, embedding_record, format_examples, logger, maybe_copy, warn_overwrite
+from .._utils import (
+    check_key,
+    embedding_record,
+    format_examples,
+    logger,
+    maybe_copy,
+    obs_sentences,
+    warn_overwrite,
+)
 from ..llm._answers import REASONS, answer_schema, parse_answer
 from ..llm._client import ChatClient, ChatRequest
 from ..llm._open import client_keywords_moved, open_client
@@ -282,15 +290,7 @@ def _select_cells(adata, cells, split_key, train_value, n_cells, random_state) -
 
 
 def _sentences(adata, sentence_key, idx, n_genes) -> list[str]:
-    if sentence_key not in adata.obs:
-        raise KeyError(
-            f"Column {sentence_key!r} not found in adata.obs; create it with sc_llm.pp.cell_sentences."
-        )
-    col = adata.obs[sentence_key].iloc[idx]
-    missing = col.isna().to_numpy()
-    if missing.any():
-        raise ValueError(f"obs[{sentence_key!r}] is missing for cells {format_examples(col.index[missing])}.")
-    sentences = col.astype(str).tolist()
+    sentences = obs_sentences(adata, sentence_key, idx)
     if n_genes is not None:
         sentences = [" ".join(s.split()[:n_genes]) for s in sentences]
     return sentences
