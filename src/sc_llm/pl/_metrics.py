@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._docs import doc_params, doc_show_save
 from ._utils import finish
 
 METRICS = ("accuracy", "precision", "recall", "f1")
 
 
+@doc_params(doc_show_save=doc_show_save)
 def annotation_metrics(
     data: AnnData | pd.DataFrame,
     *,
@@ -34,12 +36,7 @@ def annotation_metrics(
         ``uns`` key of the comparison when ``data`` is an AnnData.
     metrics
         Metric columns to draw (each needs a ``<metric>_sd`` column; NaN sd draws no error bar).
-    ax
-        Matplotlib Axes to draw into (default: a new figure).
-    save
-        Path of a figure file to write.
-    show
-        Show the figure (default: only when neither saving nor drawing into a given ``ax``).
+    {doc_show_save}
 
     Returns
     -------
@@ -73,12 +70,9 @@ def annotation_metrics(
 
 
 def _summary(data, key: str) -> pd.DataFrame:
-    if isinstance(data, pd.DataFrame):
-        summary = data
-    else:
-        if key not in data.uns or "summary" not in data.uns[key]:
-            raise KeyError(f"uns[{key!r}]['summary'] not found; run sc_llm.tl.compare_annotators first.")
-        summary = data.uns[key]["summary"]
+    summary = data if isinstance(data, pd.DataFrame) else data.uns.get(key, {}).get("summary")
+    if summary is None:
+        raise KeyError(f"uns[{key!r}]['summary'] not found; run sc_llm.tl.compare_annotators first.")
     if "model" in summary.columns:
         summary = summary.set_index("model")
     if summary.empty:
