@@ -38,6 +38,8 @@ from bench_fusion_data import DATASETS, describe, load
 import sc_llm as scl
 from sc_llm.tl._compare import paired_comparison
 
+PAPER = scl.tl.FusionConfig(architecture="paper")
+
 METRICS = ("accuracy", "f1")
 
 
@@ -74,7 +76,7 @@ def main_table(adata, runs: int) -> pd.DataFrame:
             for x in _rows(adata.uns["fusion"], {**names, "fused": "fused (default): text + PCA + noise"}, r)
             if x["model"] == "fused (default): text + PCA + noise"
         ]
-        scl.tl.fuse_train(adata, ["X_text", "X_pca"], "label", architecture="paper", random_state=r)
+        scl.tl.fuse_train(adata, ["X_text", "X_pca"], "label", config=PAPER, random_state=r)
         paper = {
             "X_text": "text (paper head)",
             "X_pca": "PCA (paper head)",
@@ -104,10 +106,9 @@ def levers(adata, runs: int) -> pd.DataFrame:
                 adata,
                 ["X_text", "X_pca"],
                 "label",
-                architecture="paper",
+                config=scl.tl.FusionConfig(architecture="paper", **kwargs),
                 report_inputs=False,
                 random_state=seed,
-                **kwargs,
             )
             uns = adata.uns["fusion"]
             row = {"variant": name, "seed": seed, **{m: uns["metrics"][m] for m in METRICS}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from dataclasses import replace
 
 import pandas as pd
 from _common import pbmc_embedded
@@ -35,7 +36,7 @@ def main() -> None:
     print(
         f"pbmc68k: {adata.n_obs} cells, {adata.obs['cell_type'].nunique()} labels, split {adata.obs['split'].value_counts().to_dict()}"
     )
-    fusion = {"hidden": hidden, "epochs": 50, "architecture": "paper"}
+    fusion = scl.tl.FusionConfig(architecture="paper", hidden=hidden, epochs=50)
 
     t0 = time.perf_counter()
     summary = scl.tl.compare_annotators(
@@ -44,12 +45,14 @@ def main() -> None:
         "cell_type",
         methods=("knn", "mlp", "head", "fusion"),
         n_runs=n_runs,
-        fusion_kwargs=fusion,
+        fusion_config=fusion,
     )
     t_compare = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=n_runs, standardize=True, key_added="raw", **fusion)
+    scl.tl.fuse_train(
+        adata, REPS, "cell_type", config=replace(fusion, standardize=True), n_runs=n_runs, key_added="raw"
+    )
     t_raw = time.perf_counter() - t0
     raw = adata.uns["raw"]
     row = {"method": "fusion", "use_reps": " + ".join(REPS), "n_runs": n_runs}

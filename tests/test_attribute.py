@@ -101,7 +101,8 @@ def test_integrated_gradients_table_and_completeness(pbmc_embedded, trained, tex
 
 
 def test_lime_fusion_model_is_seeded(pbmc_embedded, text_encoder):
-    model = scl.tl.fuse_train(pbmc_embedded, ["X_text"], "cell_type", hidden=32, epochs=5, random_state=0)
+    config = scl.tl.FusionConfig(hidden=32, epochs=5)
+    model = scl.tl.fuse_train(pbmc_embedded, ["X_text"], "cell_type", config=config, random_state=0)
     assert isinstance(model, FusionModel)
     kwargs = dict(
         labels_key="cell_type",

@@ -7,13 +7,14 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import sc_llm as scl
 from sc_llm.tl._compare import format_table
 
 REPS = ["X_text", "X_pca"]
-FUSION = {"hidden": 64, "epochs": 10}
+FUSION = scl.tl.FusionConfig(hidden=64, epochs=10)
 MLP = {"max_iter": 30}
 
 
@@ -28,7 +29,7 @@ def compared(pbmc_embedded):
         methods=("knn", "mlp", "head", "fusion"),
         n_runs=2,
         mlp_kwargs=MLP,
-        fusion_kwargs=FUSION,
+        fusion_config=FUSION,
     )
     assert list(adata.obs.columns) == before_obs and list(adata.obsm) == before_obsm
     return adata, summary
@@ -54,6 +55,9 @@ def test_rows_and_columns(compared):
             assert summary.loc[model, "f1_sd"] == pytest.approx(np.std(group["f1"], ddof=1))
     assert summary[["accuracy", "precision", "recall", "f1"]].stack().between(0, 1).all()
     assert summary.loc["scMPT (X_text + X_pca)", "accuracy"] > 0.6  # 10 PBMC types; chance is ~0.3
+    params = adata.uns["annotator_comparison"]["params"]
+    assert params["methods"] == ["knn", "mlp", "head", "fusion"] and params["train_value"] == "train"
+    assert (params["random_state"], params["k"], params["n_runs"]) == (0, 10, 2)
 
 
 def test_rows_agree_with_the_annotators_run_directly(compared):
@@ -65,7 +69,7 @@ def test_rows_agree_with_the_annotators_run_directly(compared):
         scl.tl.mlp_annotate(adata, "X_text", "cell_type", random_state=seed, key_added=f"m{seed}", **MLP)
         accs.append(adata.uns[f"m{seed}"]["metrics"]["accuracy"])
     assert summary.loc["X_text + MLP", "accuracy"] == pytest.approx(np.mean(accs))
-    scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=2, **FUSION)
+    scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=2, config=FUSION)
     fused = summary.loc["scMPT (X_text + X_pca)"]
     assert fused["accuracy"] == pytest.approx(adata.uns["fusion"]["metrics_mean"]["accuracy"])
     assert fused["recall_sd"] == pytest.approx(adata.uns["fusion"]["metrics_sd"]["recall"])
@@ -142,3 +146,25 @@ def test_paired_comparison_of_the_fused_row(compared):
         ]
     # kNN rows are deterministic (no seed): no paired difference.
     assert np.isnan(paired.loc["X_text + kNN", "delta_accuracy"])
+
+
+def test_fusion_kwargs_with_old_keywords_warn_and_match_the_config(pbmc_embedded):
+    adata = pbmc_embedded
+    args = (adata, REPS, "cell_type")
+    kwargs = {"methods": ("fusion",), "n_runs": 1}
+    new = scl.tl.compare_annotators(*args, **kwargs, fusion_config=scl.tl.FusionConfig(hidden=16, epochs=3))
+    with pytest.warns(FutureWarning, match="config=FusionConfig"):
+        old = scl.tl.compare_annotators(*args, **kwargs, fusion_kwargs={"hidden": 16, "epochs": 3})
+    pd.testing.assert_frame_equal(new, old)
+    # The config also passes inside fusion_kwargs, but only once.
+    inside = scl.tl.compare_annotators(
+        *args, **kwargs, fusion_kwargs={"config": scl.tl.FusionConfig(hidden=16, epochs=3)}
+    )
+    pd.testing.assert_frame_equal(new, inside)
+    with pytest.raises(ValueError, match="Pass the fusion config once"):
+        scl.tl.compare_annotators(
+            *args,
+            **kwargs,
+            fusion_config=scl.tl.FusionConfig(),
+            fusion_kwargs={"config": scl.tl.FusionConfig()},
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import FrozenInstanceError, fields, replace
 
 import anndata as ad
 import numpy as np
@@ -12,12 +13,16 @@ import pytest
 import torch
 
 import sc_llm as scl
+from sc_llm.models._training import class_weights, stratified_split
+from sc_llm.tl import FusionConfig
 from sc_llm.tl._metrics import classification_metrics
 
 REPS = ["X_text", "X_pca"]
 # Small but real training: a few seconds per fit on two CPU cores.
-FAST = {"hidden": 64, "epochs": 15, "batch_size": 64}
-PAPER = {**FAST, "architecture": "paper"}
+FAST_SETTINGS = {"hidden": 64, "epochs": 15, "batch_size": 64}
+FAST = FusionConfig(**FAST_SETTINGS)
+PAPER = replace(FAST, architecture="paper")
+FUSION_FIELDS = {f.name for f in fields(FusionConfig)}
 
 
 @pytest.fixture
@@ -30,7 +35,7 @@ def _held_out(adata):
 
 
 def test_fuse_train_outputs_and_metrics(adata):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", **PAPER)
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", config=PAPER)
     classes = sorted(adata.obs.loc[adata.obs["split"] == "train", "cell_type"].astype(str).unique())
     assert model.use_reps == REPS
     assert model.input_dims == [adata.obsm["X_text"].shape[1], adata.obsm["X_pca"].shape[1]]
@@ -57,13 +62,13 @@ def test_fuse_train_outputs_and_metrics(adata):
     assert uns["hyperparameters"]["lr"] == 1e-3 and uns["classes"] == classes
     hist = uns["history"]
     assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr"]
-    assert 1 <= len(hist) <= FAST["epochs"]
+    assert 1 <= len(hist) <= FAST.epochs
     np.testing.assert_allclose(hist["lr"], 1e-3 * 0.95 ** np.arange(len(hist)))
     assert model.hyperparameters["best_epoch"] == hist["epoch"][hist["val_loss"].idxmin()]
 
 
 def test_stacked_fusion_reports_each_input(adata):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=2, hidden=128, epochs=30)
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=2, config=FusionConfig(hidden=128, epochs=30))
     uns = adata.uns["fusion"]
     assert model.architecture == "stacked" and uns["params"]["architecture"] == "stacked"
     inputs = uns["inputs"]
@@ -105,7 +110,7 @@ def test_stacked_fusion_reports_each_input(adata):
 
 def test_pure_noise_input_gets_no_weight(adata, rng):
     adata.obsm["X_noise"] = rng.normal(size=(adata.n_obs, 50)).astype(np.float32)
-    scl.tl.fuse_train(adata, ["X_pca", "X_noise"], "cell_type", hidden=128, epochs=30)
+    scl.tl.fuse_train(adata, ["X_pca", "X_noise"], "cell_type", config=FusionConfig(hidden=128, epochs=30))
     uns = adata.uns["fusion"]
     comp = uns["comparison"]
     # The bar: the fused model stays within 0.02 of its informative input.
@@ -116,7 +121,9 @@ def test_pure_noise_input_gets_no_weight(adata, rng):
 
 
 def test_paper_architecture_is_the_papers_network(adata):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", architecture="paper", epochs=1, report_inputs=False)
+    model = scl.tl.fuse_train(
+        adata, REPS, "cell_type", config=FusionConfig(architecture="paper", epochs=1), report_inputs=False
+    )
     n_classes = len(model.classes)
     assert model.architecture == "paper" and model.hidden == 4096 and not hasattr(model, "mix")
     for branch, dim in zip(model.branches, model.input_dims, strict=True):
@@ -131,18 +138,19 @@ def test_paper_architecture_is_the_papers_network(adata):
 
 def test_best_weights_restored(adata):
     model = scl.tl.fuse_train(
-        adata, REPS, "cell_type", architecture="paper", hidden=64, epochs=40, lr=1e-2, patience=2
+        adata,
+        REPS,
+        "cell_type",
+        config=FusionConfig(architecture="paper", hidden=64, epochs=40, lr=1e-2, patience=2),
     )
     hist = adata.uns["fusion"]["history"]
     assert len(hist) < 40  # stopped early
     assert hist["val_loss"].iloc[-1] > hist["val_loss"].min()
     # Recompute the validation loss of the returned model: it is the best epoch's.
-    from sc_llm.tl._fusion import _stratified_split
-
     train = (adata.obs["split"] == "train").to_numpy()
     y = adata.obs["cell_type"].astype(str).to_numpy()[train]
     codes = np.searchsorted(model.classes, y)
-    _, val = _stratified_split(codes, 0.1, 0)
+    _, val = stratified_split(codes, 0.1, 0)
     reps = [adata.obsm[k][train][val] for k in REPS]
     logits = torch.from_numpy(model.predict_logits(reps))
     loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(codes[val]))
@@ -151,19 +159,19 @@ def test_best_weights_restored(adata):
 
 def test_deterministic_under_seed(adata):
     a, b = adata.copy(), adata.copy()
-    m1 = scl.tl.fuse_train(a, REPS, "cell_type", random_state=3, **FAST)
-    m2 = scl.tl.fuse_train(b, REPS, "cell_type", random_state=3, **FAST)
+    m1 = scl.tl.fuse_train(a, REPS, "cell_type", random_state=3, config=FAST)
+    m2 = scl.tl.fuse_train(b, REPS, "cell_type", random_state=3, config=FAST)
     for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         assert torch.equal(v1, v2), k
     assert np.array_equal(a.obsm["fusion_proba"], b.obsm["fusion_proba"])
-    m3 = scl.tl.fuse_train(b, REPS, "cell_type", random_state=4, **FAST)
+    m3 = scl.tl.fuse_train(b, REPS, "cell_type", random_state=4, config=FAST)
     assert not torch.equal(m1.branches[0][0].weight, m3.branches[0][0].weight)
 
 
 @pytest.mark.parametrize("architecture", ["stacked", "paper"])
 def test_save_load_predict_identical(adata, tmp_path, architecture):
     model = scl.tl.fuse_train(
-        adata, REPS, "cell_type", architecture=architecture, report_inputs=False, **FAST
+        adata, REPS, "cell_type", config=replace(FAST, architecture=architecture), report_inputs=False
     )
     path = model.save(tmp_path / "m")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
@@ -188,7 +196,7 @@ def test_save_load_predict_identical(adata, tmp_path, architecture):
 
 
 def test_fuse_predict_renamed_keys_and_h5ad_roundtrip(adata, tmp_path):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", config=FAST)
     adata.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad")
     assert back.uns["fusion"]["hyperparameters"]["epochs"] == 15
@@ -200,7 +208,9 @@ def test_fuse_predict_renamed_keys_and_h5ad_roundtrip(adata, tmp_path):
 
 @pytest.mark.parametrize("architecture", ["stacked", "paper"])
 def test_n_runs_mean_and_sd(adata, architecture):
-    scl.tl.fuse_train(adata, REPS, "cell_type", n_runs=3, random_state=5, architecture=architecture, **FAST)
+    scl.tl.fuse_train(
+        adata, REPS, "cell_type", n_runs=3, random_state=5, config=replace(FAST, architecture=architecture)
+    )
     uns = adata.uns["fusion"]
     runs = uns["runs"]
     assert list(runs["seed"]) == [5, 6, 7]
@@ -225,10 +235,7 @@ def test_grid_search_picks_lowest_validation_loss(adata):
         adata,
         REPS,
         "cell_type",
-        architecture="paper",
-        hidden=32,
-        epochs=8,
-        param_grid=grid,
+        config=FusionConfig(architecture="paper", hidden=32, epochs=8, param_grid=grid),
         report_inputs=False,
     )
     table = adata.uns["fusion"]["grid"]
@@ -240,26 +247,26 @@ def test_grid_search_picks_lowest_validation_loss(adata):
 
 
 def test_three_way_fusion(adata):
-    model = scl.tl.fuse_train(adata, [*REPS, "X_umap"], "cell_type", **FAST)
+    model = scl.tl.fuse_train(adata, [*REPS, "X_umap"], "cell_type", config=FAST)
     assert len(model.branches) == 3 and model.input_dims[2] == 2
     assert adata.uns["fusion"]["metrics"]["accuracy"] > 0.6
 
 
-def test_class_weights(adata):
-    from sc_llm.tl._fusion import _class_weights
-
+def testclass_weights(adata):
     codes = np.array([0, 0, 0, 1])
-    np.testing.assert_allclose(_class_weights("balanced", np.array(["a", "b"]), codes), [4 / 6, 2.0])
-    np.testing.assert_allclose(_class_weights({"a": 1, "b": 3}, np.array(["a", "b"]), codes), [1, 3])
+    np.testing.assert_allclose(class_weights("balanced", np.array(["a", "b"]), codes), [4 / 6, 2.0])
+    np.testing.assert_allclose(class_weights({"a": 1, "b": 3}, np.array(["a", "b"]), codes), [1, 3])
     for bad in (-1.0, 0.0, float("nan")):
         with pytest.raises(ValueError, match="positive and finite"):
-            _class_weights({"a": 1, "b": bad}, np.array(["a", "b"]), codes)
-    scl.tl.fuse_train(adata, REPS, "cell_type", class_weight="balanced", **FAST)
+            class_weights({"a": 1, "b": bad}, np.array(["a", "b"]), codes)
+    scl.tl.fuse_train(adata, REPS, "cell_type", config=replace(FAST, class_weight="balanced"))
     assert adata.uns["fusion"]["params"]["class_weight"] == "balanced"
     with pytest.raises(ValueError, match="lacks training labels"):
-        scl.tl.fuse_train(adata, REPS, "cell_type", class_weight={"CD14+ Monocyte": 2.0}, **FAST)
+        scl.tl.fuse_train(
+            adata, REPS, "cell_type", config=replace(FAST, class_weight={"CD14+ Monocyte": 2.0})
+        )
     with pytest.raises(ValueError, match="class_weight must be"):
-        scl.tl.fuse_train(adata, REPS, "cell_type", class_weight="inverse", **FAST)
+        FusionConfig(class_weight="inverse")
 
 
 def test_missing_and_unseen_labels(adata):
@@ -270,7 +277,7 @@ def test_missing_and_unseen_labels(adata):
     labels[test_idx] = "Novel type"
     adata.obs["label"] = pd.Categorical(labels)
     with pytest.warns(UserWarning, match="absent from training.*Novel type"):
-        model = scl.tl.fuse_train(adata, REPS, "label", **FAST)
+        model = scl.tl.fuse_train(adata, REPS, "label", config=FAST)
     uns = adata.uns["fusion"]
     assert "Novel type" not in model.classes
     assert list(uns["unseen_labels"]) == ["Novel type"]
@@ -290,18 +297,18 @@ def test_mudata_matches_anndata(adata):
     mdata.obs["cell_type"] = adata.obs["cell_type"].to_numpy()
     mdata.obs["split"] = adata.obs["split"].to_numpy()
     mdata = mdata[adata.obs_names].copy()
-    scl.tl.fuse_train(mdata, ["text", "pca:X_pca"], "cell_type", **FAST)
-    scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    scl.tl.fuse_train(mdata, ["text", "pca:X_pca"], "cell_type", config=FAST)
+    scl.tl.fuse_train(adata, REPS, "cell_type", config=FAST)
     assert np.array_equal(mdata.obsm["fusion_proba"], adata.obsm["fusion_proba"])
     assert (mdata.obs["fusion"].astype(str).to_numpy() == adata.obs["fusion"].astype(str).to_numpy()).all()
     with pytest.raises(KeyError, match="neither a modality"):
-        scl.tl.fuse_train(mdata, ["text", "rna"], "cell_type", **FAST)
+        scl.tl.fuse_train(mdata, ["text", "rna"], "cell_type", config=FAST)
     with pytest.raises(KeyError, match="not found in mdata.mod\\['pca'\\].obsm"):
-        scl.tl.fuse_train(mdata, ["text", "pca:X_nope"], "cell_type", **FAST)
+        scl.tl.fuse_train(mdata, ["text", "pca:X_nope"], "cell_type", config=FAST)
     partial = md.MuData({"text": text, "pca": pca[:10].copy()})
     partial.obs["cell_type"], partial.obs["split"] = "a", "train"
     with pytest.raises(ValueError, match="lacks cells"):
-        scl.tl.fuse_train(partial, ["text", "pca"], "cell_type", **FAST)
+        scl.tl.fuse_train(partial, ["text", "pca"], "cell_type", config=FAST)
 
 
 def test_mlp_annotate_matches_sklearn(adata):
@@ -342,15 +349,19 @@ def test_mlp_annotate_matches_sklearn(adata):
         ({"lr_decay": 1.5}, ValueError, "Invalid lr_decay"),
         ({"validation_fraction": 1.0}, ValueError, "Invalid validation_fraction"),
         ({"n_runs": 0}, ValueError, "Invalid n_runs"),
-        ({"param_grid": {"momentum": [0.9]}, **PAPER}, ValueError, "unknown settings \\['momentum'\\]"),
-        ({"param_grid": {"lr": []}, **PAPER}, ValueError, "no candidate values"),
-        ({"param_grid": "paper", **PAPER}, ValueError, "param_grid must be"),
         (
-            {"param_grid": {"lr": [1e-3]}, "validation_fraction": 0, **PAPER},
+            {"param_grid": {"momentum": [0.9]}, "architecture": "paper"},
+            ValueError,
+            "unknown settings \\['momentum'\\]",
+        ),
+        ({"param_grid": {"lr": []}, "architecture": "paper"}, ValueError, "no candidate values"),
+        ({"param_grid": "paper", "architecture": "paper"}, ValueError, "param_grid must be"),
+        (
+            {"param_grid": {"lr": [1e-3]}, "validation_fraction": 0, "architecture": "paper"},
             ValueError,
             "needs a validation split",
         ),
-        ({"param_grid": {"lr": [-1.0]}, **PAPER}, ValueError, "Invalid lr"),
+        ({"param_grid": {"lr": [-1.0]}, "architecture": "paper"}, ValueError, "Invalid lr"),
         ({"param_grid": {"lr": [1e-3]}}, ValueError, "param_grid applies to architecture='paper'"),
         ({"architecture": "deep"}, ValueError, "architecture must be one of"),
         ({"n_folds": 1}, ValueError, "Invalid n_folds"),
@@ -358,27 +369,32 @@ def test_mlp_annotate_matches_sklearn(adata):
     ],
 )
 def test_fuse_train_errors(adata, kwargs, exc, match):
-    args = {"use_reps": REPS, "labels_key": "cell_type", **FAST, **kwargs}
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in FUSION_FIELDS}
+    args = {"use_reps": REPS, "labels_key": "cell_type", **kwargs}
     with pytest.raises(exc, match=match):
-        scl.tl.fuse_train(adata, **args)
+        # Training settings are refused when the config is built, the rest when fuse_train reads the data.
+        scl.tl.fuse_train(adata, **args, config=replace(FAST, **settings))
 
 
 def test_fuse_train_label_errors(adata):
     adata.obs["one"] = "T cell"
     with pytest.raises(ValueError, match="single label"):
-        scl.tl.fuse_train(adata, REPS, "one", **FAST)
+        scl.tl.fuse_train(adata, REPS, "one", config=FAST)
     adata.obs["none"] = np.nan
     with pytest.raises(ValueError, match="No training cell has a label"):
-        scl.tl.fuse_train(adata, REPS, "none", **FAST)
+        scl.tl.fuse_train(adata, REPS, "none", config=FAST)
     adata.obsm["X_bad"] = adata.obsm["X_pca"].copy()
     adata.obsm["X_bad"][3, 0] = np.nan
     with pytest.raises(ValueError, match="NaN/inf for cells"):
-        scl.tl.fuse_train(adata, ["X_bad"], "cell_type", **FAST)
+        scl.tl.fuse_train(adata, ["X_bad"], "cell_type", config=FAST)
 
 
 def test_no_validation_trains_all_epochs(adata):
     scl.tl.fuse_train(
-        adata, REPS, "cell_type", architecture="paper", validation_fraction=0, hidden=32, epochs=4
+        adata,
+        REPS,
+        "cell_type",
+        config=FusionConfig(architecture="paper", validation_fraction=0, hidden=32, epochs=4),
     )
     hist = adata.uns["fusion"]["history"]
     assert len(hist) == 4 and hist["val_loss"].isna().all()
@@ -386,7 +402,7 @@ def test_no_validation_trains_all_epochs(adata):
 
 
 def test_fuse_predict_errors(adata, tmp_path):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", hidden=16, epochs=2)
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", config=FusionConfig(hidden=16, epochs=2))
     wrong = adata.copy()
     wrong.obsm["X_pca"] = wrong.obsm["X_pca"][:, :10]
     with pytest.raises(ValueError, match="'X_pca' has 10 dimensions.*expects 50"):
@@ -437,29 +453,31 @@ def test_fusion_model_contract():
 
 def test_standardization_is_part_of_the_model(adata):
     # The stacked default standardizes on all training cells (its folds all use the same scaling).
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", report_inputs=False, **FAST)
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", report_inputs=False, config=FAST)
     train = (adata.obs["split"] == "train").to_numpy()
     for std, key in zip(model.inputs, REPS, strict=True):
         X = adata.obsm[key][train].astype(np.float64)
         np.testing.assert_allclose(std.shift.numpy(), X.mean(0), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(std.scale.numpy(), np.sqrt(X.var(0).mean()), rtol=1e-5)
     # The paper's recipe standardizes only when asked, on the cells left after the validation split.
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", standardize=True, report_inputs=False, **PAPER)
-    from sc_llm.tl._fusion import _stratified_split
-
+    model = scl.tl.fuse_train(
+        adata, REPS, "cell_type", config=replace(PAPER, standardize=True), report_inputs=False
+    )
     codes = np.searchsorted(model.classes, adata.obs["cell_type"].astype(str).to_numpy()[train])
-    fit, _ = _stratified_split(codes, 0.1, 0)
+    fit, _ = stratified_split(codes, 0.1, 0)
     for std, key in zip(model.inputs, REPS, strict=True):
         X = adata.obsm[key][train][fit].astype(np.float64)
         np.testing.assert_allclose(std.shift.numpy(), X.mean(0), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(std.scale.numpy(), np.sqrt(X.var(0).mean()), rtol=1e-5)
-    raw = scl.tl.fuse_train(adata, REPS, "cell_type", standardize=False, key_added="raw", **FAST)
+    raw = scl.tl.fuse_train(
+        adata, REPS, "cell_type", config=replace(FAST, standardize=False), key_added="raw"
+    )
     assert all(torch.equal(s.scale, torch.ones_like(s.scale)) for s in raw.inputs)
     assert adata.uns["raw"]["params"]["standardize"] is False
 
 
 def test_min_confidence_labels_unknown(adata, tmp_path):
-    model = scl.tl.fuse_train(adata, REPS, "cell_type", report_inputs=False, **FAST)
+    model = scl.tl.fuse_train(adata, REPS, "cell_type", report_inputs=False, config=FAST)
     proba = adata.obsm["fusion_proba"]
     threshold = float(np.quantile(proba.max(1), 0.3))  # about 30 % of the cells fall below it
     scl.tl.fuse_predict(
@@ -522,3 +540,84 @@ def test_stacked_model_contract():
         torch.testing.assert_close(model(xa, xb), expected)
     with pytest.raises(ValueError, match="architecture must be one of"):
         scl.models.FusionModel(["a"], [3], ["x", "y"], architecture="deep")
+
+
+def test_fusion_config_is_frozen_validated_and_resolved():
+    config = FusionConfig()
+    with pytest.raises(FrozenInstanceError):
+        config.epochs = 3
+    assert (config.resolved().hidden, config.resolved().standardize) == (256, True)
+    paper = FusionConfig(architecture="paper").resolved()
+    assert (paper.hidden, paper.standardize) == (4096, False)
+    assert FusionConfig(hidden=8, standardize=False).resolved() == FusionConfig(hidden=8, standardize=False)
+    assert scl.models.FusionConfig is FusionConfig
+    grid = FusionConfig(
+        architecture="paper", lr=0.5, param_grid={"epochs": [1, 2], "batch_size": [8, 16, 32]}
+    ).grid()
+    assert (
+        len(grid) == 6 and {g["lr"] for g in grid} == {0.5} and {g["batch_size"] for g in grid} == {8, 16, 32}
+    )
+    assert len(FusionConfig(architecture="paper", param_grid="default").grid()) == 16
+    assert FusionConfig().grid() == [
+        {"lr": 1e-3, "epochs": 50, "batch_size": 64, "lr_decay": 0.95, "weight_decay": 0.01}
+    ]
+    for bad, match in [
+        ({"batch_size": 0}, "Invalid batch_size"),
+        ({"weight_decay": -1}, "Invalid weight_decay"),
+        ({"patience": 0}, "Invalid patience"),
+        ({"hidden": 2.5}, "Invalid hidden"),
+        ({"n_folds": 1}, "needs at least 2 folds"),
+        ({"class_weight": "inverse"}, "class_weight must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            FusionConfig(**bad)
+    # n_folds is the stacked architecture's: the paper's recipe does not check it.
+    assert FusionConfig(architecture="paper", n_folds=1).n_folds == 1
+
+
+def test_old_training_keywords_warn_and_match_the_config(adata):
+    a, b, c = adata.copy(), adata.copy(), adata.copy()
+    new = scl.tl.fuse_train(a, REPS, "cell_type", config=FAST, random_state=2)
+    with pytest.warns(FutureWarning, match=r"`hidden/epochs/batch_size` is deprecated.*config=FusionConfig"):
+        old = scl.tl.fuse_train(b, REPS, "cell_type", random_state=2, **FAST_SETTINGS)
+    for (k, v1), v2 in zip(new.state_dict().items(), old.state_dict().values(), strict=True):
+        assert torch.equal(v1, v2), k
+    np.testing.assert_array_equal(a.obsm["fusion_proba"], b.obsm["fusion_proba"])
+    pd.testing.assert_frame_equal(a.uns["fusion"]["runs"], b.uns["fusion"]["runs"])
+    assert a.uns["fusion"]["params"] == b.uns["fusion"]["params"]
+    # An old keyword next to a config replaces that field of the config.
+    with pytest.warns(FutureWarning, match="`epochs` is deprecated"):
+        scl.tl.fuse_train(c, REPS, "cell_type", config=replace(FAST, epochs=3), random_state=2, epochs=15)
+    np.testing.assert_array_equal(c.obsm["fusion_proba"], a.obsm["fusion_proba"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
+        scl.tl.fuse_train(c, REPS, "cell_type", momentum=0.9)
+
+
+def test_params_hold_the_call_settings_and_write_to_h5ad(adata, tmp_path):
+    config = FusionConfig(
+        architecture="paper", hidden=16, epochs=3, param_grid={"lr": [1e-3, 1e-2]}, patience=None
+    )
+    model = scl.tl.fuse_train(
+        adata, REPS, "cell_type", config=config, report_inputs=False, min_confidence=0.2
+    )
+    params = adata.uns["fusion"]["params"]
+    assert params["architecture"] == "paper" and params["hidden"] == 16 and params["epochs"] == 3
+    assert params["param_grid"] == "lr=[0.001, 0.01]" and params["patience"] == -1
+    assert params["n_folds"] == 0 and params["class_weight"] == "None" and params["min_confidence"] == 0.2
+    assert params["train_value"] == "train" and params["report_inputs"] is False
+    assert "hyperparameters" not in params and "metrics" not in params
+    scl.tl.fuse_predict(adata, model, labels_key="cell_type", split_key="split", key_added="p")
+    pred = adata.uns["p"]
+    assert pred["params"] == {
+        "use_reps": REPS,
+        "labels_key": "cell_type",
+        "split_key": "split",
+        "train_value": "train",
+        "batch_size": 1024,
+        "min_confidence": -1.0,
+    }
+    assert pred["architecture"] == "paper" and pred["model_use_reps"] == REPS
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert back.uns["fusion"]["params"]["param_grid"] == "lr=[0.001, 0.01]"
+    assert len(back.uns["fusion"]["grid"]) == 2

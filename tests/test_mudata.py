@@ -11,7 +11,7 @@ import sc_llm as scl
 md = pytest.importorskip("mudata")
 
 REPS = ["X_text", "X_pca"]
-FAST = {"hidden": 64, "epochs": 15, "batch_size": 64}
+FAST = scl.tl.FusionConfig(hidden=64, epochs=15, batch_size=64)
 
 
 @pytest.fixture
@@ -93,8 +93,8 @@ def test_fuse_train_on_h5mu_matches_anndata(adata, tmp_path):
     path = tmp_path / "reps.h5mu"
     _write(scl.tl.to_mudata(adata, REPS, obs_keys=["cell_type", "split"]), path)
     mdata = _read(path)
-    scl.tl.fuse_train(mdata, REPS, "cell_type", **FAST)
-    scl.tl.fuse_train(adata, REPS, "cell_type", **FAST)
+    scl.tl.fuse_train(mdata, REPS, "cell_type", config=FAST)
+    scl.tl.fuse_train(adata, REPS, "cell_type", config=FAST)
     np.testing.assert_array_equal(mdata.obsm["fusion_proba"], adata.obsm["fusion_proba"])
     assert (mdata.obs["fusion"].astype(str).to_numpy() == adata.obs["fusion"].astype(str).to_numpy()).all()
     assert mdata.uns["fusion"]["metrics"]["accuracy"] == adata.uns["fusion"]["metrics"]["accuracy"]

@@ -10,7 +10,7 @@ Two architectures share one class, :class:`FusionModel`:
     One small expert per representation (``Linear(dim, hidden) + ReLU + Linear(hidden, n_classes)``);
     the fused logits are ``sum_m mix[m] * log_softmax(expert_m)``, a weighted product of the experts'
     class probabilities. The non-negative weights ``mix`` are fitted on out-of-fold predictions of the
-    training cells (see :func:`sc_llm.tl.fuse_train`): an input that does not help gets a weight near
+    training cells (see :func:`sc_llm.tl.fuse_train` and ``models/_training.py``): an input that does not help gets a weight near
     zero, so the fused model cannot fall far below its best input, and complementary inputs add up.
 
 In both, each representation is first centred and divided by one scale (identity unless set from
@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._training import ARCHITECTURES
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "sc_llm.fusion/1"
-ARCHITECTURES = ("stacked", "paper")
 
 
 class FusionModel(nn.Module):
@@ -167,24 +168,38 @@ class FusionModel(nn.Module):
 
     def predict_logits(self, arrays: Sequence[np.ndarray], *, batch_size: int = 1024) -> np.ndarray:
         """Logits as a float32 array, computed in batches without gradients."""
-        self.check_inputs(arrays)
-        n = arrays[0].shape[0]
-        out = np.empty((n, len(self.classes)), dtype=np.float32)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, n, batch_size):
-                    batch = [_as_tensor(X[start : start + batch_size], self.device) for X in arrays]
-                    out[start : start + batch_size] = self(*batch).float().cpu().numpy()
-        finally:
-            self.train(was_training)
-        return out
+        parts = self._in_batches(arrays, batch_size, lambda *xs: self(*xs).float().cpu().numpy())
+        return np.concatenate(parts) if parts else np.empty((0, len(self.classes)), dtype=np.float32)
 
     def predict_proba(self, arrays: Sequence[np.ndarray], *, batch_size: int = 1024) -> np.ndarray:
         """Class probabilities (softmax of the logits), columns in ``classes`` order."""
         logits = torch.from_numpy(self.predict_logits(arrays, batch_size=batch_size))
         return torch.softmax(logits, dim=1).numpy()
+
+    def predict_expert_proba(
+        self, arrays: Sequence[np.ndarray], *, batch_size: int = 4096
+    ) -> list[np.ndarray]:
+        """``"stacked"`` only: each expert's class probabilities on its own input, one array per input."""
+
+        def experts(*xs: torch.Tensor) -> list[np.ndarray]:
+            return [lp.exp().float().cpu().numpy() for lp in self.expert_log_proba(*xs)]
+
+        parts = self._in_batches(arrays, batch_size, experts)
+        return [np.concatenate([p[m] for p in parts]) for m in range(len(arrays))]
+
+    def _in_batches(self, arrays: Sequence[np.ndarray], batch_size: int, fn) -> list:
+        """``fn(*tensors)`` on successive batches of rows, in eval mode and without gradients."""
+        self.check_inputs(arrays)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                return [
+                    fn(*[_as_tensor(X[start : start + batch_size], self.device) for X in arrays])
+                    for start in range(0, arrays[0].shape[0], batch_size)
+                ]
+        finally:
+            self.train(was_training)
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild the module (written to ``config.json``)."""

@@ -9,7 +9,7 @@ from ._embed_geneformer import embed_geneformer
 from ._embed_genes import embed_text_genes
 from ._embed_scgpt import embed_scgpt
 from ._embed_text import embed_text
-from ._fusion import fuse_predict, fuse_train
+from ._fusion import FusionConfig, fuse_predict, fuse_train
 from ._knn import knn_annotate
 from ._llm import LLMAnnotateConfig, llm_annotate
 from ._map_labels import map_labels
@@ -29,7 +29,7 @@ __all__ += ["ablate", "ablation_study", "attribute", "marker_overlap", "marker_s
 __all__ += ["AttributionConfig"]
 
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
-__all__ += ["FusionModel", "compare_annotators", "fuse_predict", "fuse_train", "mlp_annotate"]
+__all__ += ["FusionConfig", "FusionModel", "compare_annotators", "fuse_predict", "fuse_train", "mlp_annotate"]
 
 
 def __getattr__(name: str):

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._docs import doc_params, doc_random_state, doc_split
 from ._heads import collect_reps
 from ._metrics import get_labels, train_mask
+
+if TYPE_CHECKING:
+    from ..models._training import FusionConfig
 
 METHODS = ("knn", "mlp", "head", "fusion")
 METRICS = ("accuracy", "precision", "recall", "f1")
 
 
+@doc_params(doc_split=doc_split, doc_random_state=doc_random_state)
 def compare_annotators(
     adata: AnnData,
     use_reps: Sequence[str],
@@ -29,6 +34,7 @@ def compare_annotators(
     random_state: int = 0,
     k: int = 10,
     mlp_kwargs: Mapping[str, Any] | None = None,
+    fusion_config: FusionConfig | None = None,
     fusion_kwargs: Mapping[str, Any] | None = None,
     key_added: str = "annotator_comparison",
 ) -> pd.DataFrame:
@@ -48,20 +54,24 @@ def compare_annotators(
         Representations to compare and fuse (two or more for a fused row).
     labels_key
         ``obs`` column with the labels.
-    split_key, train_value
-        Training cells are those with ``obs[split_key] == train_value``; the others are evaluated.
+    {doc_split}
     methods
         Any of ``"knn"``, ``"mlp"``, ``"head"``, ``"fusion"``.
     n_runs
         Seeds ``random_state, …, random_state + n_runs - 1`` for the trained annotators.
-    random_state
-        First seed.
+    {doc_random_state}
     k
         Neighbours of the kNN rows.
     mlp_kwargs
-        Extra arguments of :func:`~sc_llm.tl.mlp_annotate` (e.g. ``max_iter``).
+        Extra arguments of :func:`~sc_llm.tl.mlp_annotate`, i.e. of scikit-learn's ``MLPClassifier``
+        (e.g. ``max_iter``).
+    fusion_config
+        Training settings of the fused (and ``"head"``) rows, passed to :func:`~sc_llm.tl.fuse_train`
+        as ``config`` (e.g. ``FusionConfig(architecture="paper", hidden=4096)``).
     fusion_kwargs
-        Extra arguments of :func:`~sc_llm.tl.fuse_train` (e.g. ``hidden``, ``epochs``, ``param_grid``).
+        Other arguments of :func:`~sc_llm.tl.fuse_train` (e.g. ``report_inputs``, ``device``). Its
+        0.1 training keywords (``hidden``, ``epochs``, ``param_grid``…) still work, with
+        :func:`~sc_llm.tl.fuse_train`'s :class:`FutureWarning`; put them in ``fusion_config``.
     key_added
         ``uns`` key of the result.
 
@@ -96,17 +106,28 @@ def compare_annotators(
             rows += [_mlp_row(light, rep, labels_key, seed, mlp_kwargs) for rep in use_reps for seed in seeds]
         if "head" in methods:
             rows += [
-                r for rep in use_reps for r in _fusion_rows(light, [rep], labels_key, seeds, fusion_kwargs)
+                r
+                for rep in use_reps
+                for r in _fusion_rows(light, [rep], labels_key, seeds, fusion_config, fusion_kwargs)
             ]
         if "fusion" in methods:
             if len(use_reps) < 2:
                 raise ValueError(f"A fused row needs at least two representations, got {use_reps}.")
-            rows += _fusion_rows(light, use_reps, labels_key, seeds, fusion_kwargs)
+            rows += _fusion_rows(light, use_reps, labels_key, seeds, fusion_config, fusion_kwargs)
     runs = pd.DataFrame(rows)
     summary = _summarize(runs)
     _warn_unseen(light, labels_key)
     adata.uns[key_added] = {
-        "params": {"use_reps": use_reps, "labels_key": labels_key, "split_key": split_key, "n_runs": n_runs},
+        "params": {
+            "use_reps": use_reps,
+            "labels_key": labels_key,
+            "split_key": split_key,
+            "train_value": train_value,
+            "methods": list(methods),
+            "n_runs": n_runs,
+            "random_state": random_state,
+            "k": k,
+        },
         "summary": summary.reset_index(),
         "runs": runs,
     }
@@ -194,60 +215,47 @@ def _light_copy(adata, use_reps, labels_key, split_key, train_value) -> AnnData:
     return light
 
 
+def _annotate(light: AnnData, fn, reps, labels_key: str, key: str, **kwargs) -> Mapping:
+    """Run one annotator on the light copy's split; return its ``uns`` record."""
+    split = {"split_key": light.uns["_split_key"], "train_value": light.uns["_train_value"]}
+    fn(light, reps, labels_key, **split, key_added=key, **kwargs)
+    return light.uns[key]
+
+
 def _knn_row(light: AnnData, rep: str, labels_key: str, k: int) -> dict:
     from ._knn import knn_annotate
 
-    knn_annotate(
-        light,
-        rep,
-        labels_key,
-        split_key=_split_key(light, labels_key),
-        train_value=_tv(light),
-        k=k,
-        key_added="knn",
-    )
-    return _row(f"{rep} + kNN", "knn", rep, np.nan, light.uns["knn"]["metrics"])
+    record = _annotate(light, knn_annotate, rep, labels_key, "knn", k=k)
+    return _row(f"{rep} + kNN", "knn", rep, np.nan, record["metrics"])
 
 
 def _mlp_row(light: AnnData, rep: str, labels_key: str, seed: int, kwargs) -> dict:
     from ._mlp import mlp_annotate
 
-    mlp_annotate(
-        light,
-        rep,
-        labels_key,
-        split_key=_split_key(light, labels_key),
-        train_value=_tv(light),
-        random_state=seed,
-        key_added="mlp",
-        **dict(kwargs or {}),
-    )
-    return _row(f"{rep} + MLP", "mlp", rep, seed, light.uns["mlp"]["metrics"])
+    record = _annotate(light, mlp_annotate, rep, labels_key, "mlp", random_state=seed, **dict(kwargs or {}))
+    return _row(f"{rep} + MLP", "mlp", rep, seed, record["metrics"])
 
 
-def _fusion_rows(light: AnnData, reps: list[str], labels_key: str, seeds: list[int], kwargs) -> list[dict]:
+def _fusion_rows(
+    light: AnnData, reps: list[str], labels_key: str, seeds: list[int], config, kwargs
+) -> list[dict]:
     from ._fusion import fuse_train
 
     kwargs = dict(kwargs or {})
+    if config is not None:
+        if "config" in kwargs:
+            raise ValueError("Pass the fusion config once: as fusion_config or as fusion_kwargs['config'].")
+        kwargs["config"] = config
     for reserved in ("n_runs", "random_state", "key_added", "split_key", "train_value"):
         if reserved in kwargs:
             raise ValueError(f"fusion_kwargs must not set {reserved!r}; compare_annotators sets it.")
-    fuse_train(
-        light,
-        reps,
-        labels_key,
-        split_key=_split_key(light, labels_key),
-        train_value=_tv(light),
-        n_runs=len(seeds),
-        random_state=seeds[0],
-        key_added="fusion",
-        **kwargs,
+    record = _annotate(
+        light, fuse_train, reps, labels_key, "fusion", n_runs=len(seeds), random_state=seeds[0], **kwargs
     )
     name, method = (
         (f"{reps[0]} + fusion head", "head") if len(reps) == 1 else (f"scMPT ({' + '.join(reps)})", "fusion")
     )
-    table = light.uns["fusion"]["runs"]
-    return [_row(name, method, " + ".join(reps), int(r["seed"]), r) for _, r in table.iterrows()]
+    return [_row(name, method, " + ".join(reps), int(r["seed"]), r) for _, r in record["runs"].iterrows()]
 
 
 def _row(model: str, method: str, reps: str, seed, metrics: Mapping) -> dict:
@@ -270,17 +278,9 @@ def _summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _split_key(light: AnnData, labels_key: str) -> str:
-    return light.uns["_split_key"]
-
-
-def _tv(light: AnnData) -> str:
-    return light.uns["_train_value"]
-
-
 def _warn_unseen(light: AnnData, labels_key: str) -> None:
     labels = light.obs[labels_key]
-    train = (light.obs[_split_key(light, labels_key)].astype(str) == str(_tv(light))).to_numpy()
+    train = (light.obs[light.uns["_split_key"]].astype(str) == str(light.uns["_train_value"])).to_numpy()
     known = labels.notna().to_numpy()
     unseen = sorted(set(labels[known & ~train].astype(str)) - set(labels[known & train].astype(str)))
     if unseen:

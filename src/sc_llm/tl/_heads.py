@@ -1,6 +1,8 @@
-"""What every trained annotation head shares (fusion, MLP, comparisons, MuData): reading representations
-from AnnData or MuData, picking training cells, writing predictions and candidates like ``knn_annotate``
-does, and evaluating them with optional rejection to ``"unknown"``.
+"""What every trained annotation head shares (fusion, MLP, comparisons, MuData).
+
+Reading representations from AnnData or MuData, picking training cells, writing predictions and
+candidates like ``knn_annotate`` does, and evaluating them (per run, with optional rejection to
+``"unknown"``).
 """
 
 from __future__ import annotations
@@ -74,7 +76,46 @@ def write_predictions(
 
 
 def proba_confidence(proba: np.ndarray, min_confidence: float | None):
+    """The ``confidence`` argument of :func:`evaluate` for a rejection threshold (``None``: no rejection)."""
     return None if min_confidence is None else (proba.max(axis=1), min_confidence)
+
+
+def check_runs(n_runs: int = 1, min_confidence: float | None = None) -> None:
+    """Refuse a number of runs below one and a rejection threshold outside [0, 1]."""
+    if int(n_runs) != n_runs or n_runs < 1:
+        raise ValueError(f"Invalid n_runs={n_runs!r}.")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence must be in [0, 1] or None, got {min_confidence!r}.")
+
+
+def held_out_metrics(
+    proba: np.ndarray, labels: pd.Series, train: np.ndarray, classes, min_confidence: float | None = None
+) -> dict[str, float]:
+    """Metrics of one run's probabilities on the labelled non-training cells.
+
+    The unseen-label warning is left to :func:`write_predictions`, which is called once per call.
+    """
+    held_out = labels.notna().to_numpy() & ~train
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :N_CANDIDATES]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        metrics, _ = evaluate(
+            labels,
+            np.asarray(classes, dtype=object),
+            order,
+            held_out,
+            confidence=proba_confidence(proba, min_confidence),
+        )
+    return metrics
+
+
+def summarize_runs(runs: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """``metrics_mean`` and ``metrics_sd`` (sample sd, ddof=1; NaN for one run) of a per-run table."""
+    cols = [c for c in ("accuracy", "precision", "recall", "f1", "top3_accuracy") if c in runs]
+    return {
+        "metrics_mean": {c: float(runs[c].mean()) for c in cols},
+        "metrics_sd": {c: float(runs[c].std(ddof=1)) if len(runs) > 1 else float("nan") for c in cols},
+    }
 
 
 def evaluate(

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._docs import doc_copy, doc_params, doc_random_state, doc_split
 from .._utils import logger, maybe_copy
-from ._candidates import N_CANDIDATES
-from ._heads import evaluate, proba_confidence, training_cells, write_predictions
+from ._heads import check_runs, held_out_metrics, summarize_runs, training_cells, write_predictions
 from ._metrics import get_labels, get_rep
 
 
-#: Label of cells whose highest class probability is below ``min_confidence``.
+@doc_params(doc_split=doc_split, doc_random_state=doc_random_state, doc_copy=doc_copy)
 def mlp_annotate(
     adata: AnnData,
     use_rep: str,
@@ -44,8 +44,7 @@ def mlp_annotate(
         ``obsm`` key of the embedding (e.g. ``"X_text"``).
     labels_key
         ``obs`` column with the labels; cells without a label (NaN) are not trained on.
-    split_key, train_value
-        Training cells are those with ``obs[split_key] == train_value`` and a label.
+    {doc_split}
     n_runs
         Number of fits with seeds ``random_state, random_state + 1, …``; held-out metrics per run
         are in ``uns[key_added]["runs"]`` with their mean and sample standard deviation (ddof=1).
@@ -55,12 +54,10 @@ def mlp_annotate(
         ``obs[key_added]`` (they count as errors in the metrics; the rejected fraction is
         ``metrics["rejection_rate"]``). ``None`` never rejects. The highest probability is written to
         ``obs[f"{key_added}_confidence"]`` either way.
-    random_state
-        Seed of the weight initialisation and batch shuffling.
+    {doc_random_state}
     key_added
         Prefix of the outputs.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_copy}
     **mlp_kwargs
         Passed to ``sklearn.neural_network.MLPClassifier`` (leave empty for the paper's defaults).
 
@@ -73,22 +70,20 @@ def mlp_annotate(
     - ``obs[f"{key_added}_top{i}"]`` and ``obs[f"{key_added}_top{i}_frac"]`` (i = 1..3): the three
       most probable labels and their probabilities;
     - ``obsm[f"{key_added}_proba"]``: class probabilities, columns in ``uns[key_added]["classes"]`` order;
-    - ``uns[key_added]``: parameters, classes, labels seen only outside training, ``"metrics"``
+    - ``uns[key_added]``: ``"params"`` (this call's settings, with the classifier's in
+      ``"mlp_params"``), ``"classes"``, ``"unseen_labels"`` (labels seen only outside training),
+      ``"n_iter"`` and ``"converged"`` of the first run, ``"metrics"``
       (accuracy, macro precision/recall/F1, top-3 accuracy) on the labelled non-training cells,
       ``"runs"`` (metrics per seed), ``"metrics_mean"`` and ``"metrics_sd"``.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
-    if int(n_runs) != n_runs or n_runs < 1:
-        raise ValueError(f"Invalid n_runs={n_runs!r}.")
-    if min_confidence is not None and not 0 <= min_confidence <= 1:
-        raise ValueError(f"min_confidence must be in [0, 1] or None, got {min_confidence!r}.")
+    check_runs(n_runs, min_confidence)
     adata = maybe_copy(adata, copy)
     X = get_rep(adata, use_rep)
     labels = get_labels(adata, labels_key)
     train, y_train, classes = training_cells(adata, labels, split_key, train_value)
-    held_out = labels.notna().to_numpy() & ~train
     fits, rows = [], []
     for i in range(int(n_runs)):
         clf = MLPClassifier(random_state=random_state + i, **mlp_kwargs)
@@ -100,12 +95,7 @@ def mlp_annotate(
         proba = clf.predict_proba(X).astype(np.float32)
         fits.append((clf, converged, proba))
         if i > 0:
-            order = np.argsort(-proba, axis=1, kind="stable")[:, :N_CANDIDATES]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                metrics_i, _ = evaluate(
-                    labels, classes.astype(object), order, held_out, confidence=proba_confidence(proba, min_confidence)
-                )
+            metrics_i = held_out_metrics(proba, labels, train, classes, min_confidence)
             rows.append({"run": i, "seed": random_state + i, **metrics_i})
     clf, converged, proba = fits[0]
     if not converged:
@@ -114,12 +104,12 @@ def mlp_annotate(
         adata, key_added, classes, proba, labels, train, min_confidence=min_confidence
     )
     runs = pd.DataFrame([{"run": 0, "seed": random_state, **metrics}, *rows])
-    cols = [c for c in ("accuracy", "precision", "recall", "f1", "top3_accuracy") if c in runs]
     adata.uns[key_added] = {
         "params": {
             "use_rep": use_rep,
             "labels_key": labels_key,
             "split_key": split_key,
+            "train_value": train_value,
             "random_state": random_state,
             "n_runs": int(n_runs),
             "min_confidence": -1.0 if min_confidence is None else float(min_confidence),
@@ -133,7 +123,6 @@ def mlp_annotate(
         "converged": converged,
         "metrics": metrics,
         "runs": runs,
-        "metrics_mean": {c: float(runs[c].mean()) for c in cols},
-        "metrics_sd": {c: float(runs[c].std(ddof=1)) if len(runs) > 1 else float("nan") for c in cols},
+        **summarize_runs(runs),
     }
     return adata if copy else None

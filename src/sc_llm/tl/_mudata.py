@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples
+from .._utils import format_examples, import_optional
 from ._heads import collect_reps, is_mudata
 from ._metrics import get_rep
 
@@ -53,7 +53,7 @@ def to_mudata(
     -------
     A :class:`mudata.MuData` with the same ``obs_names`` as ``adata``.
     """
-    md = _import_mudata()
+    md = import_optional("mudata", "mudata", "to_mudata")
     names = _modality_names(adata, use_reps, mod_names, expression_mod)
     mods = {names[rep]: _rep_modality(adata, rep, names[rep]) for rep in use_reps}
     if expression_mod is not None:
@@ -104,14 +104,6 @@ def from_mudata(mdata: Any, mods: Sequence[str] | None = None, *, x_mod: str | N
     return adata
 
 
-def _import_mudata():
-    try:
-        import mudata
-    except ImportError as e:
-        raise ImportError("to_mudata needs mudata: pip install sc-llm[mudata]") from e
-    return mudata
-
-
 def _modality_names(adata, use_reps, mod_names, expression_mod) -> dict[str, str]:
     if isinstance(use_reps, str):
         raise TypeError(f"use_reps must be a list of obsm keys, e.g. [{use_reps!r}], not a string.")
@@ -132,7 +124,9 @@ def _modality_names(adata, use_reps, mod_names, expression_mod) -> dict[str, str
         raise ValueError(f"Modality names must be unique; repeated: {format_examples(dupes)}.")
     bad = [n for n in taken if not n or "/" in n or ":" in n]
     if bad:
-        raise ValueError(f"Modality names cannot be empty or contain '/' or ':' (h5mu paths): {format_examples(bad)}.")
+        raise ValueError(
+            f"Modality names cannot be empty or contain '/' or ':' (h5mu paths): {format_examples(bad)}."
+        )
     return names
 
 
@@ -163,7 +157,9 @@ def _shared_obs(adata: AnnData, obs_keys: Sequence[str] | None) -> pd.DataFrame:
         return adata.obs.copy()
     missing = [k for k in obs_keys if k not in adata.obs]
     if missing:
-        raise KeyError(f"obs columns not found: {format_examples(missing)}; available: {list(adata.obs.columns)}.")
+        raise KeyError(
+            f"obs columns not found: {format_examples(missing)}; available: {list(adata.obs.columns)}."
+        )
     return adata.obs[list(obs_keys)].copy()
 
 
