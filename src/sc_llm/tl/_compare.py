@@ -12,7 +12,7 @@ from anndata import AnnData
 
 from .._docs import doc_params, doc_random_state, doc_split
 from ._heads import collect_reps
-from ._metrics import get_labels, train_mask
+from ._metrics import get_labels, mean_sd, train_mask
 
 if TYPE_CHECKING:
     from ..models._training import FusionConfig
@@ -162,15 +162,13 @@ def paired_comparison(
     for model, group in runs.groupby(by, sort=False):
         row: dict[str, Any] = {by: model, "n_runs": len(group)}
         for m in metrics:
-            row[m] = float(group[m].mean())
-            row[f"{m}_sd"] = float(group[m].std(ddof=1)) if len(group) > 1 else float("nan")
+            row[m], row[f"{m}_sd"] = mean_sd(group[m])
         paired = group.dropna(subset=[pair]).set_index(pair)
         common = ref.index.intersection(paired.index)
         if model != reference and len(common):
             for m in ("accuracy", "f1"):
                 d = ref.loc[common, m].to_numpy(float) - paired.loc[common, m].to_numpy(float)
-                row[f"delta_{m}"] = float(d.mean())
-                row[f"delta_{m}_sd"] = float(d.std(ddof=1)) if d.size > 1 else float("nan")
+                row[f"delta_{m}"], row[f"delta_{m}_sd"] = mean_sd(d)
             d = ref.loc[common, "accuracy"].to_numpy(float) - paired.loc[common, "accuracy"].to_numpy(float)
             row.update(wins=int((d > 0).sum()), ties=int((d == 0).sum()), losses=int((d < 0).sum()))
             with warnings.catch_warnings():

@@ -16,7 +16,7 @@ from anndata import AnnData
 
 from .._utils import format_examples, warn_overwrite
 from ._candidates import N_CANDIDATES, label_categories, top3_accuracy, write_candidates
-from ._metrics import classification_metrics, get_rep, train_mask
+from ._metrics import classification_metrics, get_rep, mean_sd, train_mask
 
 #: Label of cells whose highest class probability is below ``min_confidence``.
 UNKNOWN = "unknown"
@@ -111,10 +111,10 @@ def held_out_metrics(
 
 def summarize_runs(runs: pd.DataFrame) -> dict[str, dict[str, float]]:
     """``metrics_mean`` and ``metrics_sd`` (sample sd, ddof=1; NaN for one run) of a per-run table."""
-    cols = [c for c in ("accuracy", "precision", "recall", "f1", "top3_accuracy") if c in runs]
+    stats = {c: mean_sd(runs[c]) for c in ("accuracy", "precision", "recall", "f1", "top3_accuracy") if c in runs}
     return {
-        "metrics_mean": {c: float(runs[c].mean()) for c in cols},
-        "metrics_sd": {c: float(runs[c].std(ddof=1)) if len(runs) > 1 else float("nan") for c in cols},
+        "metrics_mean": {c: mean for c, (mean, _) in stats.items()},
+        "metrics_sd": {c: sd for c, (_, sd) in stats.items()},
     }
 
 

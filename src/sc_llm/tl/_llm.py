@@ -34,7 +34,7 @@ from ..llm._client import ChatClient, ChatRequest
 from ..llm._open import client_keywords_moved, open_client
 from ..llm._prompts import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, check_template, render
 from ._candidates import N_CANDIDATES
-from ._metrics import classification_metrics, train_mask
+from ._metrics import classification_metrics, mean_sd, train_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,11 +429,12 @@ def _metrics(adata, labels_key, idx, preds, options, mode) -> dict[str, Any]:
     y = truth[have].astype(str).to_numpy()
     runs = [classification_metrics(y, np.asarray(p, dtype=object)[have]) for p in preds]
     acc = np.array([m["accuracy"] for m in runs])
+    acc_mean, acc_sd = mean_sd(acc)
     out: dict[str, Any] = {
         "runs": {str(r + 1): m for r, m in enumerate(runs)},
         "accuracy": acc,
-        "accuracy_mean": float(acc.mean()),
-        "accuracy_sd": float(acc.std(ddof=1)) if acc.size > 1 else float("nan"),
+        "accuracy_mean": acc_mean,
+        "accuracy_sd": acc_sd,
         "n_cells": int(have.sum()),
     }
     if mode == "rerank":

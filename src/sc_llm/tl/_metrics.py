@@ -141,8 +141,3 @@ def mean_sd(values) -> tuple[float, float]:
     sd = float(values.std(ddof=1)) if values.size > 1 else float("nan")
     return float(values.mean()), sd
 
-
-def run_summary(runs: pd.DataFrame, columns) -> tuple[dict[str, float], dict[str, float]]:
-    """``(means, sds)`` of each metric column over the rows (runs) of ``runs``, by :func:`mean_sd`."""
-    stats = {c: mean_sd(runs[c]) for c in columns if c in runs}
-    return {c: m for c, (m, _) in stats.items()}, {c: s for c, (_, s) in stats.items()}
