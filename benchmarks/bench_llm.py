@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import sc_llm as scl
+from sc_llm._utils import logger
 from sc_llm.testing import ChatServer
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer cells")
     parser.add_argument("--latency", type=float, default=0.05, help="server seconds per request")
     args = parser.parse_args()
-    logging.getLogger("sc_llm").setLevel(logging.WARNING)
+    logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*already exists and will be overwritten")
 
     adata = scl.datasets.pbmc68k()

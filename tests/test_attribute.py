@@ -104,15 +104,15 @@ def test_lime_fusion_model_is_seeded(pbmc_embedded, text_encoder):
     config = scl.tl.FusionConfig(hidden=32, epochs=5)
     model = scl.tl.fuse_train(pbmc_embedded, ["X_text"], "cell_type", config=config, random_state=0)
     assert isinstance(model, FusionModel)
-    kwargs = dict(
-        labels_key="cell_type",
-        groups=["CD56+ NK", "CD19+ B"],
-        method="lime",
-        n_cells=1,
-        top_n=4,
-        config=AttributionConfig(num_samples=40),
-        model=text_encoder,
-    )
+    kwargs = {
+        "labels_key": "cell_type",
+        "groups": ["CD56+ NK", "CD19+ B"],
+        "method": "lime",
+        "n_cells": 1,
+        "top_n": 4,
+        "config": AttributionConfig(num_samples=40),
+        "model": text_encoder,
+    }
     first = scl.tl.attribute(pbmc_embedded, model, **kwargs).copy()
     with pytest.warns(UserWarning, match="already exists"):
         second = scl.tl.attribute(pbmc_embedded, model, **kwargs)
@@ -151,14 +151,14 @@ def test_predicted_target_and_errors(pbmc_embedded, trained, text_encoder):
 
 
 def test_exclude_drops_genes_from_the_summary_only(pbmc_embedded, trained, text_encoder):
-    kwargs = dict(
-        labels_key="cell_type",
-        groups=["CD14+ Monocyte"],
-        n_cells=1,
-        top_n=1000,
-        model=text_encoder,
-        config=AttributionConfig(n_steps=4),
-    )
+    kwargs = {
+        "labels_key": "cell_type",
+        "groups": ["CD14+ Monocyte"],
+        "n_cells": 1,
+        "top_n": 1000,
+        "model": text_encoder,
+        "config": AttributionConfig(n_steps=4),
+    }
     full = scl.tl.attribute(pbmc_embedded, trained, key_added="all", **kwargs)
     patterns = ("^RP[SL]", "^MT-", "^hla-")  # case-insensitive: the last one matches HLA-DRA etc.
     kept = scl.tl.attribute(pbmc_embedded, trained, exclude=patterns, key_added="kept", **kwargs)
@@ -184,7 +184,7 @@ def test_bf16_attributions_agree_with_fp32(pbmc_embedded, trained, text_encoder)
 
     from sc_llm.models import resolve_precision
 
-    kwargs = dict(labels_key="cell_type", groups=["CD56+ NK"], n_cells=1, top_n=1000, model=text_encoder)
+    kwargs = {"labels_key": "cell_type", "groups": ["CD56+ NK"], "n_cells": 1, "top_n": 1000, "model": text_encoder}
     fp32 = scl.tl.attribute(
         pbmc_embedded, trained, key_added="fp32", config=AttributionConfig(n_steps=8), **kwargs
     )
@@ -212,7 +212,7 @@ def test_duplicated_obs_names_are_refused(pbmc_embedded):
 
 
 def test_old_keywords_warn_and_give_the_same_result(pbmc_embedded, trained, text_encoder):
-    common = dict(groups=["CD19+ B"], n_cells=1, top_n=1000, model=text_encoder)
+    common = {"groups": ["CD19+ B"], "n_cells": 1, "top_n": 1000, "model": text_encoder}
     new = scl.tl.attribute(
         pbmc_embedded,
         trained,
@@ -251,7 +251,7 @@ def test_explains_every_labelled_cell_outside_training(pbmc_embedded, trained, t
     nk = (adata.obs["cell_type"] == "CD56+ NK").to_numpy()
     split[np.flatnonzero(nk & (split == "train"))[:5]] = "val"
     adata.obs["split"] = split
-    common = dict(labels_key="cell_type", groups=["CD56+ NK"], n_cells=1000, model=text_encoder)
+    common = {"labels_key": "cell_type", "groups": ["CD56+ NK"], "n_cells": 1000, "model": text_encoder}
     config = AttributionConfig(n_steps=2)
     scl.tl.attribute(adata, trained, config=config, key_added="held_out", **common)
     explained = adata.obs.loc[adata.uns["held_out"]["cells"].index, "split"]
@@ -277,7 +277,7 @@ def test_config_is_checked(pbmc_embedded, trained):
 def test_normalize_is_read_from_the_embedding_record(pbmc_embedded, text_encoder):
     classes = sorted(pbmc_embedded.obs["cell_type"].astype(str).unique())
     head = FusionModel(["X_text"], [384], classes, hidden=4)
-    kwargs = dict(labels_key="cell_type", groups=["CD19+ B"], n_cells=1, model=text_encoder)
+    kwargs = {"labels_key": "cell_type", "groups": ["CD19+ B"], "n_cells": 1, "model": text_encoder}
     records = {
         "nested": {"params": {"normalize": False}, "dim": 384},
         "flat": {"normalize": False},

@@ -38,7 +38,7 @@ def _reference_tokens(adata, tok_path, med_path, input_size, ids=None):
     X = adata.X.toarray()
     known = sorted({g for g in ids if g in tokens and g in medians}, key=ids.index)
     for row in X:
-        summed = {g: 0.0 for g in known}
+        summed = dict.fromkeys(known, 0.0)
         for g, c in zip(ids, row, strict=True):
             if g in summed:
                 summed[g] += c

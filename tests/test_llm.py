@@ -293,10 +293,10 @@ def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
         s["c3"]: [answer("B"), answer("Mono"), answer("Mono")],
     }
     with ChatServer(table) as srv:
-        kw = dict(
-            config=LLMAnnotateConfig(n_runs=3),
-            client_kwargs={"base_url": srv.base_url, "cache_dir": tmp_path, "max_concurrency": 1},
-        )
+        kw = {
+            "config": LLMAnnotateConfig(n_runs=3),
+            "client_kwargs": {"base_url": srv.base_url, "cache_dir": tmp_path, "max_concurrency": 1},
+        }
         scl.tl.llm_annotate(toy, MODEL, **kw)
         assert srv.n_requests == 12
         m = toy.uns["llm"]["metrics"]
@@ -312,7 +312,7 @@ def test_n_runs_mean_sd_and_independent_cache_entries(toy, tmp_path):
 
 
 def test_cell_selection_subsample_is_seeded(toy, server, tmp_path):
-    kw = dict(model=MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path})
+    kw = {"model": MODEL, "client_kwargs": {"base_url": server.base_url, "cache_dir": tmp_path}}
     scl.tl.llm_annotate(toy, n_cells=2, random_state=3, **kw)
     held_out = np.flatnonzero(toy.obs["split"] != "train")
     expected = np.sort(np.random.default_rng(3).choice(held_out, size=2, replace=False))
@@ -597,7 +597,7 @@ def test_retry_flagged_asks_again_only_for_flagged_cached_answers(toy, server, t
     table[sentence(toy, "c2")] = answer("NK")
     table[sentence(toy, "c3")] = answer("B")
     n = server.n_requests
-    kw = dict(model=MODEL, client_kwargs={"base_url": server.base_url, "cache_dir": tmp_path / "cache"})
+    kw = {"model": MODEL, "client_kwargs": {"base_url": server.base_url, "cache_dir": tmp_path / "cache"}}
     with pytest.warns(UserWarning, match="already exists"):
         scl.tl.llm_annotate(toy, **kw)
     assert server.n_requests == n  # by default a flagged answer is an answer: not paid for again

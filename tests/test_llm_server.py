@@ -29,7 +29,7 @@ try:
     import gguf  # noqa: F401
     import httpx
     import llama_cpp.server.app  # noqa: F401
-except Exception as e:  # not installed, or llama_cpp's RuntimeError when its shared library does not load
+except Exception as e:  # noqa: BLE001 - not installed, or llama_cpp's RuntimeError when its shared library does not load
     pytest.skip(f"needs llama-cpp-python[server] and gguf ({type(e).__name__}: {e})", allow_module_level=True)
 
 pytestmark = pytest.mark.server
@@ -95,10 +95,10 @@ def _client(base_url, tmp_path, **kw):
 
 def test_rerank_negotiates_json_object_and_every_answer_is_an_offered_label(llama_server, query, tmp_path):
     client = _client(llama_server, tmp_path)
-    kw = dict(
-        n_cells=12, random_state=1, config=LLMAnnotateConfig(n_genes=8),
-        client_kwargs={"temperature": 0, "params": {"max_tokens": 96, "seed": 0}},
-    )  # fmt: skip
+    kw = {
+        "n_cells": 12, "random_state": 1, "config": LLMAnnotateConfig(n_genes=8),
+        "client_kwargs": {"temperature": 0, "params": {"max_tokens": 96, "seed": 0}},
+    }  # fmt: skip
     scl.tl.llm_annotate(query, client, **kw)
     uns = query.uns["llm"]
     chosen = query.obs["llm"].notna().to_numpy()
@@ -128,7 +128,7 @@ def test_rerank_negotiates_json_object_and_every_answer_is_an_offered_label(llam
 
 def test_zero_shot_labels_and_plain_text_fallback(llama_server, query, tmp_path):
     labels = sorted(query.obs["cell_type"].astype(str).unique())
-    kw = dict(mode="zero_shot", n_cells=6, config=LLMAnnotateConfig(labels=labels, n_genes=8))
+    kw = {"mode": "zero_shot", "n_cells": 6, "config": LLMAnnotateConfig(labels=labels, n_genes=8)}
     client = _client(llama_server, tmp_path, structured_output="json_object")
     scl.tl.llm_annotate(query, client, client_kwargs={"temperature": 0, "params": {"max_tokens": 96}}, **kw)
     chosen = query.obs["llm"].notna()

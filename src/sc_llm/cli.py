@@ -13,6 +13,7 @@ DEMO_LABELS = "cell_type"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``sc-llm`` command line (``demo`` or ``embed``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="sc-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="sentences → text embedding → split → kNN → metrics on bundled pbmc68k")

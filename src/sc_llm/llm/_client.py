@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .._progress import progress
-from .._utils import import_optional, logger
+from sc_llm._progress import progress
+from sc_llm._utils import import_optional, logger
+
 from ._http import (
     attempt_deadline,
     content_text,

@@ -17,7 +17,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from .._utils import import_optional, logger
+from sc_llm._utils import import_optional, logger
 
 _REDACT = [
     (re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=:-]{4,}"), r"\1\2[REDACTED]"),

@@ -14,7 +14,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from .._deprecations import REMOVED_IN
+from sc_llm._deprecations import REMOVED_IN
+
 from ._client import ChatClient, with_temperature
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from .._store import names_digest
-from ..pp._cell_sentences import check_values, rank_csr_rows
+from sc_llm._store import names_digest
+from sc_llm.pp._cell_sentences import check_values, rank_csr_rows
+
 from ._encoder import Tokens, array_digest
 from ._runtime import require_torch
 
@@ -42,8 +43,10 @@ class GeneModeEncoder:
         return self.genes
 
     def forward(self, model, ids, mask, values, *, normalize: bool = True):
-        """Weighted means of gene embeddings for a padded batch, as one sparse × dense product
-        (gathering ``model[ids]`` would hold cells × genes × dim numbers at once)."""
+        """Weighted means of gene embeddings for a padded batch, as one sparse × dense product.
+
+        Gathering ``model[ids]`` would hold cells × genes × dim numbers at once.
+        """
         torch = require_torch()
         keep = mask.bool()
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[keep]

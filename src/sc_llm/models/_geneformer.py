@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from .._store import names_digest
-from .._utils import check_counts, format_examples, logger
-from ..pp._cell_sentences import rank_csr_rows
+from sc_llm._store import names_digest
+from sc_llm._utils import check_counts, format_examples, logger
+from sc_llm.pp._cell_sentences import rank_csr_rows
+
 from ._encoder import Tokens, reduced_copy
 from ._runtime import file_digest, require_torch, resolve_device
 
@@ -313,7 +314,7 @@ class GeneformerTokenizer:
             sparse.diags(scale) @ (counts[:, self.cols] @ self.collapse) @ sparse.diags(self.inv_median)
         )
         norm.eliminate_zeros()
-        from ..tl._coverage import cell_counts
+        from sc_llm.tl._coverage import cell_counts
 
         per_cell = {"n_genes": np.diff(norm.indptr), **cell_counts(counts, self.matched)}
         n_genes = per_cell["n_genes"]

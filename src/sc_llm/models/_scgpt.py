@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from .._store import names_digest
-from .._utils import check_values, format_examples, logger
+from sc_llm._store import names_digest
+from sc_llm._utils import check_values, format_examples, logger
+
 from ._encoder import Tokens, reduced_copy
 from ._runtime import file_digest, require_torch, resolve_device
 
@@ -412,8 +413,10 @@ class ScGPTEncoder:
         self, gene_names: np.ndarray, *, max_length: int = 1200, random_state: int = 0, min_gene_fraction: float = 0.1,
         where: str = "var_names", shown_names=None, where_values: str = "adata.X",
     ) -> ScGPTTokenizer:  # fmt: skip
-        """The host tokenizer for one call over an AnnData with these gene symbols (``shown_names``: the
-        names as the user has them, for messages, when they were converted)."""
+        """The host tokenizer for one call over an AnnData with these gene symbols.
+
+        ``shown_names`` are the names as the user has them, for messages, when they were converted.
+        """
         return ScGPTTokenizer(self, gene_names, max_length=max_length, random_state=random_state,
                               min_gene_fraction=min_gene_fraction, where=where, shown_names=shown_names,
                               where_values=where_values)  # fmt: skip
@@ -471,7 +474,7 @@ class ScGPTTokenizer:
                 tok, binned = tok[chosen], binned[chosen]
             genes.append(tok)
             values.append(binned)
-        from ..tl._coverage import cell_counts
+        from sc_llm.tl._coverage import cell_counts
 
         return _with_cls(genes, values, self.cls_id, self.pad_value, n_genes=n_expr,
                          **cell_counts(chunk.rows, self.matched))  # fmt: skip

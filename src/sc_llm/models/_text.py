@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .._store import names_digest
-from .._utils import logger
-from ..pp._cell_sentences import check_values, join_ranked, rank_csr_rows
+from sc_llm._store import names_digest
+from sc_llm._utils import logger
+from sc_llm.pp._cell_sentences import check_values, join_ranked, rank_csr_rows
+
 from ._encoder import Tokens, module_digest, reduced_copy
 from ._runtime import encode_tokens, resolve_device, resolve_precision
 from ._word_tokens import WordTokenizer
@@ -75,8 +76,10 @@ class TextEncoder:
         return get()
 
     def identity(self) -> dict[str, Any]:
-        """Model identity for ``uns``: name, weights digest (of the files, or of the weights of a model
-        passed as an object), dimension, token limit."""
+        """Model identity for ``uns``: name, weights digest, dimension, token limit.
+
+        The digest is of the weight files, or of the weights of a model passed as an object.
+        """
         ident = {"name": self.name, "dim": self.dim, "max_tokens": self.max_tokens}
         digest = None
         if self.path is not None:
@@ -190,8 +193,11 @@ class TextEncoder:
         )  # fmt: skip
 
     def encode(self, texts: Sequence[str], *, prefix: str | None = None, **kwargs) -> np.ndarray:
-        """Fit whole words of any texts to the token limit, then embed (keyword arguments go to
-        :meth:`encode_ids`). Cell sentences go through :meth:`tokenizer_for`, which is faster."""
+        """Fit whole words of any texts to the token limit, then embed.
+
+        Keyword arguments go to :meth:`encode_ids`. Cell sentences go through :meth:`tokenizer_for`,
+        which is faster.
+        """
         ids, _ = self.fit(list(texts), prefix)
         return self.encode_ids(ids, **kwargs)
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._progress import progress
-from .._utils import logger
+from sc_llm._progress import progress
+from sc_llm._utils import logger
 
 if TYPE_CHECKING:
     from ._fusion import FusionModel

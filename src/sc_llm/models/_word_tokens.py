@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._utils import format_examples
+from sc_llm._utils import format_examples
 
 # Probe words that start with different characters classes, so the token run the prefix contributes to
 # every sentence (the longest common start of their encodings) stops before any word's own tokens.
@@ -92,9 +92,11 @@ class WordTokenizer:
         return (enc["input_ids"], enc["special_tokens_mask"]) if mask else enc["input_ids"]
 
     def _encode_words(self, texts: list[str]) -> list[list[int]]:
-        """Ids without special tokens, from the Rust tokenizer when there is one (skips the per-text
-        Python conversion that dominates ``tokenizer(...)`` on short texts); :meth:`check` compares
-        the result with ``tokenizer(...)`` itself."""
+        """Ids without special tokens, from the Rust tokenizer when there is one.
+
+        That skips the per-text Python conversion that dominates ``tokenizer(...)`` on short texts;
+        :meth:`check` compares the result with ``tokenizer(...)`` itself.
+        """
         if self._backend is None:
             return self._encode(texts, special=False)
         return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]

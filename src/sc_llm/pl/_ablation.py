@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._docs import doc_axes_show_save, doc_params, doc_show_save
-from ..tl._ablate import column_label
+from sc_llm._docs import doc_axes_show_save, doc_params, doc_show_save
+from sc_llm.tl._ablate import column_label
+
 from ._utils import finish, panels, uns_table
 
 _ROW_LABELS = {

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 from anndata import AnnData
 
-from .._docs import doc_axes_show_save, doc_params
+from sc_llm._docs import doc_axes_show_save, doc_params
+
 from ._utils import finish, panels, uns_table
 
 
@@ -54,7 +55,7 @@ def attributions(
     -------
     The matplotlib Figure (one panel per group).
     """
-    from ..tl._markers import _match_groups, read_markers
+    from sc_llm.tl._markers import _match_groups, read_markers
 
     table = uns_table(data, key, "genes", "attribute", columns=("group", "rank", "gene", "attribution"))
     groups = list(groups) if groups is not None else list(dict.fromkeys(table["group"].astype(str)))

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._docs import doc_axes_show_save, doc_params, doc_split
+from sc_llm._docs import doc_axes_show_save, doc_params, doc_split
+
 from ._utils import finish, panels
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._docs import doc_params, doc_show_save
+from sc_llm._docs import doc_params, doc_show_save
+
 from ._utils import finish, panels, uns_table
 
 METRICS = ("accuracy", "precision", "recall", "f1")

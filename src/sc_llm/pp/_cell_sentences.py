@@ -9,14 +9,14 @@ import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
-from .._deprecations import moved_to_config
-from .._docs import doc_copy, doc_execution, doc_params
-from .._execution import Execution, resolve_execution
-from .._sources import MatrixSource
-from .._store import ChunkedResults, names_digest
+from sc_llm._deprecations import moved_to_config
+from sc_llm._docs import doc_copy, doc_execution, doc_params
+from sc_llm._execution import Execution, resolve_execution
+from sc_llm._sources import MatrixSource
+from sc_llm._store import ChunkedResults, names_digest
 
 # check_values lives in _utils (shared with every reader of X); imported here so old imports keep working.
-from .._utils import check_values, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
+from sc_llm._utils import check_values, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
 
 TIE_RULE = "equal values keep the order of the genes in var (lower var position first)"
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")

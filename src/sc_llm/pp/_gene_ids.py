@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples, logger, maybe_copy, warn_overwrite
+from sc_llm._utils import format_examples, logger, maybe_copy, warn_overwrite
 
 SPECIES = {"human": "ENSG", "mouse": "ENSMUSG"}
 DEFAULT_KEYS = {"ensembl": "ensembl_id", "symbol": "gene_symbol"}

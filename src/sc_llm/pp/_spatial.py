@@ -9,9 +9,9 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from .._deprecations import renamed_params
-from .._docs import doc_copy, doc_params
-from .._utils import (
+from sc_llm._deprecations import renamed_params
+from sc_llm._docs import doc_copy, doc_params
+from sc_llm._utils import (
     as_csr,
     check_key,
     check_values,
@@ -22,6 +22,7 @@ from .._utils import (
     maybe_copy,
     warn_overwrite,
 )
+
 from ._cell_sentences import checked_gene_names, join_ranked, rank_csr_rows
 
 LABELS_PREFIX = "neighbours: "

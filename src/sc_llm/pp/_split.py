@@ -9,8 +9,8 @@ import pandas as pd
 from anndata import AnnData
 from sklearn.model_selection import train_test_split as _sk_split
 
-from .._docs import doc_copy, doc_params, doc_random_state
-from .._utils import check_key, format_examples, maybe_copy, warn_overwrite
+from sc_llm._docs import doc_copy, doc_params, doc_random_state
+from sc_llm._utils import check_key, format_examples, maybe_copy, warn_overwrite
 
 
 @doc_params(doc_random_state=doc_random_state, doc_copy=doc_copy)

@@ -1,6 +1,7 @@
 """Tools: embeddings, annotation, evaluation."""
 
-from ..llm import ChatClient  # re-exported: scl.tl.ChatClient predates sc_llm.llm
+from sc_llm.llm import ChatClient  # re-exported: scl.tl.ChatClient predates sc_llm.llm
+
 from ._ablate import ablate, ablation_study
 from ._attribute import AttributionConfig, attribute
 from ._compare import compare_annotators
@@ -34,7 +35,7 @@ __all__ += ["FusionConfig", "FusionModel", "compare_annotators", "fuse_predict",
 
 def __getattr__(name: str):
     if name == "FusionModel":
-        from ..models._fusion import FusionModel
+        from sc_llm.models._fusion import FusionModel
 
         return FusionModel
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

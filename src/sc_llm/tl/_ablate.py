@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._docs import doc_copy, doc_device_precision, doc_params, doc_random_state, doc_split
-from .._utils import check_key, embedding_record, logger, maybe_copy, obs_sentences, warn_overwrite
-from ..models._runtime import Precision
+from sc_llm._docs import doc_copy, doc_device_precision, doc_params, doc_random_state, doc_split
+from sc_llm._utils import check_key, embedding_record, logger, maybe_copy, obs_sentences, warn_overwrite
+from sc_llm.models._runtime import Precision
 
 HASH_LENGTH = 10
 KINDS = (
@@ -247,7 +247,7 @@ def _permute_prefix(row: list[str], k: int, rng: np.random.Generator) -> list[st
 
 def _in_context(words: list[list[str]], model: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """Whole genes that fit the encoder's token limit, counted with its tokenizer (:meth:`TextEncoder.fit`)."""
-    from ..models._text import load_text_encoder
+    from sc_llm.models._text import load_text_encoder
 
     encoder = load_text_encoder(model)
     _, n_fit = encoder.fit([" ".join(w) for w in words])

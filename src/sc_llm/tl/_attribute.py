@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._deprecations import REMOVED_IN, moved_to_config, renamed_params
-from .._docs import doc_device_precision, doc_params, doc_random_state
-from .._progress import progress
-from .._utils import (
+from sc_llm._deprecations import REMOVED_IN, moved_to_config, renamed_params
+from sc_llm._docs import doc_device_precision, doc_params, doc_random_state
+from sc_llm._progress import progress
+from sc_llm._utils import (
     check_unique_obs_names,
     embedding_record,
     format_examples,
@@ -36,7 +36,8 @@ from .._utils import (
     obs_sentences,
     warn_overwrite,
 )
-from ..models._runtime import Precision
+from sc_llm.models._runtime import Precision
+
 from ._metrics import get_labels, train_mask
 
 METHODS = ("integrated_gradients", "lime")
@@ -239,8 +240,8 @@ def attribute(
         config.target,
     )
     sentences = dict(zip(cells, obs_sentences(adata, sentence_key, list(cells)), strict=True))
-    from ..models._runtime import resolve_precision
-    from ..models._text import load_text_encoder
+    from sc_llm.models._runtime import resolve_precision
+    from sc_llm.models._text import load_text_encoder
 
     encoder = load_text_encoder(model, config.device)
     used_precision = resolve_precision(config.precision, encoder.device)

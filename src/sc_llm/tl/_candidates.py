@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import warn_overwrite
+from sc_llm._utils import warn_overwrite
 
 N_CANDIDATES = 3
 

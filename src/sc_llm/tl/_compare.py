@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._docs import doc_params, doc_random_state, doc_split
+from sc_llm._docs import doc_params, doc_random_state, doc_split
+
 from ._heads import collect_reps
 from ._metrics import get_labels, mean_sd, train_mask
 
 if TYPE_CHECKING:
-    from ..models._training import FusionConfig
+    from sc_llm.models._training import FusionConfig
 
 METHODS = ("knn", "mlp", "head", "fusion")
 METRICS = ("accuracy", "precision", "recall", "f1")

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import as_csr, gene_names, get_matrix, iter_row_chunks
-from ..pp._gene_ids import convert_gene_ids, id_kind
+from sc_llm._utils import as_csr, gene_names, get_matrix, iter_row_chunks
+from sc_llm.pp._gene_ids import convert_gene_ids, id_kind
 
 LOW_COVERAGE = 0.5
 _KINDS = {"symbol": "gene symbols", "ensembl": "Ensembl IDs"}
@@ -117,8 +117,10 @@ class CoverageCounter:
 
 
 def coverage_from_cells(covered: np.ndarray, total: np.ndarray, matched: np.ndarray) -> dict[str, Any]:
-    """The coverage record of :func:`coverage_summary` from per-cell counts in matched genes and in all
-    genes (what the embedding functions collect chunk by chunk, also across resumed stores)."""
+    """The coverage record of :func:`coverage_summary` from per-cell counts in matched and in all genes.
+
+    These are what the embedding functions collect chunk by chunk, also across resumed stores.
+    """
     matched = np.asarray(matched, dtype=bool)
     share = np.divide(covered, total, out=np.zeros_like(covered, dtype=np.float64), where=total > 0)
     all_counts = float(total.sum())
@@ -155,8 +157,10 @@ def warn_on_first_chunk(source, matched: np.ndarray, chunk_size: int, what: str,
 
 
 def coverage_of_run(per_cell: Mapping[str, np.ndarray], matched: np.ndarray, warned: bool, what: str, ids: str):
-    """Coverage over all cells of an embedding run (from its per-cell counts), warned about unless the
-    first-chunk check already did."""
+    """Coverage over all cells of an embedding run, from its per-cell counts.
+
+    It is warned about unless the first-chunk check already did.
+    """
     coverage = coverage_from_cells(per_cell["counts_covered"], per_cell["counts_total"], matched)
     if not warned:
         warn_low_coverage(coverage, what, ids)
@@ -287,7 +291,7 @@ def vocab_coverage(
 
 def _vocabulary(model: Any) -> tuple[str, Any]:
     """``("scgpt", vocab)``, ``("geneformer", token dictionary)`` or ``("text", encoder)``."""
-    from ..models._text import TextEncoder
+    from sc_llm.models._text import TextEncoder
 
     if isinstance(model, TextEncoder):
         return "text", model
@@ -298,18 +302,18 @@ def _vocabulary(model: Any) -> tuple[str, Any]:
     if isinstance(model, str | Path):
         path = Path(model)
         if path.is_dir() and (path / "vocab.json").exists() and (path / "args.json").exists():
-            from ..models._scgpt import read_vocab
+            from sc_llm.models._scgpt import read_vocab
 
             return "scgpt", read_vocab(path / "vocab.json")
         if path.suffix == ".pkl":
-            from ..models._geneformer import read_dictionary
+            from sc_llm.models._geneformer import read_dictionary
 
             return "geneformer", read_dictionary(path, "token_dictionary")
         if path.is_dir() and (path / "config.json").exists() and not (path / "modules.json").exists():
             raise ValueError(
                 f"{path} looks like a Geneformer model folder: pass its token dictionary (.pkl) instead."
             )
-    from ..models._text import load_text_encoder
+    from sc_llm.models._text import load_text_encoder
 
     return "text", load_text_encoder(None if model == "text" else model)
 

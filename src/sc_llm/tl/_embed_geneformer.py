@@ -9,12 +9,13 @@ from typing import Any, Literal
 import numpy as np
 from anndata import AnnData
 
-from .._deprecations import moved_to_config, renamed_params
-from .._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
-from .._execution import Execution, resolve_execution
-from .._sources import MatrixSource
-from .._utils import check_key, format_examples, gene_names, logger, maybe_copy
-from ..models._runtime import Precision
+from sc_llm._deprecations import moved_to_config, renamed_params
+from sc_llm._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
+from sc_llm._execution import Execution, resolve_execution
+from sc_llm._sources import MatrixSource
+from sc_llm._utils import check_key, format_examples, gene_names, logger, maybe_copy
+from sc_llm.models._runtime import Precision
+
 from ._coverage import coverage_of_run, to_model_ids, warn_on_first_chunk
 from ._embed_scgpt import PER_CELL
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
@@ -104,7 +105,7 @@ def embed_geneformer(
     overall and per cell, warned about when under half, first on the first chunk before any compute)
     and ``id_conversion`` (whether and how identifiers were converted).
     """
-    from ..models._geneformer import load_geneformer, read_dictionary
+    from sc_llm.models._geneformer import load_geneformer, read_dictionary
 
     tokens_of = read_dictionary(token_dictionary, "token_dictionary")
     medians = read_dictionary(gene_median_dictionary, "gene_median_dictionary")

@@ -9,14 +9,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._deprecations import moved_to_config
-from .._docs import doc_copy, doc_execution, doc_params
-from .._execution import Execution, resolve_execution
-from .._sources import MatrixSource
-from .._utils import check_key, gene_names, maybe_copy
-from ..models._gene_mode import GeneModeEncoder, GeneModeTokenizer
-from ..models._runtime import Precision, resolve_precision
-from ..models._text import load_text_encoder
+from sc_llm._deprecations import moved_to_config
+from sc_llm._docs import doc_copy, doc_execution, doc_params
+from sc_llm._execution import Execution, resolve_execution
+from sc_llm._sources import MatrixSource
+from sc_llm._utils import check_key, gene_names, maybe_copy
+from sc_llm.models._gene_mode import GeneModeEncoder, GeneModeTokenizer
+from sc_llm.models._runtime import Precision, resolve_precision
+from sc_llm.models._text import load_text_encoder
+
 from ._embedding import run_encoder, write_embedding
 
 Weighting = Literal["expression", "rank"]

@@ -8,12 +8,13 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from .._deprecations import moved_to_config, renamed_params
-from .._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
-from .._execution import Execution, resolve_execution
-from .._sources import MatrixSource
-from .._utils import check_key, gene_names, logger, maybe_copy
-from ..models._runtime import Precision
+from sc_llm._deprecations import moved_to_config, renamed_params
+from sc_llm._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
+from sc_llm._execution import Execution, resolve_execution
+from sc_llm._sources import MatrixSource
+from sc_llm._utils import check_key, gene_names, logger, maybe_copy
+from sc_llm.models._runtime import Precision
+
 from ._coverage import coverage_of_run, to_model_ids, warn_on_first_chunk
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 
@@ -98,7 +99,7 @@ def embed_scgpt(
     :func:`sc_llm.pp.map_gene_ids` when it is under half, checked on the first chunk before any
     compute) and ``id_conversion`` (whether and how identifiers were converted).
     """
-    from ..models._scgpt import load_scgpt
+    from sc_llm.models._scgpt import load_scgpt
 
     check_key(key_added)
     execution = resolve_execution(execution, _CELL_CHUNK)

@@ -7,14 +7,15 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from .._deprecations import moved_to_config
-from .._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
-from .._execution import Execution, resolve_execution
-from .._sources import MatrixSource, SentenceSource
-from .._utils import check_key, maybe_copy
-from ..models._runtime import Precision
-from ..models._text import load_text_encoder
-from ..pp._cell_sentences import cell_sentences, checked_gene_names
+from sc_llm._deprecations import moved_to_config
+from sc_llm._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
+from sc_llm._execution import Execution, resolve_execution
+from sc_llm._sources import MatrixSource, SentenceSource
+from sc_llm._utils import check_key, maybe_copy
+from sc_llm.models._runtime import Precision
+from sc_llm.models._text import load_text_encoder
+from sc_llm.pp._cell_sentences import cell_sentences, checked_gene_names
+
 from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 
 _CELL_CHUNK = 2048

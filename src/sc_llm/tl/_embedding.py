@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from .._distributed import Scheduler, client_for, map_chunks, share
-from .._execution import Execution
-from .._progress import progress
-from .._sources import MatrixSource, SentenceSource
-from .._store import ChunkedResults, names_digest
-from .._utils import logger, warn_overwrite
-from ..models._encoder import Tokens
-from ..models._runtime import encode_tokens, resolve_device, resolve_precision
+from sc_llm._distributed import Scheduler, client_for, map_chunks, share
+from sc_llm._execution import Execution
+from sc_llm._progress import progress
+from sc_llm._sources import MatrixSource, SentenceSource
+from sc_llm._store import ChunkedResults, names_digest
+from sc_llm._utils import logger, warn_overwrite
+from sc_llm.models._encoder import Tokens
+from sc_llm.models._runtime import encode_tokens, resolve_device, resolve_precision
 
 
 @dataclass
@@ -199,23 +199,26 @@ def load_encoder(spec: Any, device: Any):
         return spec
     kind, name = spec
     if kind == "text":
-        from ..models._text import load_text_encoder
+        from sc_llm.models._text import load_text_encoder
 
         return load_text_encoder(name, device)
     if kind == "scgpt":
-        from ..models._scgpt import load_scgpt
+        from sc_llm.models._scgpt import load_scgpt
 
         return load_scgpt(name, device)
     if kind == "geneformer":
-        from ..models._geneformer import load_geneformer
+        from sc_llm.models._geneformer import load_geneformer
 
         return load_geneformer(name, device)
     raise ValueError(f"Unknown encoder kind {kind!r}.")
 
 
 def worker_spec(kind: str, model: Any, loaded: Any, scheduler: Scheduler) -> Any:
-    """What a worker loads: on a cluster a model named by string or path is loaded there by name
-    (once per worker, through the loader cache); otherwise the loaded object is used (sent once)."""
+    """What a worker loads.
+
+    On a cluster a model named by string or path is loaded there by name (once per worker, through
+    the loader cache); otherwise the loaded object is used (sent once).
+    """
     if scheduler is not None and (model is None or isinstance(model, str | PurePath)):
         return (kind, None if model is None else str(model))
     return loaded

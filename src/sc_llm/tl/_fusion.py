@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._deprecations import moved_to_config
-from .._docs import doc_params, doc_random_state, doc_split
-from ..models._training import FusionConfig, FusionFit, train_fusion
+from sc_llm._deprecations import moved_to_config
+from sc_llm._docs import doc_params, doc_random_state, doc_split
+from sc_llm.models._training import FusionConfig, FusionFit, train_fusion
+
 from ._compare import paired_comparison
 from ._heads import (
     check_runs,
@@ -33,7 +34,7 @@ from ._heads import (
 from ._metrics import get_labels, train_mask
 
 if TYPE_CHECKING:
-    from ..models._fusion import FusionModel
+    from sc_llm.models._fusion import FusionModel
 
 #: Fields of :class:`FusionConfig` that fuse_train took as keyword arguments in 0.1.
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FusionConfig))
@@ -256,7 +257,7 @@ def fuse_predict(
     ``architecture``, ``hyperparameters`` and ``classes``; and ``metrics``/``unseen_labels`` with
     labels) as :func:`fuse_train` does.
     """
-    from ..models._fusion import FusionModel
+    from sc_llm.models._fusion import FusionModel
 
     check_runs(min_confidence=min_confidence)
     if isinstance(model, str | Path):

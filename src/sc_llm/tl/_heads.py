@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples, warn_overwrite
+from sc_llm._utils import format_examples, warn_overwrite
+
 from ._candidates import N_CANDIDATES, label_categories, top3_accuracy, write_candidates
 from ._metrics import classification_metrics, get_rep, mean_sd, train_mask
 

@@ -8,8 +8,9 @@ import numpy as np
 from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
-from .._docs import doc_copy, doc_params, doc_split
-from .._utils import format_examples, import_optional, maybe_copy
+from sc_llm._docs import doc_copy, doc_params, doc_split
+from sc_llm._utils import format_examples, import_optional, maybe_copy
+
 from ._candidates import N_CANDIDATES, label_categories, top3_accuracy, write_candidates
 from ._heads import warn_unseen
 from ._metrics import classification_metrics, get_labels, get_rep, train_mask

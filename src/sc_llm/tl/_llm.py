@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._deprecations import moved_to_config
-from .._docs import doc_copy, doc_llm_client_kwargs, doc_llm_model, doc_params, doc_random_state
-from .._utils import (
+from sc_llm._deprecations import moved_to_config
+from sc_llm._docs import doc_copy, doc_llm_client_kwargs, doc_llm_model, doc_params, doc_random_state
+from sc_llm._utils import (
     check_key,
     embedding_record,
     format_examples,
@@ -29,10 +29,11 @@ from .._utils import (
     obs_sentences,
     warn_overwrite,
 )
-from ..llm._answers import REASONS, answer_schema, parse_answer
-from ..llm._client import ChatClient, ChatRequest
-from ..llm._open import client_keywords_moved, open_client
-from ..llm._prompts import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, check_template, render
+from sc_llm.llm._answers import REASONS, answer_schema, parse_answer
+from sc_llm.llm._client import ChatClient, ChatRequest
+from sc_llm.llm._open import client_keywords_moved, open_client
+from sc_llm.llm._prompts import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, check_template, render
+
 from ._candidates import N_CANDIDATES
 from ._metrics import classification_metrics, mean_sd, train_mask
 

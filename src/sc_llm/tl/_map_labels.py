@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import embedding_record, format_examples, logger, maybe_copy, warn_overwrite
+from sc_llm._utils import embedding_record, format_examples, logger, maybe_copy, warn_overwrite
+
 from ._candidates import label_categories, top3_accuracy, write_candidates
 from ._heads import UNKNOWN
 from ._knn import APPROX_THRESHOLD, TIE_RULE, nearest_reference, rank_votes

@@ -14,12 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from .._docs import doc_llm_client_kwargs, doc_llm_model, doc_params
-from .._utils import format_examples
-from ..llm._answers import answer_schema, parse_answer
-from ..llm._client import ChatClient, ChatRequest
-from ..llm._open import client_keywords_moved, open_client
-from ..llm._prompts import MARKER_TEMPLATE, check_template, render
+from sc_llm._docs import doc_llm_client_kwargs, doc_llm_model, doc_params
+from sc_llm._utils import format_examples
+from sc_llm.llm._answers import answer_schema, parse_answer
+from sc_llm.llm._client import ChatClient, ChatRequest
+from sc_llm.llm._open import client_keywords_moved, open_client
+from sc_llm.llm._prompts import MARKER_TEMPLATE, check_template, render
+
 from ._markers import read_markers
 
 #: Temperature of the paper's marker-matching experiment, used unless the call or the client sets one.

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import check_key, format_examples, warn_overwrite
+from sc_llm._utils import check_key, format_examples, warn_overwrite
 
 _TYPE_COLUMNS = ("cell_type", "celltype", "cell type", "source", "set", "term")
 _GENE_COLUMNS = ("genesymbol", "gene", "gene_symbol", "official gene symbol", "target", "symbol")
@@ -217,7 +217,7 @@ def marker_similarity(
     type with its top marker, ``intra``, ``inter`` and marker counts. Types with fewer than two
     markers are left out (no intra pair).
     """
-    from ..models._text import load_text_encoder
+    from sc_llm.models._text import load_text_encoder
 
     sets = read_markers(markers)
     chosen = list(types) if types is not None else [t for t, g in sets.items() if len(g) >= 2]

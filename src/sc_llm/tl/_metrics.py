@@ -13,8 +13,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from .._docs import doc_params, doc_random_state
-from .._utils import check_key, format_examples, warn_overwrite
+from sc_llm._docs import doc_params, doc_random_state
+from sc_llm._utils import check_key, format_examples, warn_overwrite
 
 
 def classification_metrics(y_true, y_pred) -> dict[str, float]:

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._docs import doc_copy, doc_params, doc_random_state, doc_split
-from .._utils import logger, maybe_copy
+from sc_llm._docs import doc_copy, doc_params, doc_random_state, doc_split
+from sc_llm._utils import logger, maybe_copy
+
 from ._heads import check_runs, held_out_metrics, summarize_runs, training_cells, write_predictions
 from ._metrics import get_labels, get_rep
 

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import format_examples, import_optional
+from sc_llm._utils import format_examples, import_optional
+
 from ._heads import collect_reps, is_mudata
 from ._metrics import get_rep
 
