@@ -80,8 +80,9 @@ def test_renamed_scgpt_keywords_warn_and_give_the_same_result(pbmc, tmp_path):
     cells.var["symbol"] = list(cells.var_names)
     model_dir = write_scgpt(tmp_path / "scgpt", list(cells.var_names[:400]))
     scl.tl.embed_scgpt(cells, model_dir, gene_symbols="symbol", precision="fp32", key_added="new")
-    with pytest.warns(FutureWarning, match="`gene_col` is deprecated, use `gene_symbols`"):
+    with pytest.warns(FutureWarning, match="`gene_col` is deprecated, use `gene_symbols`") as caught:
         scl.tl.embed_scgpt(cells, model_dir=model_dir, gene_col="symbol", precision="fp32", key_added="old")
+    assert {w.filename for w in caught if w.category is FutureWarning} == {__file__}  # the user's line
     np.testing.assert_array_equal(cells.obsm["new"], cells.obsm["old"])
     with pytest.raises(TypeError, match="got both `gene_col` \\(deprecated\\) and `gene_symbols`"):
         scl.tl.embed_scgpt(cells, model_dir, gene_col="symbol", gene_symbols="symbol")

@@ -118,7 +118,7 @@ def test_foundation_models_on_cluster_equal_single_process(client, cells, tmp_pa
     scgpt_dir = write_scgpt(tmp_path / "scgpt", list(cells.var_names[:600]))
     cells.var["ensembl_id"] = ensembl_ids(cells.n_vars)
     gf_dir, tok, med = write_geneformer(tmp_path / "gf", list(cells.var["ensembl_id"][:700]))
-    gf = {"token_dictionary": tok, "gene_median_dictionary": med, "precision": "fp32", "chunk_size": CHUNK}
+    gf = {"token_dictionary": tok, "gene_median_dictionary": med, "precision": "fp32"}
     scl.tl.embed_scgpt(
         cells, scgpt_dir, precision="fp32", execution=scl.Execution(chunk_size=CHUNK), key_added="one_scgpt"
     )
@@ -130,9 +130,9 @@ def test_foundation_models_on_cluster_equal_single_process(client, cells, tmp_pa
         key_added="dask_scgpt",
     )
     np.testing.assert_allclose(cells.obsm["dask_scgpt"], cells.obsm["one_scgpt"], atol=1e-5)
-    scl.tl.embed_geneformer(cells, gf_dir, **gf, key_added="one_gf")
+    scl.tl.embed_geneformer(cells, gf_dir, **gf, execution=scl.Execution(chunk_size=CHUNK), key_added="one_gf")
     scl.tl.embed_geneformer(
-        cells, gf_dir, **gf, execution=scl.Execution(scheduler=client), key_added="dask_gf"
+        cells, gf_dir, **gf, execution=scl.Execution(chunk_size=CHUNK, scheduler=client), key_added="dask_gf"
     )
     np.testing.assert_allclose(cells.obsm["dask_gf"], cells.obsm["one_gf"], atol=1e-5)
     assert cells.uns["dask_gf"]["genes_per_cell"] == cells.uns["one_gf"]["genes_per_cell"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -18,10 +19,14 @@ REMOVED_IN = "0.3.0"
 
 
 def _warn(fn: Callable, old: str, instead: str) -> None:
+    # Point at the user's line however many of these wrappers are stacked on the function.
+    level, frame = 1, sys._getframe()
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
     warnings.warn(
         f"{fn.__name__}(): `{old}` is deprecated, use {instead}; the old name is removed in {REMOVED_IN}.",
         FutureWarning,
-        stacklevel=3,
+        stacklevel=level,
     )
 
 
