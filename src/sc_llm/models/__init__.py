@@ -11,9 +11,10 @@ __all__ += ["encode_tokens", "load_text_encoder", "resolve_device", "resolve_pre
 # FusionModel subclasses torch.nn.Module: resolved on first access so `import sc_llm` stays free of torch.
 __all__ += ["FusionModel"]
 # Its training (settings, loops, folds, seeds) imports torch only when it runs.
-from ._training import DEFAULT_GRID, FusionConfig, FusionFit, train_fusion  # noqa: E402
+from ._training import DEFAULT_GRID as DEFAULT_GRID  # noqa: E402
+from ._training import FusionConfig, FusionFit, train_fusion  # noqa: E402
 
-__all__ += ["DEFAULT_GRID", "FusionConfig", "FusionFit", "train_fusion"]
+__all__ += ["FusionConfig", "FusionFit", "train_fusion"]  # DEFAULT_GRID is importable; FusionConfig documents it
 
 
 # scGPT / Geneformer back ends, also resolved on first access (they import torch and transformers).

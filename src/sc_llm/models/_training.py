@@ -101,8 +101,9 @@ class FusionConfig:
     param_grid
         ``"paper"``: grid search, a mapping from any of ``lr``, ``epochs``, ``batch_size``,
         ``lr_decay``, ``weight_decay`` to candidate values (other settings come from the fields
-        above), or ``"default"`` for :data:`DEFAULT_GRID`. The combination with the lowest
-        validation loss (first seed) is used for the final runs. Needs ``validation_fraction > 0``.
+        above), or ``"default"`` for ``sc_llm.models.DEFAULT_GRID`` (lr 1e-4 / 1e-3, epochs 30 / 100,
+        batch size 32 / 128, lr decay 0.9 / 0.99). The combination with the lowest validation loss
+        (first seed) is used for the final runs. Needs ``validation_fraction > 0``.
     class_weight
         ``None`` (plain cross-entropy), ``"balanced"`` (weights ``n / (n_classes * n_c)`` from the
         training cells, for imbalanced labels), or a mapping from label to weight.
