@@ -256,8 +256,9 @@ def test_explains_every_labelled_cell_outside_training(pbmc_embedded, trained, t
     scl.tl.attribute(adata, trained, config=config, key_added="held_out", **common)
     explained = adata.obs.loc[adata.uns["held_out"]["cells"].index, "split"]
     assert set(explained) == {"val", "test"} and len(explained) == (nk & (split != "train")).sum()
-    with pytest.warns(FutureWarning, match="split_value"):
+    with pytest.warns(FutureWarning, match="split_value") as caught:
         scl.tl.attribute(adata, trained, config=config, split_value="val", key_added="val", **common)
+    assert {w.filename for w in caught if w.category is FutureWarning} == {__file__}  # the caller's line
     assert set(adata.obs.loc[adata.uns["val"]["cells"].index, "split"]) == {"val"}
     with pytest.raises(ValueError, match="No cell has obs\\['split'\\] == 'Train'"):
         scl.tl.attribute(adata, trained, config=config, train_value="Train", **common)

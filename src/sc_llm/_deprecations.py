@@ -17,11 +17,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 REMOVED_IN = "0.3.0"
 
+_SHIMS: set = set()  # code objects of alias wrappers defined elsewhere (see shim)
 
-def _warn(fn: Callable, old: str, instead: str) -> None:
-    # Point at the user's line however many of these wrappers are stacked on the function.
+
+def shim(wrapper: F) -> F:
+    """Mark a wrapper that accepts old spellings, so :func:`warn_deprecated` skips its frame."""
+    _SHIMS.add(wrapper.__code__)
+    return wrapper
+
+
+def warn_deprecated(fn: Callable, old: str, instead: str) -> None:
+    """The FutureWarning for an old spelling, pointing at the user's line however many shims are stacked."""
     level, frame = 1, sys._getframe()
-    while frame is not None and frame.f_code.co_filename == __file__:
+    while frame is not None and (frame.f_code.co_filename == __file__ or frame.f_code in _SHIMS):
         frame, level = frame.f_back, level + 1
     warnings.warn(
         f"{fn.__name__}(): `{old}` is deprecated, use {instead}; the old name is removed in {REMOVED_IN}.",
@@ -43,7 +51,7 @@ def renamed_params(**renames: str) -> Callable[[F], F]:
                     raise TypeError(
                         f"{fn.__name__}() got both `{old}` (deprecated) and `{new}`; pass only `{new}`."
                     )
-                _warn(fn, old, f"`{new}`")
+                warn_deprecated(fn, old, f"`{new}`")
                 kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)
 
@@ -69,7 +77,7 @@ def moved_to_config(into: str, config: type, names: Iterable[str]) -> Callable[[
             moved = {name: kwargs.pop(name) for name in names if name in kwargs}
             if moved:
                 spelled = ", ".join(f"{k}=…" for k in moved)
-                _warn(fn, "/".join(moved), f"`{into}={config.__name__}({spelled})`")
+                warn_deprecated(fn, "/".join(moved), f"`{into}={config.__name__}({spelled})`")
                 base = kwargs.get(into)
                 kwargs[into] = config(**moved) if base is None else dataclasses.replace(base, **moved)
             return fn(*args, **kwargs)

@@ -10,11 +10,10 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from sc_llm._deprecations import REMOVED_IN
+from sc_llm._deprecations import shim, warn_deprecated
 
 from ._client import ChatClient, with_temperature
 
@@ -66,28 +65,24 @@ def open_client(model: str | ChatClient, client_kwargs: Mapping[str, Any] | None
         client.close()
 
 
-def client_keywords_moved(wrappers_outside: int = 0) -> Callable[[F], F]:
+def client_keywords_moved() -> Callable[[F], F]:
     """Accept the 0.1 client keywords (:data:`LEGACY_CLIENT_KEYWORDS`) as ``client_kwargs`` entries.
 
     As in 0.1, the keywords that build a client are ignored when ``model`` is a :class:`ChatClient`;
-    ``temperature`` and ``params`` are merged with ``params`` winning, as 0.1 did. ``wrappers_outside``
-    counts the decorators applied on top of this one, so the warning points at the caller's line.
+    ``temperature`` and ``params`` are merged with ``params`` winning, as 0.1 did.
     """
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
 
         @functools.wraps(fn)
+        @shim
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             moved = {name: kwargs.pop(name) for name in LEGACY_CLIENT_KEYWORDS if name in kwargs}
             if moved:
                 spelled = ", ".join(f"{k!r}: …" for k in moved)
-                warnings.warn(
-                    f"{fn.__name__}(): `{'/'.join(moved)}` is deprecated, use `client_kwargs={{{spelled}}}` "
-                    f"(or a ChatClient as `model`); the old keywords are removed in {REMOVED_IN}.",
-                    FutureWarning,
-                    stacklevel=2 + wrappers_outside,
-                )
+                instead = f"`client_kwargs={{{spelled}}}` (or a ChatClient as `model`)"
+                warn_deprecated(fn, "/".join(moved), instead)
                 kwargs["client_kwargs"] = _fold(signature.bind_partial(*args, **kwargs).arguments, moved)
             return fn(*args, **kwargs)
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sc_llm._deprecations import REMOVED_IN, moved_to_config, renamed_params
+from sc_llm._deprecations import moved_to_config, renamed_params, shim, warn_deprecated
 from sc_llm._docs import doc_device_precision, doc_params, doc_random_state
 from sc_llm._progress import progress
 from sc_llm._utils import (
@@ -118,18 +118,15 @@ def _split_value_alias(fn: Callable) -> Callable:
     """Accept 0.1's ``split_value`` (explain cells with ``obs[split_key] == split_value``) with a warning."""
 
     @functools.wraps(fn)
+    @shim
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if "split_value" in kwargs:
             if "train_value" in kwargs:
                 raise TypeError(
                     f"{fn.__name__}() got both `split_value` (deprecated) and `train_value`; pass only `train_value`."
                 )
-            warnings.warn(
-                f"{fn.__name__}(): `split_value` is deprecated, use `train_value` (the training cells; the other "
-                f"labelled cells are explained); the old name is removed in {REMOVED_IN}.",
-                FutureWarning,
-                stacklevel=2,
-            )
+            instead = "`train_value` (the training cells; the other labelled cells are explained)"
+            warn_deprecated(fn, "split_value", instead)
             kwargs["train_value"] = _OnlySplitValue(kwargs.pop("split_value"))
         return fn(*args, **kwargs)
 

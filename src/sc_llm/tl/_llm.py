@@ -86,7 +86,7 @@ class LLMAnnotateConfig:
     config=LLMAnnotateConfig,
     names=("labels", "template", "n_genes", "n_runs", "retry_flagged"),
 )
-@client_keywords_moved(wrappers_outside=1)
+@client_keywords_moved()
 @doc_params(
     doc_llm_model=doc_llm_model,
     doc_llm_client_kwargs=doc_llm_client_kwargs,
