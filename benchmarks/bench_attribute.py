@@ -20,11 +20,11 @@ import time
 import warnings
 
 import numpy as np
-from _common import pbmc_embedded
 from scipy.stats import spearmanr
 
 import sc_llm as scl
 from sc_llm.models import load_text_encoder
+from sc_llm.testing import pbmc68k_embedded
 from sc_llm.tl import AttributionConfig
 from sc_llm.tl._attribute import _Explainer, _in_context_words
 
@@ -47,7 +47,7 @@ def main() -> None:
     if args.threads:
         __import__("torch").set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
-    adata = pbmc_embedded("bf16")
+    adata = pbmc68k_embedded(precision="bf16")
     encoder = load_text_encoder()
     head = scl.tl.fuse_train(adata, ["X_text"], "cell_type", hidden=256, random_state=0, report_inputs=False)
     test = np.flatnonzero((adata.obs["split"] == "test").to_numpy())

@@ -18,9 +18,9 @@ import warnings
 from dataclasses import replace
 
 import pandas as pd
-from _common import pbmc_embedded
 
 import sc_llm as scl
+from sc_llm.testing import pbmc68k_embedded
 from sc_llm.tl._compare import format_table
 
 REPS = ["X_text", "X_pca"]
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     hidden, n_runs = (512, 3) if args.quick else (4096, 5)
     warnings.filterwarnings("ignore", category=UserWarning)
-    adata = pbmc_embedded()
+    adata = pbmc68k_embedded()
     print(
         f"pbmc68k: {adata.n_obs} cells, {adata.obs['cell_type'].nunique()} labels, split {adata.obs['split'].value_counts().to_dict()}"
     )
