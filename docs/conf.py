@@ -73,7 +73,7 @@ API_GROUPS = {
         "tl.FusionConfig", "tl.compare_annotators",
     ],
     "Generative LLMs": [
-        "tl.llm_annotate", "tl.LLMAnnotateConfig", "tl.llm_marker_matching", "tl.MarkerMatching", "tl.ChatClient", "llm.*",
+        "tl.llm_annotate", "tl.LLMAnnotateConfig", "tl.llm_marker_matching", "tl.MarkerMatching", "llm.*",
     ],
     "Interpretation: ablation, attribution, markers": [
         "tl.ablate", "tl.ablation_study", "tl.attribute", "tl.AttributionConfig", "tl.marker_overlap", "tl.marker_similarity",

@@ -211,41 +211,8 @@ def test_duplicated_obs_names_are_refused(pbmc_embedded):
         scl.tl.attribute(sub, object(), labels_key="cell_type")
 
 
-def test_old_keywords_warn_and_give_the_same_result(pbmc_embedded, trained, text_encoder):
-    common = {"groups": ["CD19+ B"], "n_cells": 1, "top_n": 1000, "model": text_encoder}
-    new = scl.tl.attribute(
-        pbmc_embedded,
-        trained,
-        labels_key="cell_type",
-        train_value="train",
-        config=AttributionConfig(n_steps=4, batch_size=8),
-        key_added="new",
-        **common,
-    )
-    with pytest.warns(FutureWarning) as record:
-        old = scl.tl.attribute(
-            pbmc_embedded, trained, groupby="cell_type", split_value="test", n_steps=4, batch_size=8,
-            key_added="old", **common,
-        )  # fmt: skip
-    messages = " ".join(str(w.message) for w in record)
-    for name in ("`groupby`", "`split_value`", "n_steps=…, batch_size=…"):
-        assert name in messages
-    assert "AttributionConfig(" in messages and "removed in 0.3.0" in messages
-    assert old.equals(new)
-    assert pbmc_embedded.uns["old"]["cells"].equals(pbmc_embedded.uns["new"]["cells"])
-    assert pbmc_embedded.uns["old"]["params"]["split_value"] == "test"
-    assert pbmc_embedded.uns["new"]["params"]["train_value"] == "train"
-    assert pbmc_embedded.uns["new"]["params"]["labels_key"] == "cell_type"
-    with pytest.raises(TypeError, match="both `groupby` \\(deprecated\\) and `labels_key`"):
-        scl.tl.attribute(pbmc_embedded, trained, groupby="cell_type", labels_key="cell_type")
-    with pytest.raises(TypeError, match="both `split_value` \\(deprecated\\) and `train_value`"):
-        scl.tl.attribute(
-            pbmc_embedded, trained, labels_key="cell_type", split_value="test", train_value="train"
-        )
-
-
 def test_explains_every_labelled_cell_outside_training(pbmc_embedded, trained, text_encoder):
-    # A three-way split: the validation and test cells are held out, only split_value names one of them.
+    # A three-way split: the validation and test cells are both held out, so both are explained.
     adata = pbmc_embedded
     split = adata.obs["split"].astype(str).to_numpy().copy()
     nk = (adata.obs["cell_type"] == "CD56+ NK").to_numpy()
@@ -256,10 +223,8 @@ def test_explains_every_labelled_cell_outside_training(pbmc_embedded, trained, t
     scl.tl.attribute(adata, trained, config=config, key_added="held_out", **common)
     explained = adata.obs.loc[adata.uns["held_out"]["cells"].index, "split"]
     assert set(explained) == {"val", "test"} and len(explained) == (nk & (split != "train")).sum()
-    with pytest.warns(FutureWarning, match="split_value") as caught:
-        scl.tl.attribute(adata, trained, config=config, split_value="val", key_added="val", **common)
-    assert {w.filename for w in caught if w.category is FutureWarning} == {__file__}  # the caller's line
-    assert set(adata.obs.loc[adata.uns["val"]["cells"].index, "split"]) == {"val"}
+    assert adata.uns["held_out"]["params"]["train_value"] == "train"
+    assert adata.uns["held_out"]["params"]["labels_key"] == "cell_type"
     with pytest.raises(ValueError, match="No cell has obs\\['split'\\] == 'Train'"):
         scl.tl.attribute(adata, trained, config=config, train_value="Train", **common)
 
@@ -279,14 +244,9 @@ def test_normalize_is_read_from_the_embedding_record(pbmc_embedded, text_encoder
     classes = sorted(pbmc_embedded.obs["cell_type"].astype(str).unique())
     head = FusionModel(["X_text"], [384], classes, hidden=4)
     kwargs = {"labels_key": "cell_type", "groups": ["CD19+ B"], "n_cells": 1, "model": text_encoder}
-    records = {
-        "nested": {"params": {"normalize": False}, "dim": 384},
-        "flat": {"normalize": False},
-    }  # 0.2, 0.1
-    for shape, record in records.items():
-        pbmc_embedded.uns["X_text"] = record
-        scl.tl.attribute(pbmc_embedded, head, config=AttributionConfig(n_steps=2), key_added=shape, **kwargs)
-        assert pbmc_embedded.uns[shape]["params"]["normalize"] is False
+    pbmc_embedded.uns["X_text"] = {"params": {"normalize": False}, "dim": 384}
+    scl.tl.attribute(pbmc_embedded, head, config=AttributionConfig(n_steps=2), key_added="recorded", **kwargs)
+    assert pbmc_embedded.uns["recorded"]["params"]["normalize"] is False
     config = AttributionConfig(n_steps=2, normalize=True)
     scl.tl.attribute(pbmc_embedded, head, config=config, key_added="given", **kwargs)
     assert pbmc_embedded.uns["given"]["params"]["normalize"] is True

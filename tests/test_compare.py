@@ -148,14 +148,13 @@ def test_paired_comparison_of_the_fused_row(compared):
     assert np.isnan(paired.loc["X_text + kNN", "delta_accuracy"])
 
 
-def test_fusion_kwargs_with_old_keywords_warn_and_match_the_config(pbmc_embedded):
+def test_fusion_config_passes_once(pbmc_embedded):
     adata = pbmc_embedded
     args = (adata, REPS, "cell_type")
     kwargs = {"methods": ("fusion",), "n_runs": 1}
     new = scl.tl.compare_annotators(*args, **kwargs, fusion_config=scl.tl.FusionConfig(hidden=16, epochs=3))
-    with pytest.warns(FutureWarning, match="config=FusionConfig"):
-        old = scl.tl.compare_annotators(*args, **kwargs, fusion_kwargs={"hidden": 16, "epochs": 3})
-    pd.testing.assert_frame_equal(new, old)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'hidden'"):
+        scl.tl.compare_annotators(*args, **kwargs, fusion_kwargs={"hidden": 16, "epochs": 3})
     # The config also passes inside fusion_kwargs, but only once.
     inside = scl.tl.compare_annotators(
         *args, **kwargs, fusion_kwargs={"config": scl.tl.FusionConfig(hidden=16, epochs=3)}

@@ -575,22 +575,9 @@ def test_fusion_config_is_frozen_validated_and_resolved():
     assert FusionConfig(architecture="paper", n_folds=1).n_folds == 1
 
 
-def test_old_training_keywords_warn_and_match_the_config(adata):
-    a, b, c = adata.copy(), adata.copy(), adata.copy()
-    new = scl.tl.fuse_train(a, REPS, "cell_type", config=FAST, random_state=2)
-    with pytest.warns(FutureWarning, match=r"`hidden/epochs/batch_size` is deprecated.*config=FusionConfig"):
-        old = scl.tl.fuse_train(b, REPS, "cell_type", random_state=2, **FAST_SETTINGS)
-    for (k, v1), v2 in zip(new.state_dict().items(), old.state_dict().values(), strict=True):
-        assert torch.equal(v1, v2), k
-    np.testing.assert_array_equal(a.obsm["fusion_proba"], b.obsm["fusion_proba"])
-    pd.testing.assert_frame_equal(a.uns["fusion"]["runs"], b.uns["fusion"]["runs"])
-    assert a.uns["fusion"]["params"] == b.uns["fusion"]["params"]
-    # An old keyword next to a config replaces that field of the config.
-    with pytest.warns(FutureWarning, match="`epochs` is deprecated"):
-        scl.tl.fuse_train(c, REPS, "cell_type", config=replace(FAST, epochs=3), random_state=2, epochs=15)
-    np.testing.assert_array_equal(c.obsm["fusion_proba"], a.obsm["fusion_proba"])
-    with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
-        scl.tl.fuse_train(c, REPS, "cell_type", momentum=0.9)
+def test_training_settings_go_through_the_config_only(adata):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epochs'"):
+        scl.tl.fuse_train(adata.copy(), REPS, "cell_type", epochs=15)
 
 
 def test_params_hold_the_call_settings_and_write_to_h5ad(adata, tmp_path):

@@ -851,7 +851,7 @@ def test_deadline_also_bounds_trickled_headers(tmp_path):
         listener.close()
 
 
-# --- 0.2.0 API: model + client_kwargs, LLMAnnotateConfig, the 0.1 keywords ------------------------
+# --- model + client_kwargs, LLMAnnotateConfig ------------------------------------------------------
 
 
 def _bodies(requests):
@@ -862,83 +862,14 @@ def _cache_names(folder):
     return sorted(p.name for p in folder.rglob("*.json"))
 
 
-def test_old_keywords_warn_and_give_the_same_result(toy, tmp_path):
-    """0.1 spellings fold into client_kwargs/config: same requests, cache entries, obs and uns."""
-    template = 'Pick one of {labels} for """{sentence}"""'
-
-    def last_offered(prompt, body):  # c3's answer is unreadable: flagged in both calls alike
-        enum = body["response_format"]["json_schema"]["schema"]["properties"]["cell_type"]["enum"]
-        return "no idea" if "G6A" in prompt else answer(enum[-1])
-
-    new, old = toy.copy(), toy.copy()
-    with ChatServer(last_offered) as srv:
-        scl.tl.llm_annotate(
-            new, MODEL, n_cells=4, random_state=2,
-            config=LLMAnnotateConfig(template=template, n_genes=2, n_runs=2, retry_flagged=True),
-            client_kwargs={
-                "base_url": srv.base_url, "cache_dir": tmp_path / "new", "max_concurrency": 1, "temperature": 0,
-                "params": {"seed": 1}, "price_per_1m_tokens": (1.0, 2.0), "timeout": 30.0, "max_retries": 2,
-            },
-        )  # fmt: skip
-        sent_new = srv.requests[:]
-        with pytest.warns(FutureWarning) as record:
-            scl.tl.llm_annotate(
-                old, model=MODEL, n_cells=4, random_state=2, template=template, n_genes=2, n_runs=2,
-                retry_flagged=True, base_url=srv.base_url, cache_dir=tmp_path / "old", max_concurrency=1,
-                temperature=0, params={"seed": 1}, price_per_1m_tokens=(1.0, 2.0), timeout=30.0, max_retries=2,
-            )  # fmt: skip
-        sent_old = srv.requests[len(sent_new) :]
-    messages = sorted(str(w.message) for w in record)
-    assert len(messages) == 2
-    assert messages[0].startswith(
-        "llm_annotate(): `base_url/temperature/params/max_concurrency/timeout/max_retries/cache_dir/"
-        "price_per_1m_tokens` is deprecated, use `client_kwargs={'base_url': …"
-    )
-    assert (
-        "`template/n_genes/n_runs/retry_flagged` is deprecated, use `config=LLMAnnotateConfig(" in messages[1]
-    )
-    assert all(w.filename == __file__ for w in record)  # the warnings point at the caller's line
-    assert len(sent_new) >= 4 and _bodies(sent_old) == _bodies(sent_new)
-    assert all(b["temperature"] == 0 and b["seed"] == 1 for b in sent_new)
-    assert all(len(b["messages"][0]["content"].split('"""')[1].split()) == 2 for b in sent_new)  # n_genes
-    assert _cache_names(tmp_path / "old") == _cache_names(tmp_path / "new")  # 0.1 caches stay valid
-    pd.testing.assert_frame_equal(old.obs, new.obs)
-    assert "llm_run2" in new.obs and (new.obs["llm_fallback"] == "malformed").sum() == 1
-    for key in ("params", "labels", "metrics", "outcomes", "usage", "response_format"):
-        assert repr(old.uns["llm"][key]) == repr(new.uns["llm"][key]), key
-    usage = new.uns["llm"]["usage"]
-    assert usage["cost"] == pytest.approx((usage["prompt_tokens"] + 2 * usage["completion_tokens"]) / 1e6)
-    params = new.uns["llm"]["params"]
-    assert (params["n_runs"], params["n_genes"], params["template"]) == (2, 2, template)
-    assert json.loads(params["request_params"]) == {"seed": 1, "temperature": 0}
-
-
-def test_old_keywords_with_a_client_keep_0_1_behaviour(toy, server, tmp_path):
-    """As in 0.1, a ChatClient as model ignores the client-building keywords; temperature/params apply."""
-    c = client(server, tmp_path, max_concurrency=1)
-    with pytest.warns(FutureWarning, match="temperature/params/cache_dir"):
-        scl.tl.llm_annotate(toy, model=c, temperature=0.5, params={"seed": 3}, cache_dir=tmp_path / "ignored")
-    assert not (tmp_path / "ignored").exists() and len(_cache_names(tmp_path / "cache")) == 4
-    assert all(b["temperature"] == 0.5 and b["seed"] == 3 for b in server.requests)
-    # 0.1 sent params' temperature when both were given.
-    with pytest.warns(FutureWarning), pytest.warns(UserWarning, match="already exists"):
-        scl.tl.llm_annotate(toy, model=c, temperature=0.5, params={"temperature": 0.9})
-    assert server.requests[-1]["temperature"] == 0.9
-
-
 def test_client_kwargs_are_checked(toy, server, tmp_path):
     c = client(server, tmp_path)
     with pytest.raises(ValueError, match=r"client_kwargs \['cache_dir', 'timeout'\] configure a new client"):
         scl.tl.llm_annotate(toy, c, client_kwargs={"timeout": 5, "cache_dir": tmp_path, "temperature": 0})
     with pytest.raises(TypeError, match=r"ChatClient does not take: \['temprature'\]"):
         scl.tl.llm_annotate(toy, MODEL, client_kwargs={"temprature": 0})
-    with pytest.raises(
-        TypeError, match=r"\['base_url'\] given both as keywords \(deprecated\) and in client_kwargs"
-    ):
-        with pytest.warns(FutureWarning):
-            scl.tl.llm_annotate(
-                toy, MODEL, base_url="http://x/v1", client_kwargs={"base_url": server.base_url}
-            )
+    with pytest.raises(TypeError, match="unexpected keyword argument 'base_url'"):
+        scl.tl.llm_annotate(toy, MODEL, base_url="http://x/v1")
     with pytest.raises(TypeError, match="model must be a model name or a ChatClient"):
         scl.tl.llm_annotate(toy, 3, client_kwargs={"base_url": server.base_url})
     with pytest.raises(ValueError, match="disagree"):
@@ -977,10 +908,9 @@ def test_chat_client_temperature_and_price():
         ChatClient(MODEL, base_url="http://h/v1", params={"temperature": 1.0}, temperature=0.3)
     usage = scl.llm.Usage(prompt_tokens=2_000_000, completion_tokens=1_000_000)
     assert usage.summary((0.5, 4.0))["cost"] == pytest.approx(5.0)
-    assert scl.tl.ChatClient is scl.llm.ChatClient
 
 
-def test_marker_matching_old_keywords_temperature_and_params(tmp_path):
+def test_marker_matching_temperature_and_params(tmp_path):
     markers = {"B": ["MS4A1", "CD79A", "MS4A1", "CD19"], "NK": ["NKG7", "GNLY"], "T": ["CD3E", "CD3D"]}
     with ChatServer(lambda p, b: '{"list": "1"}' if "MS4A1" in p else '{"list": "2"}') as srv:
         new = scl.tl.llm_marker_matching(
@@ -989,9 +919,10 @@ def test_marker_matching_old_keywords_temperature_and_params(tmp_path):
         assert [b["temperature"] for b in srv.requests] == [0.0] * 3  # the paper's, by default
         # The duplicated MS4A1 is dropped: it would otherwise give its own list away.
         assert srv.requests[0]["messages"][0]["content"].endswith("1. CD79A, CD19\n2. GNLY\n3. CD3D")
-        with pytest.warns(FutureWarning, match="`base_url/cache_dir` is deprecated"):
-            old = scl.tl.llm_marker_matching(markers, model=MODEL, base_url=srv.base_url, cache_dir=False)
-        assert _bodies(srv.requests[3:]) == _bodies(srv.requests[:3])
+        again = scl.tl.llm_marker_matching(
+            markers, model=MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": False}
+        )
+        assert _bodies(srv.requests[3:6]) == _bodies(srv.requests[:3])
         scl.tl.llm_marker_matching(
             markers, MODEL, client_kwargs={"base_url": srv.base_url, "cache_dir": False, "temperature": None}
         )
@@ -999,8 +930,8 @@ def test_marker_matching_old_keywords_temperature_and_params(tmp_path):
         warm = ChatClient(MODEL, base_url=srv.base_url, cache_dir=False, temperature=0.7)
         result = scl.tl.llm_marker_matching(markers, warm, client_kwargs={"price_per_1m_tokens": (1.0, 1.0)})
         assert all(b["temperature"] == 0.7 for b in srv.requests[9:])
-    pd.testing.assert_frame_equal(old.table, new.table)
-    assert str(new) == str(old) == "2/3" and new.params == old.params
+    pd.testing.assert_frame_equal(again.table, new.table)
+    assert str(new) == str(again) == "2/3" and new.params == again.params
     assert new.params["n_markers"] == 5 and json.loads(new.params["request_params"]) == {"temperature": 0.0}
     assert json.loads(result.params["request_params"]) == {"temperature": 0.7} and "cost" in result.usage
 

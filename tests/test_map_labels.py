@@ -269,24 +269,30 @@ def test_refuses_mismatched_embeddings(pbmc):
     ref.obsm["X_small"] = ref.obsm["X_pca"][:, :12]
     with pytest.raises(ValueError, match="10 dimensions in the query but 12 in the reference"):
         scl.tl.map_labels(query, ref, "X_small", "cell_type")
-    query.uns["X_pca"] = {"model": {"name": "enc", "dim": 50, "weights_sha256": "aaaa"}}
-    ref.uns["X_pca"] = {"model": {"name": "enc", "dim": 50, "weights_sha256": "bbbb"}}
+    def record(**params):
+        return {"params": params}
+
+    query.uns["X_pca"] = record(model={"name": "enc", "dim": 50, "weights_sha256": "aaaa"})
+    ref.uns["X_pca"] = record(model={"name": "enc", "dim": 50, "weights_sha256": "bbbb"})
     with pytest.raises(ValueError, match="different encoders.*aaaa.*bbbb"):
         scl.tl.map_labels(query, ref, "X_pca", "cell_type")
-    ref.uns["X_pca"] = {"model": {"name": "enc", "dim": 50, "weights_sha256": "aaaa"}, "prefix": "cell: "}
-    query.uns["X_pca"]["prefix"] = ""
+    ref.uns["X_pca"] = record(model={"name": "enc", "dim": 50, "weights_sha256": "aaaa"}, prefix="cell: ")
+    query.uns["X_pca"]["params"]["prefix"] = ""
     with pytest.raises(ValueError, match="different settings.*prefix"):
         scl.tl.map_labels(query, ref, "X_pca", "cell_type")
-    query.uns["X_pca"] = {"model": {"name": "enc", "dim": 50, "weights_sha256": "aaaa"}, "mode": "gene"}
-    ref.uns["X_pca"] = {"model": {"name": "enc", "dim": 50, "weights_sha256": "aaaa"}}
+    query.uns["X_pca"] = record(model={"name": "enc", "dim": 50, "weights_sha256": "aaaa"}, mode="gene")
+    ref.uns["X_pca"] = record(model={"name": "enc", "dim": 50, "weights_sha256": "aaaa"})
     with pytest.raises(ValueError, match="mode 'gene' vs 'sentence'"):
         scl.tl.map_labels(query, ref, "X_pca", "cell_type")
-    query.uns["X_pca"] = {"model": {"name": "other-model", "dim": 50}}
-    ref.uns["X_pca"] = {"model": {"name": "enc", "dim": 50}}
+    query.uns["X_pca"] = record(model={"name": "other-model", "dim": 50})
+    ref.uns["X_pca"] = record(model={"name": "enc", "dim": 50})
     with pytest.raises(ValueError, match="different encoders"):
         scl.tl.map_labels(query, ref, "X_pca", "cell_type")
-    ref.uns["X_pca"] = {"model": {"name": "other-model", "dim": 50}}
+    ref.uns["X_pca"] = record(model={"name": "other-model", "dim": 50})
     scl.tl.map_labels(query, ref, "X_pca", "cell_type")  # same identity: accepted
+    # A record without "params" (not written by sc_llm) identifies nothing, so it is not compared.
+    query.uns["X_pca"] = {"model": {"name": "enc", "dim": 50}}
+    scl.tl.map_labels(query, ref, "X_pca", "cell_type")
 
 
 def test_bad_input(pbmc):

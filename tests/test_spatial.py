@@ -107,16 +107,6 @@ def test_precomputed_graph_ordered_by_distances(tissue):
     scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors="my_connectivities", key_added="w")
     assert tissue.obs["w"].iloc[0] == "neighbours: B cell, Monocyte | CD3D GAPDH"
     assert "by weight" in tissue.uns["w"]["neighbours"]
-    with pytest.warns(FutureWarning, match="`connectivity_key` is deprecated, use `neighbors`"):
-        scl.pp.spatial_sentences(tissue, labels_key="cell_type", connectivity_key="my_connectivities", key_added="v")
-    assert (tissue.obs["v"] == tissue.obs["w"]).all()
-
-
-def test_n_neighs_is_the_deprecated_spelling_of_neighbors(tissue):
-    scl.pp.spatial_sentences(tissue, labels_key="cell_type", neighbors=2, key_added="new")
-    with pytest.warns(FutureWarning, match="`n_neighs` is deprecated, use `neighbors`"):
-        scl.pp.spatial_sentences(tissue, labels_key="cell_type", n_neighs=2, key_added="old")
-    assert (tissue.obs["new"] == tissue.obs["old"]).all()
 
 
 def test_library_key_keeps_neighbours_within_a_slide(tissue):

@@ -24,8 +24,7 @@ precision
 doc_execution = """\
 execution
     How the work runs: chunk size, a zarr store that makes the run resumable, a dask scheduler
-    (:class:`sc_llm.Execution`). ``None`` runs here, in memory, in chunks of {chunk} cells. The 0.1
-    keywords ``chunk_size``, ``store`` and ``scheduler`` still work, with a FutureWarning."""
+    (:class:`sc_llm.Execution`). ``None`` runs here, in memory, in chunks of {chunk} cells."""
 
 doc_embedding_key = """\
 key_added

@@ -30,7 +30,7 @@ import numpy as np
 from ._utils import import_optional, logger
 
 _ATTR = "sc_llm"
-#: Version of the store layout; 0.1.0 stores (no per-chunk digests) have none.
+#: Version of the store layout, part of the fingerprint: a store of another layout is never resumed.
 STORE_FORMAT = 2
 
 
@@ -126,11 +126,6 @@ class ChunkStore:
                 raise ValueError(f"{self.path} holds a zarr group not written by sc_llm; pass a new path.")
             self.group.attrs[_ATTR] = full
             return
-        if old.get("store_format") != STORE_FORMAT:
-            raise ValueError(
-                f"The store {str(self.path)!r} was written by sc_llm 0.1.0, which did not record what data each "
-                "chunk was computed from, so it cannot be resumed safely. Delete it or pass a new path."
-            )
         if old != full:
             differ = sorted(k for k in set(old) | set(full) if old.get(k) != full.get(k))
             raise ValueError(

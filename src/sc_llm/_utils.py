@@ -253,16 +253,11 @@ def import_optional(module: str, extra: str | None, purpose: str) -> Any:
         raise ImportError(f"{purpose} needs the optional dependency {top!r}: {how}.") from e
 
 
-def embedding_record(adata: AnnData, key: str) -> dict[str, Any]:
-    """What an ``embed_*`` call recorded in ``uns[key]``, with its parameters flattened in (``{}`` if none).
-
-    Readers of another function's record go through here, so they read files written before 0.2.0
-    (flat records) as well as ``{"params": {...}, ...results}`` records.
-    """
+def uns_params(adata: AnnData, key: str) -> dict[str, Any]:
+    """The settings a function recorded in ``uns[key]["params"]`` (``{}`` when there is no such record)."""
     entry = adata.uns.get(key)
-    if not isinstance(entry, Mapping):
-        return {}
-    return {**{k: v for k, v in entry.items() if k != "params"}, **entry.get("params", {})}
+    params = entry.get("params") if isinstance(entry, Mapping) else None
+    return dict(params) if isinstance(params, Mapping) else {}
 
 
 def obs_sentences(adata: AnnData, key: str, cells: Any = None) -> list[str]:

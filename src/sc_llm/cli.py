@@ -50,7 +50,6 @@ def _demo(args) -> int:
     import scanpy as sc
 
     import sc_llm as scl
-    from sc_llm._utils import embedding_record
 
     sc.settings.verbosity = 2
     out = Path(args.out)
@@ -71,8 +70,9 @@ def _demo(args) -> int:
         clusters = scl.tl.cluster_metrics(adata, rep, DEMO_LABELS, random_state=args.seed)
         rows[rep] = {**adata.uns[key]["metrics"], "kmeans_ari": clusters["ari"], "kmeans_ami": clusters["ami"]}
     table = pd.DataFrame(rows).T[["accuracy", "precision", "recall", "f1", "top3_accuracy", "kmeans_ari", "kmeans_ami"]]
-    info = embedding_record(adata, "X_text")
-    print(f"\nEncoder: {info['model']['name']} ({info['dim']}-d, {info['max_tokens']} tokens, {info['precision']});")
+    info = adata.uns["X_text"]
+    params = info["params"]
+    print(f"\nEncoder: {params['model']['name']} ({info['dim']}-d, {info['max_tokens']} tokens, {params['precision']});")
     print(f"genes in context per cell: mean {info['genes_in_context']['mean']:.1f}, min {info['genes_in_context']['min']}")
     print(f"10-NN annotation on {rows['X_text']['n_cells']} held-out cells (X_pca shown for reference):\n")
     print(table.round(3).to_string())
@@ -93,7 +93,6 @@ def _embed(args) -> int:
     import scanpy as sc
 
     import sc_llm as scl
-    from sc_llm._utils import embedding_record
 
     sc.settings.verbosity = 2
     adata = ad.read_h5ad(args.input)
@@ -110,7 +109,7 @@ def _embed(args) -> int:
         store_sentences=args.store_sentences,
     )
     adata.write_h5ad(args.output)
-    info = embedding_record(adata, args.key_added)
+    info = adata.uns[args.key_added]
     print(
         f"wrote obsm[{args.key_added!r}] ({adata.n_obs} × {info['dim']}; {info['genes_in_context']['mean']:.1f} "
         f"genes in context on average) to {args.output}"

@@ -9,13 +9,10 @@ import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
-from sc_llm._deprecations import moved_to_config
 from sc_llm._docs import doc_copy, doc_execution, doc_params
 from sc_llm._execution import Execution, resolve_execution
 from sc_llm._sources import MatrixSource
 from sc_llm._store import ChunkedResults, names_digest
-
-# check_values lives in _utils (shared with every reader of X); imported here so old imports keep working.
 from sc_llm._utils import check_values, format_examples, gene_names, get_matrix, maybe_copy, warn_overwrite
 
 TIE_RULE = "equal values keep the order of the genes in var (lower var position first)"
@@ -23,7 +20,6 @@ _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
 _CHUNK = 4096
 
 
-@moved_to_config("execution", Execution, ("chunk_size", "store"))
 @doc_params(doc_execution=doc_execution, chunk=f"{_CHUNK:,}", doc_copy=doc_copy, TIE_RULE=TIE_RULE)
 def cell_sentences(
     adata: AnnData,

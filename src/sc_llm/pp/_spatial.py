@@ -9,7 +9,6 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from sc_llm._deprecations import renamed_params
 from sc_llm._docs import doc_copy, doc_params
 from sc_llm._utils import (
     as_csr,
@@ -30,7 +29,6 @@ GENES_PREFIX = "neighbour genes: "
 _CHUNK = 4096
 
 
-@renamed_params(n_neighs="neighbors", connectivity_key="neighbors")
 @doc_params(doc_copy=doc_copy)
 def spatial_sentences(
     adata: AnnData,
@@ -88,7 +86,6 @@ def spatial_sentences(
         Number of nearest spatial neighbours, or the ``obsp`` key of a precomputed spatial graph
         (e.g. ``"spatial_connectivities"``): neighbours are then ordered by the matching
         ``*_distances`` entry when present (squidpy's naming), else by descending connectivity weight.
-        Replaces 0.1's ``n_neighs`` and ``connectivity_key``, which still work with a FutureWarning.
     n_top_genes
         Genes written in ``mode="genes"``.
     gene_ranking
@@ -232,7 +229,7 @@ def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
     if spatial_key not in adata.obsm:
         raise KeyError(
             f"obsm[{spatial_key!r}] not found; available: {list(adata.obsm)}. Spatial coordinates "
-            "(cells × 2 or 3) are needed, or pass connectivity_key= for a graph in obsp."
+            "(cells × 2 or 3) are needed, or pass neighbors='<obsp key>' for a precomputed graph."
         )
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] < 1:

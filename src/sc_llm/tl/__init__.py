@@ -1,6 +1,5 @@
 """Tools: embeddings, annotation, evaluation."""
 
-from sc_llm.llm import ChatClient  # re-exported: scl.tl.ChatClient predates sc_llm.llm
 
 from ._ablate import ablate, ablation_study
 from ._attribute import AttributionConfig, attribute
@@ -23,7 +22,7 @@ from ._mudata import from_mudata, to_mudata
 __all__ = ["classification_metrics", "cluster_metrics", "embed_text", "knn_annotate"]
 __all__ += ["embed_geneformer", "embed_scgpt"]
 __all__ += ["embed_text_genes"]
-__all__ += ["ChatClient", "LLMAnnotateConfig", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
+__all__ += ["LLMAnnotateConfig", "MarkerMatching", "llm_annotate", "llm_marker_matching"]
 __all__ += ["from_mudata", "to_mudata"]
 __all__ += ["map_labels", "to_model_ids", "vocab_coverage"]
 __all__ += ["ablate", "ablation_study", "attribute", "marker_overlap", "marker_similarity", "read_markers"]

@@ -11,7 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from sc_llm._docs import doc_copy, doc_device_precision, doc_params, doc_random_state, doc_split
-from sc_llm._utils import check_key, embedding_record, logger, maybe_copy, obs_sentences, warn_overwrite
+from sc_llm._utils import check_key, logger, maybe_copy, obs_sentences, warn_overwrite
 from sc_llm.models._runtime import Precision
 
 HASH_LENGTH = 10
@@ -360,14 +360,14 @@ def ablation_study(
             scratch, "_X", labels_key, random_state=random_state, key_added="_clusters"
         )
         columns[name] = [metrics.get(m, np.nan) for m in METRIC_ROWS[:4]] + [clusters["ari"], clusters["ami"]]
-        record = embedding_record(scratch, "_X")
+        record = scratch.uns["_X"]
         in_context[name] = record["genes_in_context"]["mean"]
         kinds_info[name] = {"kind": kind or "baseline", "fraction": fraction, **info}
     table = pd.DataFrame(columns, index=list(METRIC_ROWS))
     table.index.name = "metric"
     params = {"labels_key": labels_key, "sentence_key": sentence_key, "split_key": split_key,
-              "train_value": train_value, "k": k, "random_state": random_state, "model": record["model"],
-              "precision": record.get("precision", precision)}  # fmt: skip
+              "train_value": train_value, "k": k, "random_state": random_state, "model": record["params"]["model"],
+              "precision": record["params"]["precision"]}  # fmt: skip
     adata.uns[key_added] = {
         "params": params,
         "table": table,

@@ -13,11 +13,9 @@ whole-gene fitting (:meth:`TextEncoder.fit`), its forward pass and reduced-preci
 from __future__ import annotations
 
 import bisect
-import dataclasses
-import functools
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,15 +23,14 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sc_llm._deprecations import moved_to_config, renamed_params, shim, warn_deprecated
 from sc_llm._docs import doc_device_precision, doc_params, doc_random_state
 from sc_llm._progress import progress
 from sc_llm._utils import (
     check_unique_obs_names,
-    embedding_record,
     format_examples,
     import_optional,
     obs_sentences,
+    uns_params,
     warn_overwrite,
 )
 from sc_llm.models._runtime import Precision
@@ -110,32 +107,6 @@ class AttributionConfig:
                 raise ValueError(f"AttributionConfig.{name} must be a positive integer, got {value!r}.")
 
 
-class _OnlySplitValue(str):
-    """``train_value`` carrying the deprecated ``split_value``: explain the cells *equal* to it, as in 0.1."""
-
-
-def _split_value_alias(fn: Callable) -> Callable:
-    """Accept 0.1's ``split_value`` (explain cells with ``obs[split_key] == split_value``) with a warning."""
-
-    @functools.wraps(fn)
-    @shim
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if "split_value" in kwargs:
-            if "train_value" in kwargs:
-                raise TypeError(
-                    f"{fn.__name__}() got both `split_value` (deprecated) and `train_value`; pass only `train_value`."
-                )
-            instead = "`train_value` (the training cells; the other labelled cells are explained)"
-            warn_deprecated(fn, "split_value", instead)
-            kwargs["train_value"] = _OnlySplitValue(kwargs.pop("split_value"))
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@renamed_params(groupby="labels_key")
-@moved_to_config("config", AttributionConfig, [f.name for f in dataclasses.fields(AttributionConfig)])
-@_split_value_alias
 @doc_params(doc_random_state=doc_random_state)
 def attribute(
     adata: AnnData,
@@ -172,7 +143,7 @@ def attribute(
         (logit order), e.g. a :class:`sc_llm.models.FusionModel` with one representation.
     labels_key
         ``obs`` column with the cell types: the groups, and the targets unless
-        ``config.target="predicted"``. (``groupby`` in 0.1.)
+        ``config.target="predicted"``.
     method
         ``"integrated_gradients"``: captum ``LayerIntegratedGradients`` on the encoder's input word
         embeddings, baseline = the same sequence with every gene token replaced by the pad token
@@ -188,8 +159,6 @@ def attribute(
     split_key, train_value
         Cells with ``obs[split_key] == train_value`` trained the head; the other labelled cells are
         explained (the paper: the test cells). ``split_key=None`` draws from all labelled cells.
-        (0.1's ``split_value="test"`` named the explained cells instead; it still works, with a
-        FutureWarning.)
     groups
         Groups to explain (default: every group that is also a class of the head).
     n_cells
@@ -203,9 +172,7 @@ def attribute(
         completeness check are unchanged); only the summary skips them.
     config
         Target, the methods' settings (integration steps, LIME samples, batch sizes), device and
-        precision: an :class:`AttributionConfig` (``None``: its defaults). The 0.1 keywords
-        ``target``, ``normalize``, ``n_steps``, ``internal_batch_size``, ``num_samples``,
-        ``batch_size``, ``device`` and ``precision`` still work, with a FutureWarning.
+        precision: an :class:`AttributionConfig` (``None``: its defaults).
     {doc_random_state}
         Here: the cell draw and LIME's sampling.
     key_added
@@ -254,7 +221,7 @@ def attribute(
             "labels_key": labels_key,
             "sentence_key": sentence_key,
             "split_key": split_key,
-            **_split_params(train_value),
+            "train_value": str(train_value),
             "n_cells": n_cells,
             "top_n": top_n,
             "exclude": [p.pattern for p in excluded],
@@ -272,12 +239,6 @@ def attribute(
         "cells": pd.DataFrame(per_cell).set_index("cell"),
     }
     return genes
-
-
-def _split_params(train_value: str) -> dict[str, str]:
-    if isinstance(train_value, _OnlySplitValue):
-        return {"split_value": str(train_value)}
-    return {"train_value": str(train_value)}
 
 
 def _explain_cells(explainer, cells: dict[str, str], sentences, method, classes, config, random_state):
@@ -330,20 +291,14 @@ def _resolve_normalize(adata: AnnData, head, normalize: bool | None) -> bool:
     if normalize is not None:
         return bool(normalize)
     use_reps = getattr(head, "use_reps", None) or []
-    return bool(embedding_record(adata, use_reps[0]).get("normalize", True)) if use_reps else True
+    return bool(uns_params(adata, use_reps[0]).get("normalize", True)) if use_reps else True
 
 
 def _explainable(adata: AnnData, labels_key: str, split_key: str | None, train_value: str) -> pd.Series:
     """Labels (as ``str``) of the cells that may be explained: labelled and not used for training."""
     labels = get_labels(adata, labels_key)
     keep = labels.notna().to_numpy()
-    if isinstance(train_value, _OnlySplitValue):
-        if split_key not in adata.obs:
-            raise KeyError(
-                f"Column {split_key!r} not found in adata.obs; pass split_key=None to use all cells."
-            )
-        keep &= (adata.obs[split_key].astype(str) == str(train_value)).to_numpy()
-    elif split_key is not None:
+    if split_key is not None:
         keep &= ~train_mask(adata, split_key, train_value)
     labels = labels[keep].astype(str)
     if labels.empty:

@@ -70,9 +70,7 @@ def compare_annotators(
         Training settings of the fused (and ``"head"``) rows, passed to :func:`~sc_llm.tl.fuse_train`
         as ``config`` (e.g. ``FusionConfig(architecture="paper", hidden=4096)``).
     fusion_kwargs
-        Other arguments of :func:`~sc_llm.tl.fuse_train` (e.g. ``report_inputs``, ``device``). Its
-        0.1 training keywords (``hidden``, ``epochs``, ``param_grid``…) still work, with
-        :func:`~sc_llm.tl.fuse_train`'s :class:`FutureWarning`; put them in ``fusion_config``.
+        Other arguments of :func:`~sc_llm.tl.fuse_train` (e.g. ``report_inputs``, ``device``).
     key_added
         ``uns`` key of the result.
 

@@ -9,7 +9,6 @@ from typing import Any, Literal
 import numpy as np
 from anndata import AnnData
 
-from sc_llm._deprecations import moved_to_config, renamed_params
 from sc_llm._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
 from sc_llm._execution import Execution, resolve_execution
 from sc_llm._sources import MatrixSource
@@ -23,8 +22,6 @@ from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 _CELL_CHUNK = 1024
 
 
-@moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
-@renamed_params(model_dir="model", ensembl_col="gene_ids", counts_layer="layer")
 @doc_params(
     doc_device_precision=doc_device_precision, doc_execution=doc_execution, doc_embedding_key=doc_embedding_key, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
 )

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sc_llm._deprecations import moved_to_config
 from sc_llm._docs import doc_copy, doc_execution, doc_params
 from sc_llm._execution import Execution, resolve_execution
 from sc_llm._sources import MatrixSource
@@ -24,7 +23,6 @@ Weighting = Literal["expression", "rank"]
 _CELL_CHUNK = 4096
 
 
-@moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
 @doc_params(doc_execution=doc_execution, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy)
 def embed_text_genes(
     adata: AnnData,

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from sc_llm._deprecations import moved_to_config, renamed_params
 from sc_llm._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
 from sc_llm._execution import Execution, resolve_execution
 from sc_llm._sources import MatrixSource
@@ -22,8 +21,6 @@ _CELL_CHUNK = 1024
 PER_CELL = {"n_genes": np.int64, "counts_covered": np.float64, "counts_total": np.float64}
 
 
-@moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
-@renamed_params(model_dir="model", gene_col="gene_symbols")
 @doc_params(
     doc_device_precision=doc_device_precision, doc_execution=doc_execution, doc_embedding_key=doc_embedding_key, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
 )

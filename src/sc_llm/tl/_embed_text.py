@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from sc_llm._deprecations import moved_to_config
 from sc_llm._docs import doc_copy, doc_device_precision, doc_embedding_key, doc_execution, doc_params
 from sc_llm._execution import Execution, resolve_execution
 from sc_llm._sources import MatrixSource, SentenceSource
@@ -21,7 +20,6 @@ from ._embedding import count_stats, run_encoder, worker_spec, write_embedding
 _CELL_CHUNK = 2048
 
 
-@moved_to_config("execution", Execution, ("chunk_size", "store", "scheduler"))
 @doc_params(
     doc_device_precision=doc_device_precision, doc_execution=doc_execution, doc_embedding_key=doc_embedding_key, chunk=f"{_CELL_CHUNK:,}", doc_copy=doc_copy
 )

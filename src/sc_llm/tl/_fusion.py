@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sc_llm._deprecations import moved_to_config
 from sc_llm._docs import doc_params, doc_random_state, doc_split
 from sc_llm.models._training import FusionConfig, FusionFit, train_fusion
 
@@ -36,11 +35,6 @@ from ._metrics import get_labels, train_mask
 if TYPE_CHECKING:
     from sc_llm.models._fusion import FusionModel
 
-#: Fields of :class:`FusionConfig` that fuse_train took as keyword arguments in 0.1.
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FusionConfig))
-
-
-@moved_to_config(into="config", config=FusionConfig, names=CONFIG_FIELDS)
 @doc_params(doc_split=doc_split, doc_random_state=doc_random_state)
 def fuse_train(
     adata: AnnData,
@@ -94,9 +88,7 @@ def fuse_train(
         Training settings (architecture, width, epochs, learning rate and its decay, batch size,
         weight decay, standardization, folds, validation split, patience, grid search, class
         weights): a :class:`~sc_llm.models.FusionConfig`; ``None`` uses its defaults (the stacked
-        architecture). ``FusionConfig(architecture="paper")`` is the paper's recipe. The fields were
-        keyword arguments of this function before 0.2.0; passing them that way still works, with a
-        :class:`FutureWarning`.
+        architecture). ``FusionConfig(architecture="paper")`` is the paper's recipe.
     n_runs
         Number of final trainings with seeds ``random_state, random_state + 1, …``; held-out
         metrics are reported per run, with mean and sample standard deviation (ddof=1). The seed

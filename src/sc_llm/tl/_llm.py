@@ -18,20 +18,19 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sc_llm._deprecations import moved_to_config
 from sc_llm._docs import doc_copy, doc_llm_client_kwargs, doc_llm_model, doc_params, doc_random_state
 from sc_llm._utils import (
     check_key,
-    embedding_record,
     format_examples,
     logger,
     maybe_copy,
     obs_sentences,
+    uns_params,
     warn_overwrite,
 )
 from sc_llm.llm._answers import REASONS, answer_schema, parse_answer
 from sc_llm.llm._client import ChatClient, ChatRequest
-from sc_llm.llm._open import client_keywords_moved, open_client
+from sc_llm.llm._open import open_client
 from sc_llm.llm._prompts import RERANK_TEMPLATE, ZERO_SHOT_TEMPLATE, check_template, render
 
 from ._candidates import N_CANDIDATES
@@ -81,12 +80,6 @@ class LLMAnnotateConfig:
             raise ValueError(f"n_runs must be at least 1, got {self.n_runs}.")
 
 
-@moved_to_config(
-    into="config",
-    config=LLMAnnotateConfig,
-    names=("labels", "template", "n_genes", "n_runs", "retry_flagged"),
-)
-@client_keywords_moved()
 @doc_params(
     doc_llm_model=doc_llm_model,
     doc_llm_client_kwargs=doc_llm_client_kwargs,
@@ -251,7 +244,7 @@ def _labels_key(adata: AnnData, labels_key: str | None, candidates_key: str) -> 
         if labels_key not in adata.obs:
             raise KeyError(f"Column {labels_key!r} not found in adata.obs.")
         return labels_key
-    recorded = embedding_record(adata, candidates_key).get("labels_key")  # reads 0.1's flat records too
+    recorded = uns_params(adata, candidates_key).get("labels_key")
     return recorded if isinstance(recorded, str) and recorded in adata.obs else None
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sc_llm._utils import embedding_record, format_examples, logger, maybe_copy, warn_overwrite
+from sc_llm._utils import format_examples, logger, maybe_copy, uns_params, warn_overwrite
 
 from ._candidates import label_categories, top3_accuracy, write_candidates
 from ._heads import UNKNOWN
@@ -181,7 +181,7 @@ def check_same_embedding(
             f"obsm[{use_rep!r}] has {Xq.shape[1]} dimensions in the query but {Xr.shape[1]} in the reference: "
             "embed both with the same model."
         )
-    q_info, r_info = embedding_record(query, use_rep), embedding_record(reference, use_rep)
+    q_info, r_info = uns_params(query, use_rep), uns_params(reference, use_rep)
     if not (q_info and r_info):
         return
     q_model, r_model = _model_key(q_info.get("model")), _model_key(r_info.get("model"))

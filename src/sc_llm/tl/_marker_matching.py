@@ -18,7 +18,7 @@ from sc_llm._docs import doc_llm_client_kwargs, doc_llm_model, doc_params
 from sc_llm._utils import format_examples
 from sc_llm.llm._answers import answer_schema, parse_answer
 from sc_llm.llm._client import ChatClient, ChatRequest
-from sc_llm.llm._open import client_keywords_moved, open_client
+from sc_llm.llm._open import open_client
 from sc_llm.llm._prompts import MARKER_TEMPLATE, check_template, render
 
 from ._markers import read_markers
@@ -58,7 +58,6 @@ class MarkerMatching:
         return f"{self.n_correct}/{self.n_total}"
 
 
-@client_keywords_moved()
 @doc_params(doc_llm_model=doc_llm_model, doc_llm_client_kwargs=doc_llm_client_kwargs)
 def llm_marker_matching(
     markers: Mapping[str, Sequence[str]] | pd.DataFrame | str | Path,
