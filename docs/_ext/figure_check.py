@@ -1,0 +1,96 @@
+"""Fail the docs build when a figure goes missing or an executed cell errors.
+
+A figure can vanish without any error: a kernel that inherits ``MPLBACKEND=Agg`` draws nothing into
+the page, a plotting call in a static code block shows its code and no picture, a figure pasted
+from another page can point at an image file that was never written. Each of these is reported as a
+Sphinx warning (so ``-W`` fails the build), with the page and line:
+
+- an executed cell whose code calls a plotting function (``figure_check_pattern``) and has no image
+  among its outputs;
+- a page whose static code blocks call a plotting function and that shows no image at all (a
+  figure drawn by an executed page can be pasted under it with myst-nb's ``glue``);
+- an executed cell with an error output, unless it is tagged ``raises-exception``;
+- a page listed in ``figure_check_pages`` (the first page) without an image;
+- an ``<img>`` in the written HTML whose file does not exist.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from docutils import nodes
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
+
+# Calls of scanpy-style ``*.pl.<name>(`` and of pyplot functions that draw; not pyplot's
+# housekeeping (close, style, rc settings, interactive mode).
+DEFAULT_PATTERN = r"\bpl\.\w+\s*\(|\bplt\.(?!close\b|rc\w*\b|style\b|ion\b|ioff\b|switch_backend\b)\w+\s*\("
+
+
+def _warn(message: str, location) -> None:
+    logger.warning(message, type="figure_check", subtype="missing", location=location)
+
+
+def _is_code_cell(node: nodes.Node) -> bool:
+    return isinstance(node, nodes.container) and node.get("nb_element") == "cell_code"
+
+
+def _part(cell: nodes.Element, element: str) -> nodes.Element | None:
+    return next((c for c in cell.children if c.get("nb_element") == element), None)
+
+
+def _has_image(node: nodes.Node) -> bool:
+    return any(True for _ in node.findall(nodes.image))
+
+
+def check_doctree(app, doctree: nodes.document, docname: str) -> None:
+    pattern = re.compile(app.config.figure_check_pattern)
+    cells = list(doctree.findall(_is_code_cell))
+    in_cells = {id(block) for cell in cells for block in cell.findall(nodes.literal_block)}
+    for cell in cells:
+        source = _part(cell, "cell_code_source")
+        output = _part(cell, "cell_code_output")
+        code = source.astext() if source is not None else ""
+        if pattern.search(code) and (output is None or not _has_image(output)):
+            _warn(f"this cell calls a plotting function but shows no figure: {code.strip()[:120]!r}", cell)
+        tags = (cell.get("cell_metadata") or {}).get("tags", [])
+        if output is not None and "raises-exception" not in tags:
+            for block in output.findall(nodes.literal_block):
+                if "traceback" in block["classes"]:
+                    _warn(f"this cell raised an error: {block.astext().strip().splitlines()[-1][:200]}", cell)
+    page_has_image = _has_image(doctree)
+    for block in doctree.findall(nodes.literal_block):
+        if id(block) in in_cells or block.get("language", "python") not in ("python", "ipython", "default"):
+            continue
+        if pattern.search(block.astext()) and not page_has_image:
+            _warn("this code draws a figure but the page shows none (paste one with glue)", block)
+            break
+    if docname in app.config.figure_check_pages and not page_has_image:
+        _warn(f"page {docname!r} must show a figure (figure_check_pages) but has no image", doctree)
+
+
+def check_html(app, exception) -> None:
+    """Every image an HTML page shows exists in the output folder."""
+    if exception is not None or app.builder.format != "html":
+        return
+    out = Path(app.outdir)
+    for page in sorted(out.rglob("*.html")):
+        for src in re.findall(r'<img\b[^>]*\bsrc="([^"]+)"', page.read_text(encoding="utf-8")):
+            if re.match(r"^(?:[a-z]+:|//)", src):
+                continue
+            if not (page.parent / src.split("#")[0].split("?")[0]).is_file():
+                logger.warning(
+                    f"{page.relative_to(out)} shows an image that was not written: {src}",
+                    type="figure_check",
+                    subtype="broken",
+                )
+
+
+def setup(app):
+    app.add_config_value("figure_check_pattern", DEFAULT_PATTERN, "env")
+    app.add_config_value("figure_check_pages", [], "env")
+    app.connect("doctree-resolved", check_doctree)
+    app.connect("build-finished", check_html)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
