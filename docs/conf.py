@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from datetime import date
@@ -44,13 +43,9 @@ nb_execution_mode = "cache"
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_merge_streams = True
-# The notebook kernels inherit this process's environment. An MPLBACKEND such as the Agg that dev.sh
-# exports for the tests replaces Jupyter's inline backend, and then no figure reaches a page: the
-# kernels must draw as in a user's Jupyter (plt.show() and a figure left open at the end of a cell
-# both display it).
-os.environ.pop("MPLBACKEND", None)
-# Pages that must show a figure whatever their code does (docs/_ext/figure_check.py checks every page
-# that calls a plotting function).
+# docs/_ext/figure_check.py makes the kernels draw as in a user's Jupyter (it clears an inherited
+# MPLBACKEND) and fails the build when a page that draws shows no figure. These pages must show one
+# whatever their code does:
 figure_check_pages = ["index"]
 # .rst first: autosummary writes its stub pages with the first suffix, and rst stubs read as Markdown
 # would show their directives as text instead of the documented objects.

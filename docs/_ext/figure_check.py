@@ -1,6 +1,11 @@
-"""Fail the docs build when a figure goes missing or an executed cell errors.
+"""Figures in the pages: kernels that draw as in a user's Jupyter, and a build that fails without them.
 
-A figure can vanish without any error: a kernel that inherits ``MPLBACKEND=Agg`` draws nothing into
+The notebook kernels inherit the build's environment. An ``MPLBACKEND`` such as the ``Agg`` that
+``dev.sh`` exports for the tests replaces Jupyter's inline backend, and then no figure reaches a page;
+so it is cleared when this extension loads (``plt.show()`` and a figure left open at the end of a cell
+then both display it, as in Jupyter).
+
+A figure can also vanish without any error: a kernel that inherits ``MPLBACKEND=Agg`` draws nothing into
 the page, a plotting call in a static code block shows its code and no picture, a figure pasted
 from another page can point at an image file that was never written. Each of these is reported as a
 Sphinx warning (so ``-W`` fails the build), with the page and line:
@@ -16,6 +21,7 @@ Sphinx warning (so ``-W`` fails the build), with the page and line:
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -54,7 +60,11 @@ def check_doctree(app, doctree: nodes.document, docname: str) -> None:
         output = _part(cell, "cell_code_output")
         code = source.astext() if source is not None else ""
         if pattern.search(code) and (output is None or not _has_image(output)):
-            _warn(f"this cell calls a plotting function but shows no figure: {code.strip()[:120]!r}", cell)
+            _warn(
+                f"this cell calls a plotting function but shows no figure: {code.strip()[:120]!r} (outputs "
+                "cached by a build whose kernels could not draw are reused: delete the build's .jupyter_cache folder)",
+                cell,
+            )
         tags = (cell.get("cell_metadata") or {}).get("tags", [])
         if output is not None and "raises-exception" not in tags:
             for block in output.findall(nodes.literal_block):
@@ -89,6 +99,7 @@ def check_html(app, exception) -> None:
 
 
 def setup(app):
+    os.environ.pop("MPLBACKEND", None)
     app.add_config_value("figure_check_pattern", DEFAULT_PATTERN, "env")
     app.add_config_value("figure_check_pages", [], "env")
     app.connect("doctree-resolved", check_doctree)
