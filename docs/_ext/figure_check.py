@@ -7,7 +7,8 @@ then both display it, as in Jupyter).
 
 A figure can also vanish without any error: a kernel that inherits ``MPLBACKEND=Agg`` draws nothing into
 the page, a plotting call in a static code block shows its code and no picture, a figure pasted
-from another page can point at an image file that was never written. Each of these is reported as a
+from another page can point at an image file that was never written (``write_glued_images`` writes
+those from the glued data). Each of these is reported as a
 Sphinx warning (so ``-W`` fails the build), with the page and line:
 
 - an executed cell whose code calls a plotting function (``figure_check_pattern``) and has no image
@@ -21,8 +22,11 @@ Sphinx warning (so ``-W`` fails the build), with the page and line:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+from binascii import a2b_base64
 from pathlib import Path
 
 from docutils import nodes
@@ -81,6 +85,29 @@ def check_doctree(app, doctree: nodes.document, docname: str) -> None:
         _warn(f"page {docname!r} must show a figure (figure_check_pages) but has no image", doctree)
 
 
+def write_glued_images(app, exception) -> None:
+    """Write the image files of figures glued with ``display=False`` into ``_images``.
+
+    myst-nb pastes a figure from another page as a link to ``_images/<sha256 of its PNG>``, a file that
+    exists only when the source page displayed byte-identical PNG data; a figure drawn a second time
+    (constrained layout) can differ by a byte, and the link would be broken. The glued data is in the
+    build's ``<page>.glue.json``, so the file is written from it.
+    """
+    if exception is not None or app.builder.format != "html":
+        return
+    folder = Path(app.env.mystnb_config.output_folder)
+    images = Path(app.outdir) / app.builder.imagedir
+    for glued in folder.rglob("*.glue.json"):
+        for output in json.loads(glued.read_text()).values():
+            for mime, extension in (("image/png", ".png"), ("image/jpeg", ".jpeg")):
+                if mime in output.get("data", {}):
+                    data = a2b_base64(output["data"][mime])
+                    target = images / f"{hashlib.sha256(data).hexdigest()}{extension}"
+                    if not target.exists():
+                        images.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(data)
+
+
 def check_html(app, exception) -> None:
     """Every image an HTML page shows exists in the output folder."""
     if exception is not None or app.builder.format != "html":
@@ -103,5 +130,6 @@ def setup(app):
     app.add_config_value("figure_check_pattern", DEFAULT_PATTERN, "env")
     app.add_config_value("figure_check_pages", [], "env")
     app.connect("doctree-resolved", check_doctree)
+    app.connect("build-finished", write_glued_images, priority=400)  # before check_html (500)
     app.connect("build-finished", check_html)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
