@@ -16,12 +16,13 @@ def pbmc68k() -> AnnData:
 
     Returns
     -------
-    AnnData with
+    adata : anndata.AnnData
+        AnnData with
 
-    - ``X``: recovered counts (CSR, float32), 700 cells × 765 genes (gene symbols as ``var_names``);
-    - ``layers["log1p"]``: the original log-normalized values;
-    - ``obs["cell_type"]``: the 10 bulk labels (categorical), plus scanpy's original ``obs`` columns;
-    - ``obsm["X_pca"]``, ``obsm["X_umap"]``: the embeddings shipped with the dataset.
+        - ``X``: recovered counts (CSR, float32), 700 cells × 765 genes (gene symbols as ``var_names``);
+        - ``layers["log1p"]``: the original log-normalized values;
+        - ``obs["cell_type"]``: the 10 bulk labels (categorical), plus scanpy's original ``obs`` columns;
+        - ``obsm["X_pca"]``, ``obsm["X_umap"]``: the embeddings shipped with the dataset.
     """
     import scanpy as sc
 

@@ -34,7 +34,8 @@ def answer_schema(allowed: Sequence[str], field: str = ANSWER_FIELD) -> dict[str
 
     Returns
     -------
-    A JSON schema (dict) for :class:`~sc_llm.llm.ChatRequest`'s ``schema``.
+    schema : dict
+        A JSON schema (dict) for :class:`~sc_llm.llm.ChatRequest`'s ``schema``.
     """
     return {
         "type": "object",
@@ -62,8 +63,11 @@ def parse_answer(content: str, allowed: Sequence[str], field: str = ANSWER_FIELD
 
     Returns
     -------
-    ``(value, "ok")``, or ``(None, "malformed")`` when no value could be read and
-    ``(None, "out_of_list")`` when JSON held a value that was not offered.
+    value : str or None
+        The answer's value; ``None`` when none could be read or it was not offered.
+    reason : str
+        ``"ok"``; ``"malformed"`` when no value could be read; ``"out_of_list"`` when JSON
+        held a value that was not offered.
     """
     text = _THINK.sub("", content or "").strip()
     value, parsed = _json_value(text, field)

@@ -177,7 +177,13 @@ def with_temperature(params: Mapping[str, Any] | None, temperature: float | None
 
 
 def default_cache_dir() -> Path:
-    """``$SC_LLM_CACHE`` or ``$XDG_CACHE_HOME/sc_llm/chat`` (``~/.cache/sc_llm/chat``)."""
+    """``$SC_LLM_CACHE`` or ``$XDG_CACHE_HOME/sc_llm/chat`` (``~/.cache/sc_llm/chat``).
+
+    Returns
+    -------
+    path : pathlib.Path
+        The folder (not created here).
+    """
     if os.environ.get("SC_LLM_CACHE"):
         return Path(os.environ["SC_LLM_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sc_llm" / "chat"
@@ -195,7 +201,7 @@ class ChatClient:
         API root ending in ``/v1`` (``None``: OpenAI's). Local servers: vLLM
         ``http://localhost:8000/v1``, llama.cpp ``http://localhost:8080/v1``, Ollama
         ``http://localhost:11434/v1``. Credentials in the address (``https://user:key@host/v1``)
-        are sent as HTTP basic auth and removed from :attr:`base_url`, so they are never stored.
+        are sent as HTTP basic auth and removed from ``base_url``, so they are never stored.
     api_key
         Bearer token. ``None`` reads the environment variable ``api_key_env``; with neither,
         no ``Authorization`` header is sent (fine for local servers).

@@ -64,7 +64,7 @@ class FusionModel(nn.Module):
     use_reps, input_dims, classes, hidden, hyperparameters, architecture
         As passed.
     inputs
-        One :class:`Standardize` per representation (identity until :meth:`set_standardization`).
+        One ``Standardize`` module per representation (identity until :meth:`set_standardization`).
     branches
         One ``Sequential(Linear(dim, hidden), ReLU())`` per representation (``"stacked"``: followed
         by ``Linear(hidden, n_classes)``, so each branch is a complete classifier).

@@ -422,6 +422,11 @@ def load_geneformer(model_dir: str | Path | GeneformerEncoder, device: Any = Non
         or an already loaded :class:`GeneformerEncoder` (returned as is).
     device
         Torch device; ``None`` picks CUDA, then MPS, then CPU.
+
+    Returns
+    -------
+    encoder : sc_llm.models.GeneformerEncoder
+        The loaded model, ready for :func:`sc_llm.tl.embed_geneformer`.
     """
     if isinstance(model_dir, GeneformerEncoder):
         return model_dir

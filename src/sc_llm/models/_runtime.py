@@ -24,7 +24,13 @@ def require_torch():
 
 
 def resolve_device(device: str | Any | None = None):
-    """``None`` picks CUDA if available, then MPS, else CPU."""
+    """``None`` picks CUDA if available, then MPS, else CPU.
+
+    Returns
+    -------
+    device : torch.device
+        The device to run on.
+    """
     torch = require_torch()
     if device is not None:
         return torch.device(device)
@@ -52,6 +58,11 @@ def resolve_precision(precision: Precision, device) -> str:
 
     ``"auto"`` is fp16 on CUDA and fp32 elsewhere (reduced precision on CPU is opt-in).
     ``"bf16"`` on a CPU without native bf16 falls back to fp32, since emulation is slower.
+
+    Returns
+    -------
+    precision : str
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
@@ -100,6 +111,11 @@ def encode_tokens(
     batches are copied from pinned memory without blocking and outputs stay on the device until the
     end, so the host pads the next batch while the device runs the current one. Cells without tokens
     get NaN rows. No gradients are recorded.
+
+    Returns
+    -------
+    embeddings : numpy.ndarray
+        float32, one row per cell of ``tokens`` in input order (NaN for cells without tokens).
     """
     torch = require_torch()
     model = encoder.model_in(precision)

@@ -552,6 +552,11 @@ def load_scgpt(model_dir: str | Path | ScGPTEncoder, device: Any = None) -> ScGP
         or an already loaded :class:`ScGPTEncoder` (returned as is).
     device
         Torch device; ``None`` picks CUDA, then MPS, then CPU.
+
+    Returns
+    -------
+    encoder : sc_llm.models.ScGPTEncoder
+        The loaded model, ready for :func:`sc_llm.tl.embed_scgpt`.
     """
     if isinstance(model_dir, ScGPTEncoder):
         return model_dir

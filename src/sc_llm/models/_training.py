@@ -193,7 +193,7 @@ def check_settings(**values: Any) -> None:
 
 @dataclass
 class FusionFit:
-    """What :func:`train_fusion` returns.
+    """What :func:`~sc_llm.models.train_fusion` returns.
 
     Parameters
     ----------
@@ -258,7 +258,8 @@ def train_fusion(
 
     Returns
     -------
-    The trained models, histories and the settings chosen (:class:`FusionFit`).
+    fit : sc_llm.models.FusionFit
+        The trained models, histories and the settings chosen (:class:`FusionFit`).
     """
     from ._runtime import resolve_device
 

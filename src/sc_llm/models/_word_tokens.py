@@ -46,7 +46,7 @@ class WordTokenizer:
     -----
     :meth:`build` equals the tokenizer on the fitted sentence only for tokenizers that are
     concatenative on the words used; run :meth:`check` on the gene list first and fall back to
-    tokenizing sentences when it returns ``False`` (:attr:`mismatch` then says why).
+    tokenizing sentences when it returns ``False`` (``mismatch`` then says why).
     """
 
     def __init__(self, tokenizer: Any, *, prefix: str = "", max_tokens: int):
@@ -203,7 +203,7 @@ class WordTokenizer:
         ----------
         codes, indptr
             Cells in CSR layout: cell ``i``'s words are ``vocab[codes[indptr[i]:indptr[i + 1]]]`` in
-            sentence order (e.g. :func:`sc_llm.pp._cell_sentences.rank_csr_rows` output).
+            sentence order (e.g. ``sc_llm.pp._cell_sentences.rank_csr_rows`` output).
         vocab
             The words (e.g. gene names); the ones cells use are tokenized once and cached.
 
@@ -306,7 +306,7 @@ class WordTokenizer:
         Returns
         -------
         ``True`` when every compared sentence matches. Otherwise ``False``, with the first difference
-        in :attr:`mismatch`; :meth:`build` is then not exact and callers should tokenize sentences.
+        in ``mismatch``; :meth:`build` is then not exact and callers should tokenize sentences.
         """
         words = list(dict.fromkeys(words))
         rng = np.random.default_rng(seed)

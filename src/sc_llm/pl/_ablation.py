@@ -58,7 +58,8 @@ def ablation(
 
     Returns
     -------
-    The matplotlib Axes.
+    ax : matplotlib.axes.Axes
+        The matplotlib Axes.
     """
     table, kinds = _study(data, key)
     metrics = list(metrics) if metrics is not None else list(table.index)
@@ -115,7 +116,8 @@ def sentence_length(
 
     Returns
     -------
-    The list of Axes.
+    axes : list of matplotlib.axes.Axes
+        One panel per metric, top to bottom.
     """
     table, kinds = _study(data, key)
     fractions = _truncation_points(table, kinds, include_full)

@@ -53,7 +53,8 @@ def attributions(
 
     Returns
     -------
-    The matplotlib Figure (one panel per group).
+    fig : matplotlib.figure.Figure
+        The figure, one panel per group.
     """
     from sc_llm.tl._markers import _match_groups, read_markers
 

@@ -45,7 +45,8 @@ def annotation_embedding(
 
     Returns
     -------
-    List of the two matplotlib Axes.
+    axes : list of matplotlib.axes.Axes
+        The two panels: true labels, then right/wrong predictions.
     """
     import scanpy as sc
 

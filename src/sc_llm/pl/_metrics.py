@@ -41,7 +41,8 @@ def annotation_metrics(
 
     Returns
     -------
-    The matplotlib Axes.
+    ax : matplotlib.axes.Axes
+        The matplotlib Axes.
     """
     summary = _summary(data, key)
     missing = [m for m in metrics if m not in summary or f"{m}_sd" not in summary]

@@ -58,20 +58,31 @@ def cell_sentences(
     in_obs
         Also put the sentences in ``obs[key_added]``. With a store, ``False`` keeps them on disk
         only (for atlases whose sentences do not fit in memory); read them back with
-        :meth:`sc_llm._store.ChunkStore.read` or embed from the matrix with
+        ``sc_llm._store.ChunkStore.read`` or embed from the matrix with
         :func:`sc_llm.tl.embed_text`, which ranks each chunk on the fly.
     {doc_copy}
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` (str) and
-    ``adata.uns[key_added]``: ``"params"`` (expression source, names, ``n_genes``, execution settings)
-    beside ``"tie_rule"`` and ``"n_empty"`` (cells with no expressed gene).
+    adata : anndata.AnnData or None
+        ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` (str) and
+        ``adata.uns[key_added]``: ``"params"`` (expression source, names, ``n_genes``, execution settings)
+        beside ``"tie_rule"`` and ``"n_empty"`` (cells with no expressed gene).
 
     Notes
     -----
     Ties: {TIE_RULE}. This is deterministic, unlike Cell2Sentence's random tie shuffling.
     Cells with no expressed gene get an empty sentence and a warning with their count.
+
+    Examples
+    --------
+    >>> import sc_llm as scl
+    >>> adata = scl.datasets.pbmc68k()[:40].copy()
+    >>> scl.pp.cell_sentences(adata)
+    >>> adata.obs["cell_sentence"].iloc[0].split()[:5]
+    ['FTL', 'CD74', 'AIF1', 'HLA-DPA1', 'JUNB']
+    >>> adata.uns["cell_sentence"]["n_empty"]
+    0
     """
     execution = resolve_execution(execution, _CHUNK)
     store = execution.store

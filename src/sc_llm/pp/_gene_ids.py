@@ -296,14 +296,15 @@ def map_gene_ids(
 
     Returns
     -------
-    ``None`` or a copy. Sets ``var[key_added]`` (the new identifier, NaN where none),
-    ``var[f"{key_added}_match"]`` (one of ``restored``, ``exact``, ``version``, ``official``,
-    ``case``, ``alias``, ``ambiguous``, ``no_symbol``, ``unmatched``), ``var[f"{key_added}_from"]``
-    (the names converted from) and ``uns[key_added]`` with ``params``, ``table`` (sources and
-    versions), ``restored_from`` (the earlier call's key, or ``""``), ``counts`` (genes per match
-    kind), ``n_matched`` (restored ones included), ``n_restored``, ``n_ambiguous``, ``n_unmatched``,
-    ``ambiguous`` (one-to-many: each name and its candidates) and ``many_to_one`` (targets reached
-    from several names; never merged).
+    adata : anndata.AnnData or None
+        ``None`` or a copy. Sets ``var[key_added]`` (the new identifier, NaN where none),
+        ``var[f"{key_added}_match"]`` (one of ``restored``, ``exact``, ``version``, ``official``,
+        ``case``, ``alias``, ``ambiguous``, ``no_symbol``, ``unmatched``), ``var[f"{key_added}_from"]``
+        (the names converted from) and ``uns[key_added]`` with ``params``, ``table`` (sources and
+        versions), ``restored_from`` (the earlier call's key, or ``""``), ``counts`` (genes per match
+        kind), ``n_matched`` (restored ones included), ``n_restored``, ``n_ambiguous``, ``n_unmatched``,
+        ``ambiguous`` (one-to-many: each name and its candidates) and ``many_to_one`` (targets reached
+        from several names; never merged).
 
     Raises
     ------

@@ -113,9 +113,10 @@ def spatial_sentences(
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` (str) and
-    ``adata.uns[key_added]``: ``"params"`` beside ``"neighbours"`` (where the graph came from) and
-    ``"n_without_context"`` (cells left without context).
+    adata : anndata.AnnData or None
+        ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` (str) and
+        ``adata.uns[key_added]``: ``"params"`` beside ``"neighbours"`` (where the graph came from) and
+        ``"n_without_context"`` (cells left without context).
     """
     graph_key = neighbors if isinstance(neighbors, str) else None
     n_neighs = None if graph_key else neighbors

@@ -41,8 +41,9 @@ def train_test_split(
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` and ``adata.uns[key_added]``
-    (``"params"`` beside ``"n_train"`` and ``"n_test"``).
+    adata : anndata.AnnData or None
+        ``None``, or a copy when ``copy=True``. Sets ``adata.obs[key_added]`` and ``adata.uns[key_added]``
+        (``"params"`` beside ``"n_train"`` and ``"n_test"``).
 
     Notes
     -----

@@ -18,7 +18,13 @@ import torch
 
 
 def scgpt_args(dim: int = 32, n_heads: int = 4, d_hid: int = 48, n_layers: int = 2, n_bins: int = 51) -> dict:
-    """``args.json`` content in the released layout (values of scGPT_human, sizes shrunk)."""
+    """``args.json`` content in the released layout (values of scGPT_human, sizes shrunk).
+
+    Returns
+    -------
+    args : dict
+        The content of ``args.json``.
+    """
     return {
         "data_source": "/scratch/cellxgene/human",
         "save_dir": "./save/scGPT_human",
@@ -55,7 +61,13 @@ def scgpt_args(dim: int = 32, n_heads: int = 4, d_hid: int = 48, n_layers: int =
 
 
 def scgpt_state_dict(n_tokens: int, args: dict, seed: int = 0, flash: bool = True) -> dict[str, torch.Tensor]:
-    """Random weights with the key names and shapes of a released scGPT ``best_model.pt``."""
+    """Random weights with the key names and shapes of a released scGPT ``best_model.pt``.
+
+    Returns
+    -------
+    state_dict : dict
+        Parameter name to :class:`torch.Tensor`, as ``torch.load`` gives it.
+    """
     g = torch.Generator().manual_seed(seed)
     d, h = args["embsize"], args["d_hid"]
 
@@ -118,6 +130,11 @@ def write_scgpt(
 
     ``with_eoc=False`` leaves ``<eoc>`` out of ``vocab.json`` (upstream appends it at load time;
     the checkpoint still embeds it as the last row).
+
+    Returns
+    -------
+    model_dir : pathlib.Path
+        The scGPT folder (``path``).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -134,7 +151,13 @@ def write_scgpt(
 
 
 def ensembl_ids(n: int, offset: int = 0) -> list[str]:
-    """Made-up but well-formed Ensembl gene IDs."""
+    """Made-up but well-formed Ensembl gene IDs.
+
+    Returns
+    -------
+    ids : list of str
+        ``n`` IDs ``ENSG…``, numbered from ``offset``.
+    """
     return [f"ENSG{offset + i + 100000:011d}" for i in range(n)]
 
 
@@ -154,6 +177,15 @@ def write_geneformer(
 
     ``genes`` are Ensembl IDs; ids follow Geneformer's layout (``<pad>`` 0, ``<mask>`` 1, then
     ``<cls>``/``<eos>`` for V2, then genes). Medians are random positive floats.
+
+    Returns
+    -------
+    model_dir : pathlib.Path
+        The model folder.
+    token_dictionary : pathlib.Path
+        The gene → token id pickle.
+    gene_median_dictionary : pathlib.Path
+        The gene → median expression pickle.
     """
     from transformers import BertConfig, BertForMaskedLM
 

@@ -28,7 +28,8 @@ def pbmc68k_embedded(
 
     Returns
     -------
-    The embedded AnnData (read back from the cache when it is there).
+    adata : anndata.AnnData
+        The embedded AnnData (read back from the cache when it is there).
     """
     cache_dir = cache_dir or os.environ.get("SC_LLM_TEST_CACHE")
     path = Path(cache_dir) / f"pbmc68k_text_{precision}.h5ad" if cache_dir else None

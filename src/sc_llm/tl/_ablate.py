@@ -131,10 +131,24 @@ def ablate(
 
     Returns
     -------
-    ``None`` or a copy. Sets ``obs[key_added]`` and ``uns[key_added]``: ``"params"`` (kind,
-    fraction and its rounding rule, seed, source column, and the encoder identity for context-based
-    kinds) beside, for context-based kinds, ``"genes_in_context"`` (in-context genes of the source
-    sentences: mean, min, max) and, for ``"truncate"``, ``"genes_kept"``.
+    adata : anndata.AnnData or None
+        ``None`` or a copy. Sets ``obs[key_added]`` and ``uns[key_added]``: ``"params"`` (kind,
+        fraction and its rounding rule, seed, source column, and the encoder identity for context-based
+        kinds) beside, for context-based kinds, ``"genes_in_context"`` (in-context genes of the source
+        sentences: mean, min, max) and, for ``"truncate"``, ``"genes_kept"``.
+
+    Examples
+    --------
+    >>> import sc_llm as scl
+    >>> adata = scl.datasets.pbmc68k()[:40].copy()
+    >>> scl.pp.cell_sentences(adata)
+    >>> scl.tl.ablate(adata, "shuffle_all", random_state=0)
+    >>> cell = adata.obs.iloc[0]
+    >>> sorted(cell["cell_sentence_shuffle_all"].split()) == sorted(cell["cell_sentence"].split())
+    True
+    >>> scl.tl.ablate(adata, "truncate", fraction=0.1)  # of the genes in the encoder's context
+    >>> adata.uns["cell_sentence_truncate_0.1"]["genes_kept"]
+    {'mean': 7.675, 'min': 7, 'max': 8}
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {list(KINDS)}.")
@@ -314,11 +328,12 @@ def ablation_study(
 
     Returns
     -------
-    The table: metrics as rows (accuracy, macro precision/recall/F1, k-means ARI/AMI), one column
-    per ablation (``"baseline"`` first; kinds with a fraction are named ``f"{kind}_{fraction:g}"``).
-    Also stored in ``uns[key_added]``: ``"params"`` (the call's settings and the encoder identity)
-    beside ``"table"``, ``"kinds"`` (column → kind, fraction and what :func:`ablate` records) and
-    ``"genes_in_context"`` (column → mean in-context genes of the embedded sentences).
+    table : pandas.DataFrame
+        The table: metrics as rows (accuracy, macro precision/recall/F1, k-means ARI/AMI), one column
+        per ablation (``"baseline"`` first; kinds with a fraction are named ``f"{kind}_{fraction:g}"``).
+        Also stored in ``uns[key_added]``: ``"params"`` (the call's settings and the encoder identity)
+        beside ``"table"``, ``"kinds"`` (column → kind, fraction and what :func:`ablate` records) and
+        ``"genes_in_context"`` (column → mean in-context genes of the embedded sentences).
     """
     from ._embed_text import embed_text
     from ._knn import knn_annotate

@@ -180,12 +180,31 @@ def attribute(
 
     Returns
     -------
-    Tidy table with columns ``group``, ``rank``, ``gene``, ``attribution`` (sum over the
-    explained cells), ``n_cells`` (explained cells of the group whose context held the gene) and
-    ``method``. Stored in ``uns[key_added]``: ``"params"`` (the call's settings, the encoder's
-    identity, the head's classes, the precision used) beside ``"genes"`` (this table) and
-    ``"cells"`` (one row per explained cell, indexed by obs name: group, target, predicted class,
-    number of in-context genes, attribution sum, captum's convergence delta or LIME's fit R²).
+    genes : pandas.DataFrame
+        Tidy table with columns ``group``, ``rank``, ``gene``, ``attribution`` (sum over the
+        explained cells), ``n_cells`` (explained cells of the group whose context held the gene) and
+        ``method``. Stored in ``uns[key_added]``: ``"params"`` (the call's settings, the encoder's
+        identity, the head's classes, the precision used) beside ``"genes"`` (this table) and
+        ``"cells"`` (one row per explained cell, indexed by obs name: group, target, predicted class,
+        number of in-context genes, attribution sum, captum's convergence delta or LIME's fit R²).
+
+    Examples
+    --------
+    Explain an "encoder + MLP" head (a one-input fusion model) for two monocytes of a 60-cell sample:
+
+    >>> import sc_llm as scl
+    >>> adata = scl.datasets.pbmc68k()[:60].copy()
+    >>> scl.pp.cell_sentences(adata)
+    >>> scl.pp.train_test_split(adata, "cell_type", random_state=0)
+    >>> scl.tl.embed_text(adata)
+    >>> config = scl.tl.FusionConfig(hidden=32, epochs=10)
+    >>> head = scl.tl.fuse_train(adata, ["X_text"], "cell_type", config=config, random_state=0)
+    >>> genes = scl.tl.attribute(adata, head, labels_key="cell_type", groups=["CD14+ Monocyte"], n_cells=2,
+    ...                          top_n=5, config=scl.tl.AttributionConfig(n_steps=8))
+    >>> genes.columns.tolist()
+    ['group', 'rank', 'gene', 'attribution', 'n_cells', 'method']
+    >>> len(genes), bool((genes["attribution"] > 0).all())
+    (5, True)
     """
     check_unique_obs_names(adata, "attribute explains and reports cells by obs name")
     if method not in METHODS:

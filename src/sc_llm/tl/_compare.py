@@ -76,14 +76,15 @@ def compare_annotators(
 
     Returns
     -------
-    One row per annotator (index ``model``) with columns ``method``, ``use_reps``, ``n_runs``, and for
-    each of accuracy, precision, recall and F1 (macro) the mean over runs and its sample standard
-    deviation (``<metric>_sd``, ddof=1; NaN for a single run). Also stored, with the per-run table
-    (``runs``: one row per annotator and seed) and, with a fused row, ``paired`` (the fused model
-    minus each other trained row over the shared seeds, see :func:`paired_comparison`), in
-    ``uns[key_added]``. ``adata``'s ``obs`` and
-    ``obsm`` are left untouched: the annotators write into a light copy holding only labels, split
-    and representations.
+    table : pandas.DataFrame
+        One row per annotator (index ``model``) with columns ``method``, ``use_reps``, ``n_runs``, and for
+        each of accuracy, precision, recall and F1 (macro) the mean over runs and its sample standard
+        deviation (``<metric>_sd``, ddof=1; NaN for a single run). Also stored, with the per-run table
+        (``runs``: one row per annotator and seed) and, with a fused row, ``paired`` (the fused model
+        minus each other trained row over the shared seeds, see ``sc_llm.tl._compare.paired_comparison``), in
+        ``uns[key_added]``. ``adata``'s ``obs`` and
+        ``obsm`` are left untouched: the annotators write into a light copy holding only labels, split
+        and representations.
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:

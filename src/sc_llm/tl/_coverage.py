@@ -45,9 +45,11 @@ def to_model_ids(
 
     Returns
     -------
-    ``(names, report)``: an object array (``None`` where no unique conversion exists) and a dict
-    with ``from`` (``"symbol"`` or ``"ensembl"``), ``to``, ``converted`` (bool), ``n_genes``,
-    ``n_converted``, ``n_ambiguous``, ``n_unmatched``.
+    names : numpy.ndarray
+        Object array of the converted identifiers, ``None`` where no unique conversion exists.
+    report : dict
+        ``from`` (``"symbol"`` or ``"ensembl"``), ``to``, ``converted`` (bool), ``n_genes``,
+        ``n_converted``, ``n_ambiguous``, ``n_unmatched``.
     """
     names = np.asarray([str(n) for n in names], dtype=object)
     ids = id_kind(names)
@@ -249,12 +251,13 @@ def vocab_coverage(
 
     Returns
     -------
-    One-row DataFrame (index: the model kind) with ``ids`` (identifier kind the model reads),
-    ``n_genes``, ``n_genes_matched`` (as the names are), ``n_genes_matched_converted`` (after
-    conversion), ``fraction_genes_matched``, ``n_expressed_genes``, ``n_expressed_genes_matched``,
-    ``fraction_counts_covered`` and ``median_cell_fraction_counts_covered`` (the best of as-is and
-    converted), and for text encoders ``unk_token_rate`` (share of gene-name tokens that are the
-    tokenizer's unknown token), ``tokens_per_gene`` (mean) and ``fraction_single_token``.
+    coverage : pandas.DataFrame
+        One-row DataFrame (index: the model kind) with ``ids`` (identifier kind the model reads),
+        ``n_genes``, ``n_genes_matched`` (as the names are), ``n_genes_matched_converted`` (after
+        conversion), ``fraction_genes_matched``, ``n_expressed_genes``, ``n_expressed_genes_matched``,
+        ``fraction_counts_covered`` and ``median_cell_fraction_counts_covered`` (the best of as-is and
+        converted), and for text encoders ``unk_token_rate`` (share of gene-name tokens that are the
+        tokenizer's unknown token), ``tokens_per_gene`` (mean) and ``fraction_single_token``.
     """
     X, var = get_matrix(adata, layer=layer)
     names = gene_names(var, gene_symbols)

@@ -96,11 +96,33 @@ def embed_geneformer(
 
     Returns
     -------
-    ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × hidden size, in the
-    caller's cell order) and ``adata.uns[key_added]``: ``"params"`` (model identity, precision used,
-    ``emb_layer``, ``emb_mode``, special tokens, gene column, layer, execution settings) beside the matched genes, genes per cell, ``coverage`` (genes matched, share of the counts they hold
-    overall and per cell, warned about when under half, first on the first chunk before any compute)
-    and ``id_conversion`` (whether and how identifiers were converted).
+    adata : anndata.AnnData or None
+        ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × hidden size, in the
+        caller's cell order) and ``adata.uns[key_added]``: ``"params"`` (model identity, precision used,
+        ``emb_layer``, ``emb_mode``, special tokens, gene column, layer, execution settings) beside the matched genes, genes per cell, ``coverage`` (genes matched, share of the counts they hold
+        overall and per cell, warned about when under half, first on the first chunk before any compute)
+        and ``id_conversion`` (whether and how identifiers were converted).
+
+    Examples
+    --------
+    A tiny random model in Geneformer's layout stands in for a real one; Geneformer reads Ensembl IDs,
+    to which the gene symbols are converted offline:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import sc_llm as scl
+    >>> from sc_llm.testing import write_geneformer
+    >>> adata = scl.datasets.pbmc68k()[:40].copy()
+    >>> ids, report = scl.tl.to_model_ids(adata.var_names, "ensembl")
+    >>> report["n_converted"], report["n_genes"]
+    (751, 765)
+    >>> folder = Path(tempfile.mkdtemp()) / "gf_tiny"
+    >>> model_dir, tokens, medians = write_geneformer(folder, [i for i in ids if i is not None])
+    >>> scl.tl.embed_geneformer(adata, model_dir, token_dictionary=tokens, gene_median_dictionary=medians)
+    >>> adata.obsm["X_geneformer"].shape
+    (40, 32)
+    >>> adata.uns["X_geneformer"]["coverage"]["n_genes_matched"]
+    751
     """
     from sc_llm.models._geneformer import load_geneformer, read_dictionary
 

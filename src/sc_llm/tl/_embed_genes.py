@@ -80,10 +80,11 @@ def embed_text_genes(
 
     Returns
     -------
-    ``None`` or a copy. Sets ``obsm[key_added]`` (float32, cells × dim), the gene embedding and
-    ``uns[key_added]``: ``"params"`` (model identity, ``mode="gene"``, weighting, expression source,
-    precision, ``normalize``, execution settings) beside ``"n_genes_described"`` and ``"n_empty_cells"``.
-    Cells with no expressed gene get a zero vector.
+    adata : anndata.AnnData or None
+        ``None`` or a copy. Sets ``obsm[key_added]`` (float32, cells × dim), the gene embedding and
+        ``uns[key_added]``: ``"params"`` (model identity, ``mode="gene"``, weighting, expression source,
+        precision, ``normalize``, execution settings) beside ``"n_genes_described"`` and ``"n_empty_cells"``.
+        Cells with no expressed gene get a zero vector.
     """
     check_key(key_added)
     execution = resolve_execution(execution, _CELL_CHUNK)

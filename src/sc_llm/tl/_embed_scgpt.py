@@ -88,13 +88,30 @@ def embed_scgpt(
 
     Returns
     -------
-    ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × embsize) and
-    ``adata.uns[key_added]``: ``"params"`` (model identity, precision used, ``max_length``,
-    ``random_state``, gene column, layer, execution settings) beside the matched genes (count,
-    fraction), genes per cell (mean, min, max), the number of subsampled cells, ``coverage`` (genes
-    matched, share of the expressed counts they hold overall and per cell; a warning naming
-    :func:`sc_llm.pp.map_gene_ids` when it is under half, checked on the first chunk before any
-    compute) and ``id_conversion`` (whether and how identifiers were converted).
+    adata : anndata.AnnData or None
+        ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × embsize) and
+        ``adata.uns[key_added]``: ``"params"`` (model identity, precision used, ``max_length``,
+        ``random_state``, gene column, layer, execution settings) beside the matched genes (count,
+        fraction), genes per cell (mean, min, max), the number of subsampled cells, ``coverage`` (genes
+        matched, share of the expressed counts they hold overall and per cell; a warning naming
+        :func:`sc_llm.pp.map_gene_ids` when it is under half, checked on the first chunk before any
+        compute) and ``id_conversion`` (whether and how identifiers were converted).
+
+    Examples
+    --------
+    A tiny random checkpoint in the released layout stands in for a real ``scGPT_human/`` folder:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import sc_llm as scl
+    >>> from sc_llm.testing import write_scgpt
+    >>> adata = scl.datasets.pbmc68k()[:40].copy()
+    >>> model_dir = write_scgpt(Path(tempfile.mkdtemp()) / "scGPT_tiny", list(adata.var_names))
+    >>> scl.tl.embed_scgpt(adata, model_dir)
+    >>> adata.obsm["X_scgpt"].shape
+    (40, 32)
+    >>> adata.uns["X_scgpt"]["fraction_genes_matched"]
+    1.0
     """
     from sc_llm.models._scgpt import load_scgpt
 

@@ -81,10 +81,11 @@ def embed_text(
 
     Returns
     -------
-    ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × dim) and
-    ``adata.uns[key_added]``: ``"params"`` (model identity, precision used, ``normalize``, ``prefix``,
-    where the sentences came from, execution settings) beside ``"dim"``, ``"max_tokens"`` and
-    ``"genes_in_context"`` (genes that fit per cell: mean, min, max).
+    adata : anndata.AnnData or None
+        ``None`` or a copy. Sets ``adata.obsm[key_added]`` (float32, cells × dim) and
+        ``adata.uns[key_added]``: ``"params"`` (model identity, precision used, ``normalize``, ``prefix``,
+        where the sentences came from, execution settings) beside ``"dim"``, ``"max_tokens"`` and
+        ``"genes_in_context"`` (genes that fit per cell: mean, min, max).
 
     Notes
     -----
@@ -92,6 +93,17 @@ def embed_text(
     are read one chunk at a time. Kept in memory: the result (cells × dim float32, e.g. 300 MB for
     200,000 cells at 384 dimensions), ``obs``, and up to two chunks of rows and token ids (on an accelerator the next chunk
     is read and tokenized while the current one runs on the device).
+
+    Examples
+    --------
+    >>> import sc_llm as scl
+    >>> adata = scl.datasets.pbmc68k()[:40].copy()
+    >>> scl.pp.cell_sentences(adata)
+    >>> scl.tl.embed_text(adata)  # the packaged all-MiniLM-L6-v2; a name or path selects another encoder
+    >>> adata.obsm["X_text"].shape
+    (40, 384)
+    >>> adata.uns["X_text"]["genes_in_context"]  # of each 256-token sentence
+    {'mean': 76.2, 'min': 70, 'max': 83}
     """
     check_key(key_added)
     execution = resolve_execution(execution, _CELL_CHUNK)

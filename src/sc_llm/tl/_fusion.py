@@ -111,25 +111,26 @@ def fuse_train(
 
     Returns
     -------
-    The trained :class:`~sc_llm.models.FusionModel` of the first run (seed ``random_state``), in
-    eval mode. Also sets, in ``adata`` (``mdata`` for MuData):
+    model : sc_llm.models.FusionModel
+        The trained :class:`~sc_llm.models.FusionModel` of the first run (seed ``random_state``), in
+        eval mode. Also sets, in ``adata`` (``mdata`` for MuData):
 
-    - ``obs[key_added]``: prediction for every cell; ``obs[f"{key_added}_confidence"]``;
-      ``obs[f"{key_added}_top{i}"]`` and ``obs[f"{key_added}_top{i}_frac"]`` (i = 1..3): the three
-      most probable labels and their probabilities;
-    - ``obsm[f"{key_added}_proba"]``: class probabilities, columns in ``uns[key_added]["classes"]``;
-    - ``uns[key_added]``: ``params`` (the call's settings, with the config's fields resolved;
-      ``None`` is written as ``-1`` or ``"None"`` and mappings as text, for h5ad), the chosen ``hyperparameters``, ``classes``, ``unseen_labels``
-      (held-out labels absent from training), ``n_train``, ``n_validation``, ``metrics`` (accuracy, macro precision/recall/F1,
-      top-3 accuracy of the returned model, rejection rate), ``runs`` (metrics per seed),
-      ``metrics_mean`` and ``metrics_sd`` over runs, ``history`` (``"paper"``: per-epoch train and
-      validation loss, validation accuracy and learning rate of the returned model; ``"stacked"``:
-      per-epoch out-of-fold loss and accuracy of each expert), ``grid`` (``"paper"``), ``mix``
-      (``"stacked"``: the weight, epochs and out-of-fold accuracy of each input; with ``mix_used``
-      and ``oof_accuracy_mix``, the nested out-of-fold accuracy of the mix), and with ``report_inputs``
-      ``inputs`` (per run and model: metrics) and ``comparison`` (per model: mean and sd of each
-      metric over runs; for each single input, the paired difference fused − input over seeds:
-      mean, sd, wins/ties/losses and the paired t-test p-value).
+        - ``obs[key_added]``: prediction for every cell; ``obs[f"{key_added}_confidence"]``;
+          ``obs[f"{key_added}_top{i}"]`` and ``obs[f"{key_added}_top{i}_frac"]`` (i = 1..3): the three
+          most probable labels and their probabilities;
+        - ``obsm[f"{key_added}_proba"]``: class probabilities, columns in ``uns[key_added]["classes"]``;
+        - ``uns[key_added]``: ``params`` (the call's settings, with the config's fields resolved;
+          ``None`` is written as ``-1`` or ``"None"`` and mappings as text, for h5ad), the chosen ``hyperparameters``, ``classes``, ``unseen_labels``
+          (held-out labels absent from training), ``n_train``, ``n_validation``, ``metrics`` (accuracy, macro precision/recall/F1,
+          top-3 accuracy of the returned model, rejection rate), ``runs`` (metrics per seed),
+          ``metrics_mean`` and ``metrics_sd`` over runs, ``history`` (``"paper"``: per-epoch train and
+          validation loss, validation accuracy and learning rate of the returned model; ``"stacked"``:
+          per-epoch out-of-fold loss and accuracy of each expert), ``grid`` (``"paper"``), ``mix``
+          (``"stacked"``: the weight, epochs and out-of-fold accuracy of each input; with ``mix_used``
+          and ``oof_accuracy_mix``, the nested out-of-fold accuracy of the mix), and with ``report_inputs``
+          ``inputs`` (per run and model: metrics) and ``comparison`` (per model: mean and sd of each
+          metric over runs; for each single input, the paired difference fused − input over seeds:
+          mean, sd, wins/ties/losses and the paired t-test p-value).
 
     Notes
     -----
@@ -138,6 +139,18 @@ def fuse_train(
     any other name is a key of ``mdata.obsm``. Rows are aligned to ``mdata.obs_names`` (every cell
     must be present in each modality used); labels and split are read from ``mdata.obs`` and
     results are written to ``mdata.obs`` / ``mdata.obsm`` / ``mdata.uns``.
+
+    Examples
+    --------
+    >>> import sc_llm as scl
+    >>> adata = scl.datasets.pbmc68k()
+    >>> scl.pp.train_test_split(adata, "cell_type", random_state=0)
+    >>> config = scl.tl.FusionConfig(hidden=32, epochs=10)  # small and quick, for the example
+    >>> model = scl.tl.fuse_train(adata, ["X_pca", "X_umap"], "cell_type", config=config)
+    >>> adata.obsm["fusion_proba"].shape  # cells × classes
+    (700, 10)
+    >>> sorted(adata.uns["fusion"]["metrics"])
+    ['accuracy', 'f1', 'n_cells', 'precision', 'recall', 'top3_accuracy']
     """
     config = (FusionConfig() if config is None else config).resolved()
     check_runs(n_runs, min_confidence)
@@ -243,11 +256,12 @@ def fuse_predict(
 
     Returns
     -------
-    ``None``. Writes ``obs[key_added]``, ``obs[f"{key_added}_confidence"]``, the top-3 columns,
-    ``obsm[f"{key_added}_proba"]`` and
-    ``uns[key_added]`` (``params``: this call's settings; the model's ``model_use_reps``,
-    ``architecture``, ``hyperparameters`` and ``classes``; and ``metrics``/``unseen_labels`` with
-    labels) as :func:`fuse_train` does.
+    None
+        Writes ``obs[key_added]``, ``obs[f"{key_added}_confidence"]``, the top-3 columns,
+        ``obsm[f"{key_added}_proba"]`` and
+        ``uns[key_added]`` (``params``: this call's settings; the model's ``model_use_reps``,
+        ``architecture``, ``hyperparameters`` and ``classes``; and ``metrics``/``unseen_labels`` with
+        labels) as :func:`fuse_train` does.
     """
     from sc_llm.models._fusion import FusionModel
 

@@ -39,7 +39,7 @@ from ._metrics import classification_metrics, mean_sd, train_mask
 
 @dataclasses.dataclass(frozen=True)
 class LLMAnnotateConfig:
-    """What :func:`llm_annotate` asks about each cell, and how often.
+    """What :func:`~sc_llm.tl.llm_annotate` asks about each cell, and how often.
 
     Parameters
     ----------
@@ -158,24 +158,50 @@ def llm_annotate(
 
     Returns
     -------
-    ``None``, or the annotated copy when ``copy=True``. Sets
+    adata : anndata.AnnData or None
+        ``None``, or the annotated copy when ``copy=True``. Sets
 
-    - ``obs[key_added]``: the label of run 1 for annotated cells (NaN elsewhere);
-    - ``obs[f"{key_added}_fallback"]``: ``"ok"``, or why the first option was used instead
-      (``"malformed"``: no JSON/label could be read; ``"out_of_list"``: a label not offered;
-      ``"failed"``: no answer, the request failed for good);
-    - ``obs[f"{key_added}_error"]``: for failed cells, the reason (HTTP status and the server's
-      message, credentials redacted); NaN elsewhere;
-    - with ``n_runs > 1`` also ``obs[f"{key_added}_run{r}"]``, ``…_run{r}_fallback`` and ``…_run{r}_error``;
-    - ``uns[key_added]``: ``params`` (the call's settings: model, base URL without credentials,
-      mode, template, request fields, …), ``labels`` (zero-shot list), ``metrics`` (per-run
-      accuracy and macro P/R/F1, ``accuracy_mean``, ``accuracy_sd`` (ddof=1), the candidates'
-      top-1 ``baseline_accuracy`` on the same cells in re-rank mode; flagged cells count with
-      their first option), ``outcomes`` (answers per reason over all runs), ``fallbacks`` (table
-      of flagged answers with the error of failed ones), ``usage`` (requests, retries, rejected,
-      failed, cache hits, tokens, and ``cost`` with ``price_per_1m_tokens``), ``response_format``
-      (the form the server accepted) and ``structured_output`` (whether the server constrained
-      the answers).
+        - ``obs[key_added]``: the label of run 1 for annotated cells (NaN elsewhere);
+        - ``obs[f"{key_added}_fallback"]``: ``"ok"``, or why the first option was used instead
+          (``"malformed"``: no JSON/label could be read; ``"out_of_list"``: a label not offered;
+          ``"failed"``: no answer, the request failed for good);
+        - ``obs[f"{key_added}_error"]``: for failed cells, the reason (HTTP status and the server's
+          message, credentials redacted); NaN elsewhere;
+        - with ``n_runs > 1`` also ``obs[f"{key_added}_run{r}"]``, ``…_run{r}_fallback`` and ``…_run{r}_error``;
+        - ``uns[key_added]``: ``params`` (the call's settings: model, base URL without credentials,
+          mode, template, request fields, …), ``labels`` (zero-shot list), ``metrics`` (per-run
+          accuracy and macro P/R/F1, ``accuracy_mean``, ``accuracy_sd`` (ddof=1), the candidates'
+          top-1 ``baseline_accuracy`` on the same cells in re-rank mode; flagged cells count with
+          their first option), ``outcomes`` (answers per reason over all runs), ``fallbacks`` (table
+          of flagged answers with the error of failed ones), ``usage`` (requests, retries, rejected,
+          failed, cache hits, tokens, and ``cost`` with ``price_per_1m_tokens``), ``response_format``
+          (the form the server accepted) and ``structured_output`` (whether the server constrained
+          the answers).
+
+    Examples
+    --------
+    Re-rank the kNN candidates of 20 held-out cells. The model here is :class:`sc_llm.testing.ChatServer`
+    on 127.0.0.1 answering the first (most voted) option; point ``base_url`` at vLLM, llama.cpp, Ollama
+    or leave it out for OpenAI:
+
+    >>> import json
+    >>> import sc_llm as scl
+    >>> from sc_llm.testing import ChatServer
+    >>> adata = scl.datasets.pbmc68k()
+    >>> scl.pp.cell_sentences(adata)
+    >>> scl.pp.train_test_split(adata, "cell_type", random_state=0)
+    >>> scl.tl.knn_annotate(adata, "X_pca", "cell_type")
+    >>> test = adata[adata.obs["split"] == "test"][:20].copy()
+    >>> def first_option(prompt, body):
+    ...     schema = body["response_format"]["json_schema"]["schema"]
+    ...     return json.dumps({"cell_type": schema["properties"]["cell_type"]["enum"][0]})
+    >>> with ChatServer(first_option) as server:
+    ...     scl.tl.llm_annotate(test, "local-model", labels_key="cell_type",
+    ...                         client_kwargs={"base_url": server.base_url, "cache_dir": False})
+    >>> bool((test.obs["llm"].astype(str) == test.obs["knn"].astype(str)).all())
+    True
+    >>> test.uns["llm"]["usage"]["requests"]  # cells with a single candidate need no request
+    13
     """
     if mode not in ("rerank", "zero_shot"):
         raise ValueError(f"mode must be 'rerank' or 'zero_shot', got {mode!r}.")

@@ -96,20 +96,33 @@ def map_labels(
 
     Returns
     -------
-    ``None`` or a copy of ``query``. Sets
+    query : anndata.AnnData or None
+        ``None`` or a copy of ``query``. Sets
 
-    - ``obs[key_added]``: the label or ``"unknown"``;
-    - ``obs[f"{{key_added}}_confidence"]``: the confidence (float in [0, 1]);
-    - ``obs[f"{{key_added}}_top{{i}}"]`` / ``_top{{i}}_frac`` for i = 1..3: the three most voted labels
-      and their vote fractions, as :func:`sc_llm.tl.knn_annotate` writes them;
-    - ``uns[key_added]``: ``params``, ``threshold``, ``threshold_rule`` (how it was chosen),
-      ``confidence_rule``, ``rejection_rate``, ``reference_loo`` (the threshold applied to the
-      reference itself, leave-one-out: its ``accuracy``, share ``rejected`` and share
-      ``correct_rejected``, an estimate of the accuracy the threshold costs on known types; empty with
-      ``min_confidence=None``), ``n_reference``, ``reference_labels``, ``index``, and with query
-      labels ``metrics``: ``accuracy`` (``"unknown"`` counts as wrong), ``accuracy_without_rejection``,
-      ``accuracy_accepted``, ``known``/``novel`` (cells whose label is / is not in the reference:
-      their accuracy with and without rejection, share rejected) and ``novel_labels``.
+        - ``obs[key_added]``: the label or ``"unknown"``;
+        - ``obs[f"{{key_added}}_confidence"]``: the confidence (float in [0, 1]);
+        - ``obs[f"{{key_added}}_top{{i}}"]`` / ``_top{{i}}_frac`` for i = 1..3: the three most voted labels
+          and their vote fractions, as :func:`sc_llm.tl.knn_annotate` writes them;
+        - ``uns[key_added]``: ``params``, ``threshold``, ``threshold_rule`` (how it was chosen),
+          ``confidence_rule``, ``rejection_rate``, ``reference_loo`` (the threshold applied to the
+          reference itself, leave-one-out: its ``accuracy``, share ``rejected`` and share
+          ``correct_rejected``, an estimate of the accuracy the threshold costs on known types; empty with
+          ``min_confidence=None``), ``n_reference``, ``reference_labels``, ``index``, and with query
+          labels ``metrics``: ``accuracy`` (``"unknown"`` counts as wrong), ``accuracy_without_rejection``,
+          ``accuracy_accepted``, ``known``/``novel`` (cells whose label is / is not in the reference:
+          their accuracy with and without rejection, share rejected) and ``novel_labels``.
+
+    Examples
+    --------
+    Half of pbmc68k is the reference, without its B cells; the other half is the query:
+
+    >>> import sc_llm as scl
+    >>> adata = scl.datasets.pbmc68k()
+    >>> reference, query = adata[::2].copy(), adata[1::2].copy()
+    >>> reference = reference[reference.obs["cell_type"] != "CD19+ B"].copy()
+    >>> scl.tl.map_labels(query, reference, use_rep="X_pca", labels_key="cell_type")
+    >>> query.obs.loc[query.obs["cell_type"] == "CD19+ B", "mapped"].value_counts().index[0]
+    'unknown'
     """
     if k < 1:
         raise ValueError(f"k must be positive, got {k}.")

@@ -29,7 +29,7 @@ DEFAULT_TEMPERATURE = 0.0
 
 @dataclasses.dataclass
 class MarkerMatching:
-    """Result of :func:`llm_marker_matching`: ``n_correct`` of ``n_total`` held-out markers matched.
+    """Result of :func:`~sc_llm.tl.llm_marker_matching`: ``n_correct`` of ``n_total`` held-out markers matched.
 
     Parameters
     ----------
@@ -73,7 +73,7 @@ def llm_marker_matching(
     For every held-out gene the model sees the lists of remaining markers of all types, numbered
     in the given type order and without type names, and must answer the number of the list of the
     same cell type (structured output: ``{"list": "<number>"}``). Answers are cached and a failed
-    request counts as not matched, as in :func:`llm_annotate`.
+    request counts as not matched, as in :func:`~sc_llm.tl.llm_annotate`.
 
     Parameters
     ----------
@@ -93,8 +93,9 @@ def llm_marker_matching(
 
     Returns
     -------
-    A :class:`MarkerMatching` with ``n_correct``, ``n_total`` (``str()`` gives ``"7/10"``), the
-    per-type ``table``, the token ``usage`` and the call's ``params``.
+    result : sc_llm.tl.MarkerMatching
+        A :class:`MarkerMatching` with ``n_correct``, ``n_total`` (``str()`` gives ``"7/10"``), the
+        per-type ``table``, the token ``usage`` and the call's ``params``.
     """
     lists = _marker_lists(markers, n_markers)
     template = template or MARKER_TEMPLATE

@@ -38,8 +38,9 @@ def read_markers(
 
     Returns
     -------
-    Dict of de-duplicated gene lists (first occurrence kept; the first gene is the "top" marker
-    for :func:`marker_similarity`).
+    markers : dict
+        Dict of de-duplicated gene lists (first occurrence kept; the first gene is the "top" marker
+        for :func:`marker_similarity`).
     """
     if isinstance(markers, str | Path):
         return _read_gmt(Path(markers))
@@ -130,11 +131,12 @@ def marker_overlap(
 
     Returns
     -------
-    Summary with one row per group: for each method, the markers among its top genes (in rank
-    order) and their count; ``"shared"``, the markers highlighted by every method (Table 1's bold
-    rule); and ``"marker_type"``. Stored in ``uns[key_added]["summary"]``; ``uns[key_added]["genes"]``
-    is the concatenated attribution table with ``is_marker`` and ``shared`` columns added.
-    Genes match case-insensitively.
+    summary : pandas.DataFrame
+        Summary with one row per group: for each method, the markers among its top genes (in rank
+        order) and their count; ``"shared"``, the markers highlighted by every method (Table 1's bold
+        rule); and ``"marker_type"``. Stored in ``uns[key_added]["summary"]``; ``uns[key_added]["genes"]``
+        is the concatenated attribution table with ``is_marker`` and ``shared`` columns added.
+        Genes match case-insensitively.
     """
     check_key(key_added)
     marker_sets = read_markers(markers)
@@ -213,9 +215,10 @@ def marker_similarity(
 
     Returns
     -------
-    ``{"intra": float, "inter": float, "per_type": DataFrame}``; ``per_type`` has one row per
-    type with its top marker, ``intra``, ``inter`` and marker counts. Types with fewer than two
-    markers are left out (no intra pair).
+    similarity : dict
+        ``{"intra": float, "inter": float, "per_type": DataFrame}``; ``per_type`` has one row per
+        type with its top marker, ``intra``, ``inter`` and marker counts. Types with fewer than two
+        markers are left out (no intra pair).
     """
     from sc_llm.models._text import load_text_encoder
 

@@ -29,7 +29,8 @@ def classification_metrics(y_true, y_pred) -> dict[str, float]:
 
     Returns
     -------
-    ``accuracy``, ``precision``, ``recall``, ``f1`` and ``n_cells``.
+    metrics : dict
+        ``accuracy``, ``precision``, ``recall``, ``f1`` and ``n_cells``.
     """
     y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
     if y_true.size == 0:
@@ -108,8 +109,9 @@ def cluster_metrics(
 
     Returns
     -------
-    ``{"ari", "ami", "n_clusters", "n_cells"}``, also stored in ``uns[key_added]`` beside
-    ``"params"`` (``use_rep``, ``labels_key``, ``random_state``, ``n_init``).
+    metrics : dict
+        ``{"ari", "ami", "n_clusters", "n_cells"}``, also stored in ``uns[key_added]`` beside
+        ``"params"`` (``use_rep``, ``labels_key``, ``random_state``, ``n_init``).
     """
     key_added = check_key(f"cluster_metrics_{use_rep}" if key_added is None else key_added)
     X = get_rep(adata, use_rep)

@@ -64,18 +64,19 @@ def mlp_annotate(
 
     Returns
     -------
-    ``None`` or a copy. Sets, as :func:`sc_llm.tl.knn_annotate` does,
+    adata : anndata.AnnData or None
+        ``None`` or a copy. Sets, as :func:`sc_llm.tl.knn_annotate` does,
 
-    - ``obs[key_added]``: prediction for every cell (``"unknown"`` below ``min_confidence``);
-      ``obs[f"{key_added}_confidence"]``: its highest class probability;
-    - ``obs[f"{key_added}_top{i}"]`` and ``obs[f"{key_added}_top{i}_frac"]`` (i = 1..3): the three
-      most probable labels and their probabilities;
-    - ``obsm[f"{key_added}_proba"]``: class probabilities, columns in ``uns[key_added]["classes"]`` order;
-    - ``uns[key_added]``: ``"params"`` (this call's settings, with the classifier's in
-      ``"mlp_params"``), ``"classes"``, ``"unseen_labels"`` (labels seen only outside training),
-      ``"n_iter"`` and ``"converged"`` of the first run, ``"metrics"``
-      (accuracy, macro precision/recall/F1, top-3 accuracy) on the labelled non-training cells,
-      ``"runs"`` (metrics per seed), ``"metrics_mean"`` and ``"metrics_sd"``.
+        - ``obs[key_added]``: prediction for every cell (``"unknown"`` below ``min_confidence``);
+          ``obs[f"{key_added}_confidence"]``: its highest class probability;
+        - ``obs[f"{key_added}_top{i}"]`` and ``obs[f"{key_added}_top{i}_frac"]`` (i = 1..3): the three
+          most probable labels and their probabilities;
+        - ``obsm[f"{key_added}_proba"]``: class probabilities, columns in ``uns[key_added]["classes"]`` order;
+        - ``uns[key_added]``: ``"params"`` (this call's settings, with the classifier's in
+          ``"mlp_params"``), ``"classes"``, ``"unseen_labels"`` (labels seen only outside training),
+          ``"n_iter"`` and ``"converged"`` of the first run, ``"metrics"``
+          (accuracy, macro precision/recall/F1, top-3 accuracy) on the labelled non-training cells,
+          ``"runs"`` (metrics per seed), ``"metrics_mean"`` and ``"metrics_sd"``.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier

@@ -52,7 +52,8 @@ def to_mudata(
 
     Returns
     -------
-    A :class:`mudata.MuData` with the same ``obs_names`` as ``adata``.
+    mdata : mudata.MuData
+        A :class:`mudata.MuData` with the same ``obs_names`` as ``adata``.
     """
     md = import_optional("mudata", "mudata", "to_mudata")
     names = _modality_names(adata, use_reps, mod_names, expression_mod)
@@ -84,8 +85,9 @@ def from_mudata(mdata: Any, mods: Sequence[str] | None = None, *, x_mod: str | N
 
     Returns
     -------
-    An AnnData with ``mdata.obs`` (rows in ``mdata.obs_names`` order), the requested ``obsm``
-    entries (float32, dense), ``mdata.obsm`` entries (except the per-modality masks), and each modality's ``uns`` merged into ``uns``.
+    adata : anndata.AnnData
+        An AnnData with ``mdata.obs`` (rows in ``mdata.obs_names`` order), the requested ``obsm``
+        entries (float32, dense), ``mdata.obsm`` entries (except the per-modality masks), and each modality's ``uns`` merged into ``uns``.
     """
     if not is_mudata(mdata):
         raise TypeError(f"from_mudata needs a MuData, got {type(mdata).__name__}.")
